@@ -1,0 +1,164 @@
+"""Shipyard's Python client: typed, synchronous calls to the services (usable from a notebook).
+
+>>> from shipyard.client import Client
+>>> client = Client()                      # token and addresses from ~/.shipyard/config.json
+>>> client.quota.set_group_quota("team-a", cpu=4, memory_gib=8, gpu=0, instances=4)
+>>> client.quota.usage("team-a").free
+>>> client.identity.create_user("ana", groups=["team-a"]).token
+>>> client.events("quota").lag()
+
+Every failure is a :class:`ShipyardClientError` subclass that mirrors the gRPC status
+code (:class:`NotFound`, :class:`QuotaExceeded`, :class:`Unavailable`, ...); results are
+plain dataclasses with ``to_dict()``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import TracebackType
+
+from shipyard.client._channel import DEFAULT_TIMEOUT, Transport
+from shipyard.client.config import ClientConfig, load_config
+from shipyard.client.errors import (
+    AlreadyExists,
+    ConfigError,
+    Conflict,
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    QuotaExceeded,
+    ServerError,
+    ShipyardClientError,
+    Unauthenticated,
+    Unavailable,
+    Unimplemented,
+)
+from shipyard.client.events import (
+    EVENT_SOURCED_SERVICES,
+    ConsumerLag,
+    Event,
+    EventPage,
+    EventsClient,
+    LiveEvent,
+    ReplayResult,
+    tail_events,
+)
+from shipyard.client.identity import (
+    CreatedUser,
+    Group,
+    IdentityClient,
+    IssuedToken,
+    Principal,
+    User,
+)
+from shipyard.client.quota import GroupUsage, InstanceType, QuotaClient, Reservation, Resources
+
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "EVENT_SOURCED_SERVICES",
+    "AlreadyExists",
+    "Client",
+    "ConfigError",
+    "Conflict",
+    "ConsumerLag",
+    "CreatedUser",
+    "DeadlineExceeded",
+    "Event",
+    "EventPage",
+    "EventsClient",
+    "FailedPrecondition",
+    "Group",
+    "GroupUsage",
+    "IdentityClient",
+    "InstanceType",
+    "InvalidArgument",
+    "IssuedToken",
+    "LiveEvent",
+    "NotFound",
+    "PermissionDenied",
+    "Principal",
+    "QuotaClient",
+    "QuotaExceeded",
+    "ReplayResult",
+    "Reservation",
+    "Resources",
+    "ServerError",
+    "ShipyardClientError",
+    "Unauthenticated",
+    "Unavailable",
+    "Unimplemented",
+    "User",
+    "tail_events",
+]
+
+
+class Client:
+    """Entry point to Shipyard's APIs.
+
+    ``token`` and ``home`` default to what ``load_config()`` finds (``SHIPYARD_TOKEN``,
+    ``SHIPYARD_HOME``, ``~/.shipyard/config.json``); ``timeout`` is the deadline of each
+    call in seconds. Channels open on first use; ``close()`` (or ``with Client() as c``)
+    closes them.
+    """
+
+    quota: QuotaClient
+    identity: IdentityClient
+
+    def __init__(
+        self,
+        token: str | None = None,
+        home: str | Path | None = None,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        config: ClientConfig | None = None,
+    ) -> None:
+        if config is None:
+            config = _load(Path(home).expanduser() if home is not None else None)
+        self.config = config
+        self._transport = Transport(config, token=token or config.token, timeout=timeout)
+        self.quota = QuotaClient(self._transport)
+        self.identity = IdentityClient(self._transport)
+
+    def events(self, service: str) -> EventsClient:
+        """Event administration (list, lag, replay) of one event-sourced service."""
+        self._transport.address(service)  # fail now, not at the first call, on a typo
+        return EventsClient(self._transport, service)
+
+    def address(self, service: str) -> str:
+        """``host:port`` the client uses for a service."""
+        return self._transport.address(service)
+
+    @property
+    def has_token(self) -> bool:
+        """Whether calls carry a token."""
+        return self._transport.has_token
+
+    def close(self) -> None:
+        """Closes the open channels (the client reopens them if used again)."""
+        self._transport.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        # Never show the token: reprs end up in notebooks and logs.
+        token = "set" if self.has_token else "none"
+        return f"Client(token={token}, endpoints={self.config.endpoints!r})"
+
+
+def _load(home: Path | None) -> ClientConfig:
+    try:
+        return load_config(home)
+    except (OSError, ValueError, TypeError) as exc:
+        where = home if home is not None else "the Shipyard home"
+        raise ConfigError(f"cannot read the client config in {where}: {exc}") from None

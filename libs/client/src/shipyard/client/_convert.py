@@ -1,0 +1,56 @@
+"""Small conversions shared by the wrappers (protobuf values to plain Python)."""
+
+from __future__ import annotations
+
+import dataclasses
+from datetime import UTC, datetime
+from typing import Any
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+
+def to_datetime(ts: Timestamp) -> datetime | None:
+    """A protobuf timestamp as an aware UTC datetime; ``None`` when it is unset."""
+    if ts.seconds == 0 and ts.nanos == 0:
+        return None
+    return ts.ToDatetime(tzinfo=UTC)
+
+
+def iso(value: datetime | None) -> str | None:
+    """ISO 8601 text for ``to_dict`` output (``None`` stays ``None``)."""
+    return value.isoformat() if value is not None else None
+
+
+def parse_datetime(text: Any) -> datetime | None:
+    """Parses an ISO 8601 timestamp from a JSON envelope; ``None`` when absent or unparsable."""
+    if not isinstance(text, str) or not text:
+        return None
+    try:
+        # Python 3.11's fromisoformat accepts a trailing "Z".
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def plain(value: Any) -> Any:
+    """Dataclasses, lists, dicts and datetimes as JSON-ready values (datetimes as ISO 8601)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [plain(v) for v in value]
+    return value
+
+
+class PlainData:
+    """Mixin for the client's dataclasses: ``to_dict()`` gives JSON-ready data."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The object as a JSON-ready dict (what ``--json`` prints)."""
+        data = plain(self)
+        assert isinstance(data, dict)
+        return data

@@ -1,0 +1,236 @@
+"""Append and read events; the outbox rows are written in the same statement."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import asyncpg
+
+from shipyard_core.db import Conn
+from shipyard_core.errors import ConcurrencyError
+from shipyard_core.eventstore.envelope import NewEvent, StoredEvent
+from shipyard_core.eventstore.schema import validate_identifier
+from shipyard_core.eventstore.upcasting import Upcasters
+
+OUTBOX_CHANNEL = "shipyard_outbox"
+
+_COLUMNS = (
+    "position, stream_id, version, event_id, aggregate, event_type, schema_version, "
+    "payload, metadata, recorded_at"
+)
+
+
+class EventStore:
+    """A service's append-only event store (schema ``<service>``) and its outbox.
+
+    ``append`` is one SQL statement: the optimistic concurrency check, the events and
+    their outbox rows commit together or not at all. A stale expected version raises
+    ``ConcurrencyError``; it is never swallowed."""
+
+    def __init__(
+        self, pool: asyncpg.Pool, service: str, upcasters: Upcasters | None = None
+    ) -> None:
+        self.pool = pool
+        self.service = validate_identifier(service)
+        self.upcasters = upcasters or Upcasters()
+        s = self.service
+        self._append_sql = f"""
+        WITH new AS (
+            SELECT * FROM unnest(
+                $1::text[], $2::bigint[], $3::uuid[], $4::text[], $5::text[], $6::int[],
+                $7::text[], $8::text[], $9::timestamptz[], $10::text[], $11::text[], $12::bytea[]
+            ) WITH ORDINALITY AS t(stream_id, version, event_id, aggregate, event_type,
+                schema_version, payload, metadata, recorded_at, subject, headers, body, ord)
+        ), expected AS (
+            SELECT bool_and(
+                coalesce((SELECT max(e.version) FROM {s}.events e WHERE e.stream_id = x.sid), 0)
+                = x.expected) AS ok
+            FROM unnest($13::text[], $14::bigint[]) AS x(sid, expected)
+        ), ins AS (
+            INSERT INTO {s}.events (stream_id, version, event_id, aggregate, event_type,
+                schema_version, payload, metadata, recorded_at)
+            SELECT stream_id, version, event_id, aggregate, event_type, schema_version,
+                payload::jsonb, metadata::jsonb, recorded_at
+            FROM new WHERE (SELECT ok FROM expected) ORDER BY ord
+            RETURNING position, event_id
+        ), ob AS (
+            INSERT INTO {s}.outbox (event_id, subject, headers, body)
+            SELECT n.event_id, n.subject, n.headers::jsonb, n.body
+            FROM new n JOIN ins USING (event_id) ORDER BY n.ord
+            RETURNING 1
+        )
+        SELECT array_agg(ins.position ORDER BY ins.position) AS positions,
+               (SELECT count(*) FROM ob) AS outboxed,
+               pg_notify('{OUTBOX_CHANNEL}', '{s}') IS NULL AS _
+        FROM ins
+        """
+
+    async def append(
+        self,
+        events: Sequence[NewEvent],
+        expected_version: int,
+        conn: Conn | None = None,
+    ) -> list[StoredEvent]:
+        """Appends events to one stream whose current version must be ``expected_version``."""
+        if not events:
+            return []
+        stream_ids = {e.stream_id for e in events}
+        if len(stream_ids) != 1:
+            raise ValueError("append() writes one stream; use append_streams() for several")
+        return await self.append_streams([(events, expected_version)], conn)
+
+    async def append_streams(
+        self,
+        writes: Sequence[tuple[Sequence[NewEvent], int]],
+        conn: Conn | None = None,
+    ) -> list[StoredEvent]:
+        """Appends to several streams atomically, each with its expected version."""
+        stored: list[StoredEvent] = []
+        expected_ids: list[str] = []
+        expected_versions: list[int] = []
+        for events, expected in writes:
+            if not events:
+                continue
+            expected_ids.append(events[0].stream_id)
+            expected_versions.append(expected)
+            for offset, event in enumerate(events, start=1):
+                if event.stream_id != events[0].stream_id:
+                    raise ValueError("each write must target a single stream")
+                stored.append(self._envelope(event, expected + offset))
+        if not stored:
+            return []
+        cols: list[list[Any]] = [[] for _ in range(12)]
+        for ev in stored:
+            headers = {"Nats-Msg-Id": str(ev.event_id)}
+            traceparent = ev.metadata.get("traceparent")
+            if traceparent:
+                headers["traceparent"] = str(traceparent)
+            row = (
+                ev.stream_id,
+                ev.version,
+                ev.event_id,
+                ev.aggregate,
+                ev.event_type,
+                ev.schema_version,
+                json.dumps(ev.payload, separators=(",", ":")),
+                json.dumps(ev.metadata, separators=(",", ":")),
+                ev.recorded_at,
+                ev.subject,
+                json.dumps(headers),
+                ev.encode(),
+            )
+            for col, value in zip(cols, row, strict=True):
+                col.append(value)
+        result: asyncpg.Record | None
+        try:
+            if conn is None:
+                async with self.pool.acquire() as c:
+                    result = await c.fetchrow(
+                        self._append_sql, *cols, expected_ids, expected_versions
+                    )
+            else:
+                result = await conn.fetchrow(
+                    self._append_sql, *cols, expected_ids, expected_versions
+                )
+        except asyncpg.UniqueViolationError as exc:
+            first = stored[0]
+            raise ConcurrencyError(first.stream_id, first.version - 1) from exc
+        positions: list[int] | None = result["positions"] if result else None
+        if not positions:
+            first = stored[0]
+            raise ConcurrencyError(first.stream_id, first.version - 1)
+        return [_with_position(ev, pos) for ev, pos in zip(stored, positions, strict=True)]
+
+    def _envelope(self, event: NewEvent, version: int) -> StoredEvent:
+        return StoredEvent(
+            service=self.service,
+            event_id=event.event_id,
+            stream_id=event.stream_id,
+            version=version,
+            aggregate=event.aggregate,
+            event_type=event.event_type,
+            schema_version=event.schema_version,
+            payload=event.payload,
+            metadata=event.metadata,
+            recorded_at=event.recorded_at,
+        )
+
+    async def read_stream(
+        self, stream_id: str, after_version: int = 0, conn: Conn | None = None
+    ) -> list[StoredEvent]:
+        """A stream's events in version order, upcast to their current schema."""
+        sql = (
+            f"SELECT {_COLUMNS} FROM {self.service}.events "
+            "WHERE stream_id = $1 AND version > $2 ORDER BY version"
+        )
+        if conn is None:
+            async with self.pool.acquire() as c:
+                rows = await c.fetch(sql, stream_id, after_version)
+        else:
+            rows = await conn.fetch(sql, stream_id, after_version)
+        return [self._row_to_event(r) for r in rows]
+
+    async def read_all(
+        self,
+        after_position: int = 0,
+        limit: int = 1000,
+        conn: Conn | None = None,
+        stream_id: str | None = None,
+    ) -> list[StoredEvent]:
+        """Events of every stream in commit order, after the event at ``after_position``.
+
+        Only transactions below the snapshot's xmin are read: every one of them has
+        finished, and any transaction still running will get a higher position in this
+        order, so a reader that resumes from its last position never skips an event."""
+        conditions = ["tx_id < pg_snapshot_xmin(pg_current_snapshot())"]
+        args: list[Any] = [limit]
+        if after_position > 0:
+            args.append(after_position)
+            conditions.append(
+                f"(tx_id, position) > (SELECT tx_id, position FROM {self.service}.events "
+                f"WHERE position = ${len(args)})"
+            )
+        if stream_id:
+            args.append(stream_id)
+            conditions.append(f"stream_id = ${len(args)}")
+        sql = (
+            f"SELECT {_COLUMNS} FROM {self.service}.events WHERE {' AND '.join(conditions)} "
+            "ORDER BY tx_id, position LIMIT $1"
+        )
+        if conn is None:
+            async with self.pool.acquire() as c:
+                rows = await c.fetch(sql, *args)
+        else:
+            rows = await conn.fetch(sql, *args)
+        return [self._row_to_event(r) for r in rows]
+
+    async def count(self) -> int:
+        """How many events the store holds."""
+        async with self.pool.acquire() as c:
+            return int(await c.fetchval(f"SELECT count(*) FROM {self.service}.events"))
+
+    def _row_to_event(self, r: asyncpg.Record) -> StoredEvent:
+        payload = r["payload"]
+        metadata = r["metadata"]
+        event = StoredEvent(
+            service=self.service,
+            event_id=r["event_id"],
+            stream_id=r["stream_id"],
+            version=r["version"],
+            aggregate=r["aggregate"],
+            event_type=r["event_type"],
+            schema_version=r["schema_version"],
+            payload=payload if isinstance(payload, dict) else json.loads(payload),
+            metadata=metadata if isinstance(metadata, dict) else json.loads(metadata),
+            recorded_at=r["recorded_at"],
+            position=r["position"],
+        )
+        return self.upcasters.upcast(event)
+
+
+def _with_position(event: StoredEvent, position: int) -> StoredEvent:
+    from dataclasses import replace
+
+    return replace(event, position=position)

@@ -1,0 +1,168 @@
+"""The event store on a real PostgreSQL: optimistic concurrency and commit order."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import asyncpg
+import pytest
+
+from shipyard_core import db
+from shipyard_core.errors import ConcurrencyError
+from shipyard_core.eventstore import EventStore, NewEvent, StoredEvent, Upcasters, ensure_schema
+
+
+def _event(stream: str, n: int = 0, etype: str = "Thing", version: int = 1) -> NewEvent:
+    return NewEvent(
+        aggregate="thing", aggregate_id=stream, event_type=etype, schema_version=version,
+        payload={"n": n},
+    )
+
+
+@pytest.fixture
+async def store(database_url: str) -> EventStore:
+    pool = await db.create_pool(database_url, max_size=20)
+    async with pool.acquire() as conn:
+        await ensure_schema(conn, "svc")
+    yield EventStore(pool, "svc")
+    await pool.close()
+
+
+async def test_append_and_read_stream(store: EventStore) -> None:
+    stored = await store.append([_event("a", 1), _event("a", 2)], expected_version=0)
+    assert [e.version for e in stored] == [1, 2]
+    assert all(e.position > 0 for e in stored)
+    events = await store.read_stream("thing:a")
+    assert [(e.version, e.payload["n"]) for e in events] == [(1, 1), (2, 2)]
+    assert events[0].event_id == stored[0].event_id
+    # the outbox got one row per event, in the same statement
+    async with store.pool.acquire() as conn:
+        assert await conn.fetchval("SELECT count(*) FROM svc.outbox") == 2
+
+
+async def test_stale_expected_version_is_a_typed_error(store: EventStore) -> None:
+    await store.append([_event("a")], expected_version=0)
+    with pytest.raises(ConcurrencyError):
+        await store.append([_event("a")], expected_version=0)  # duplicate version
+    with pytest.raises(ConcurrencyError):
+        await store.append([_event("a")], expected_version=5)  # would leave a gap
+    assert [e.version for e in await store.read_stream("thing:a")] == [1]
+    async with store.pool.acquire() as conn:  # nothing half-written
+        assert await conn.fetchval("SELECT count(*) FROM svc.outbox") == 1
+
+
+async def test_concurrent_writers_on_one_stream_exactly_one_wins_each_version(
+    store: EventStore,
+) -> None:
+    writers, rounds = 16, 5
+    for _round in range(rounds):
+        current = len(await store.read_stream("thing:hot"))
+
+        async def attempt(i: int, current: int = current) -> bool:
+            try:
+                await store.append([_event("hot", i)], expected_version=current)
+                return True
+            except ConcurrencyError:
+                return False
+
+        results = await asyncio.gather(*(attempt(i) for i in range(writers)))
+        assert sum(results) == 1, results
+    events = await store.read_stream("thing:hot")
+    assert [e.version for e in events] == list(range(1, rounds + 1))
+
+
+async def test_read_all_never_skips_a_late_commit(store: EventStore, database_url: str) -> None:
+    """A transaction that took its position first but commits last must not be skipped
+    by a reader that already moved past later positions."""
+    slow = await db.connect(database_url)
+    try:
+        tx = slow.transaction()
+        await tx.start()
+        await store.append([_event("slow")], expected_version=0, conn=slow)  # lower position
+        await store.append([_event("fast")], expected_version=0)  # higher position, committed
+        seen = await store.read_all()
+        # the committed one is held back while the older transaction is open
+        assert [e.stream_id for e in seen] == []
+        await tx.commit()
+        seen = await store.read_all()
+        assert sorted(e.stream_id for e in seen) == ["thing:fast", "thing:slow"]
+        # a reader resuming from its cursor sees each event exactly once
+        cursor = seen[0].position
+        rest = await store.read_all(after_position=cursor)
+        assert [e.event_id for e in rest] == [seen[1].event_id]
+    finally:
+        await slow.close()
+
+
+async def test_concurrent_writers_reader_sees_every_event_once(store: EventStore) -> None:
+    streams, per_stream = 20, 10
+    seen: list[StoredEvent] = []
+    done = asyncio.Event()
+
+    async def write(stream: str) -> None:
+        for n in range(per_stream):
+            await store.append([_event(stream, n)], expected_version=n)
+
+    async def read() -> None:
+        cursor = 0
+        while True:
+            batch = await store.read_all(after_position=cursor, limit=7)
+            seen.extend(batch)
+            if batch:
+                cursor = batch[-1].position
+            elif done.is_set():
+                final = await store.read_all(after_position=cursor)
+                seen.extend(final)
+                if not final:
+                    return
+
+
+    reader = asyncio.create_task(read())
+    await asyncio.gather(*(write(f"s{i}") for i in range(streams)))
+    done.set()
+    await asyncio.wait_for(reader, 30)
+    ids = [e.event_id for e in seen]
+    assert len(ids) == len(set(ids)) == streams * per_stream
+    for i in range(streams):
+        versions = [e.version for e in seen if e.stream_id == f"thing:s{i}"]
+        assert versions == list(range(1, per_stream + 1))
+
+
+async def test_upcasters_apply_on_read(database_url: str) -> None:
+    upcasters = Upcasters()
+
+    @upcasters.register("Renamed", 1)
+    def v1_to_v2(payload: dict[str, object]) -> dict[str, object]:
+        return {"count": payload["n"], "unit": "pcs"}
+
+    @upcasters.register("Renamed", 2)
+    def v2_to_v3(payload: dict[str, object]) -> dict[str, object]:
+        return {**payload, "unit": str(payload["unit"]).upper()}
+
+    pool = await db.create_pool(database_url)
+    async with pool.acquire() as conn:
+        await ensure_schema(conn, "up")
+    store = EventStore(pool, "up", upcasters)
+    await store.append([_event("x", 7, etype="Renamed", version=1)], expected_version=0)
+    (event,) = await store.read_stream("thing:x")
+    assert event.schema_version == 3
+    assert event.payload == {"count": 7, "unit": "PCS"}
+    async with pool.acquire() as conn:  # the stored row is never rewritten
+        raw = await conn.fetchrow("SELECT schema_version, payload FROM up.events")
+    assert raw["schema_version"] == 1 and raw["payload"] == {"n": 7}
+    (event,) = await store.read_all()
+    assert event.schema_version == 3
+    await pool.close()
+
+
+async def test_event_ids_are_unique(store: EventStore) -> None:
+    ev = _event("a")
+    await store.append([ev], expected_version=0)
+    dup = NewEvent(
+        aggregate="thing", aggregate_id="b", event_type="Thing", schema_version=1,
+        payload={}, event_id=ev.event_id,
+    )
+    with pytest.raises((ConcurrencyError, asyncpg.UniqueViolationError)):
+        await store.append([dup], expected_version=0)
+    assert uuid.UUID(str(ev.event_id))

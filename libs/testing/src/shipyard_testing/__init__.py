@@ -1,0 +1,9 @@
+"""Test support for Shipyard: fixtures for real NATS and PostgreSQL, waiting helpers.
+
+The fixtures come from the pytest plugin ``shipyard_testing.plugin`` (registered through
+the ``pytest11`` entry point, so installing this package is enough).
+"""
+
+from shipyard_testing.plugin import wait_for, wait_for_sync
+
+__all__ = ["wait_for", "wait_for_sync"]

@@ -1,0 +1,5 @@
+"""Quota's gRPC servicer."""
+
+from shipyard_quota.api.servicer import QuotaApi
+
+__all__ = ["QuotaApi"]

@@ -1,0 +1,1 @@
+"""Quota's domain: amounts of resources, instance types, group quotas and reservations."""

@@ -1,0 +1,5 @@
+"""Quota's read models."""
+
+from shipyard_quota.projections.usage import UsageProjection
+
+__all__ = ["UsageProjection"]
