@@ -41,7 +41,11 @@ def compile_into(out: Path) -> None:
     # Generated packages are implicit namespace packages for `shipyard` (shared with the
     # client), and regular packages below it, so that mypy and importers agree.
     for directory in out.rglob("*"):
-        if directory.is_dir() and directory != out / "shipyard" and "__pycache__" not in directory.parts:
+        if (
+            directory.is_dir()
+            and directory != out / "shipyard"
+            and "__pycache__" not in directory.parts
+        ):
             (directory / "__init__.py").touch()
     (out / "shipyard" / "py.typed").touch()
 
@@ -76,7 +80,9 @@ def main() -> int:
         compile_into(fresh)
         want, have = tree(fresh), tree(OUT)
         drift = sorted(set(want) ^ set(have))
-        drift += sorted(k for k in set(want) & set(have) if not filecmp.cmp(want[k], have[k], False))
+        drift += sorted(
+            k for k in set(want) & set(have) if not filecmp.cmp(want[k], have[k], False)
+        )
         if drift:
             print("generated code drifts from protos/ (run `make gen`):", *drift, sep="\n  ")
             return 1

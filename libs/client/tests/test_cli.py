@@ -229,3 +229,16 @@ def test_missing_platform_module_is_silent(
     cli_main._register_platform_commands(group)
     assert group.commands == {}
     assert capsys.readouterr().err == ""
+
+
+async def test_lag_shows_reachable_services_and_fails_for_the_rest(
+    tmp_path: Path, fake_server: Any, unused_port: int, tokens: Any
+) -> None:
+    endpoints = {"quota": fake_server.address, "keys": f"127.0.0.1:{unused_port}"}
+    (tmp_path / "config.json").write_text(
+        json.dumps({"token": tokens["admin"], "endpoints": endpoints})
+    )
+    result = await shipyard(tmp_path, "events", "lag", "--json")
+    line = assert_one_line_error(result)
+    assert "cannot reach the keys service" in line
+    assert {c["service"] for c in json.loads(result.stdout)} == {"quota"}

@@ -7,7 +7,6 @@ import uuid
 
 import asyncpg
 import pytest
-
 from shipyard_core import db
 from shipyard_core.errors import ConcurrencyError
 from shipyard_core.eventstore import EventStore, NewEvent, StoredEvent, Upcasters, ensure_schema
@@ -15,7 +14,10 @@ from shipyard_core.eventstore import EventStore, NewEvent, StoredEvent, Upcaster
 
 def _event(stream: str, n: int = 0, etype: str = "Thing", version: int = 1) -> NewEvent:
     return NewEvent(
-        aggregate="thing", aggregate_id=stream, event_type=etype, schema_version=version,
+        aggregate="thing",
+        aggregate_id=stream,
+        event_type=etype,
+        schema_version=version,
         payload={"n": n},
     )
 
@@ -117,7 +119,6 @@ async def test_concurrent_writers_reader_sees_every_event_once(store: EventStore
                 if not final:
                     return
 
-
     reader = asyncio.create_task(read())
     await asyncio.gather(*(write(f"s{i}") for i in range(streams)))
     done.set()
@@ -160,8 +161,12 @@ async def test_event_ids_are_unique(store: EventStore) -> None:
     ev = _event("a")
     await store.append([ev], expected_version=0)
     dup = NewEvent(
-        aggregate="thing", aggregate_id="b", event_type="Thing", schema_version=1,
-        payload={}, event_id=ev.event_id,
+        aggregate="thing",
+        aggregate_id="b",
+        event_type="Thing",
+        schema_version=1,
+        payload={},
+        event_id=ev.event_id,
     )
     with pytest.raises((ConcurrencyError, asyncpg.UniqueViolationError)):
         await store.append([dup], expected_version=0)

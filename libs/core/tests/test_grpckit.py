@@ -577,3 +577,25 @@ async def test_remote_authenticator_against_a_generated_service() -> None:
             await gone.authenticate("alice-token")
     finally:
         await gone.close()
+
+
+async def test_port_in_use_fails_loudly(host: ServiceHost) -> None:
+    second = ServiceHost(KitSettings(grpc_port=host.port), authenticator=FakeAuthenticator())
+    with pytest.raises(OSError, match="cannot bind the gRPC server"):
+        await second.start()
+
+
+async def test_health_watchers_see_not_serving_on_shutdown() -> None:
+    host = ServiceHost(KitSettings(), authenticator=FakeAuthenticator())
+    host.add_generic_handler(echo_handler())
+    await host.start()
+    async with grpc.aio.insecure_channel(host.address) as chan:
+        watch = health_pb2_grpc.HealthStub(chan).Watch(
+            health_pb2.HealthCheckRequest(service=SERVICE), timeout=10
+        )
+        first = await watch.read()
+        assert first.status == health_pb2.HealthCheckResponse.SERVING
+        stopping = asyncio.ensure_future(host.stop(grace=0.5))
+        second = await watch.read()
+        assert second.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        await stopping

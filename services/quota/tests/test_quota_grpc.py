@@ -8,7 +8,6 @@ import grpc
 import pytest
 from shipyard.common.v1 import events_pb2, events_pb2_grpc
 from shipyard.quota.v1 import quota_pb2, quota_pb2_grpc
-
 from shipyard_core.auth import Principal
 from shipyard_core.errors import Unauthenticated
 from shipyard_core.grpckit.server import ServiceHost

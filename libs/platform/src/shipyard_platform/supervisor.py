@@ -162,6 +162,11 @@ def _process_matches(pid: int | None, create_time: float | None) -> psutil.Proce
         return None
 
 
+def pid_alive(pid: int) -> bool:
+    """True if process ``pid`` exists and has not exited (a zombie has)."""
+    return _process_matches(pid, None) is not None
+
+
 def _create_time(pid: int | None) -> float | None:
     if not pid:
         return None
@@ -175,7 +180,7 @@ def _gone(proc: psutil.Process) -> bool:
     # A zombie has exited; whether its reaper (pid 1, which in a container may never reap)
     # got to it yet is not our concern.
     try:
-        return proc.status() == psutil.STATUS_ZOMBIE
+        return bool(proc.status() == psutil.STATUS_ZOMBIE)
     except psutil.NoSuchProcess:
         return True
     except psutil.Error:
@@ -516,7 +521,7 @@ class Supervisor:
 
     def _log(self, message: str) -> None:
         # In the daemon stdout is logs/supervisor.log; in the foreground, the terminal.
-        print(f"{time.strftime('%FT%T')} supervisor: {message}", flush=True)
+        print(f"{time.strftime('%FT%T')} supervisor: {message}", file=sys.stderr, flush=True)
 
     def run(self, on_ready: Callable[[], None] | None = None) -> int:
         """Starts everything, waits until healthy, bootstraps the admin, then supervises
@@ -531,6 +536,8 @@ class Supervisor:
             try:
                 self._start_all()
                 self._wait_healthy()
+                if self._stopping:  # asked to stop while starting
+                    return EXIT_OK
                 self._bootstrap()
             except _StartupError as exc:
                 self.phase, self.error = "failed", str(exc)

@@ -17,9 +17,7 @@ from shipyard_quota.projections import UsageProjection
 from shipyard_quota.settings import QuotaSettings
 
 
-async def build(
-    settings: QuotaSettings, authenticator: Authenticator | None = None
-) -> ServiceHost:
+async def build(settings: QuotaSettings, authenticator: Authenticator | None = None) -> ServiceHost:
     """The service, ready to start (tests start it on port 0). Callers are
     authenticated by the identity service at ``settings.keys_addr`` by default."""
     svc = EventSourcedService(settings, "quota", [UsageProjection()])

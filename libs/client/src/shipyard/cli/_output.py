@@ -3,6 +3,7 @@ output, and the one place where failures become a one-line ``error:`` and an exi
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -171,7 +172,8 @@ class ShipyardGroup(click.Group):
                 raise
             # The reader went away (`shipyard events list | head`): stop quietly, and
             # point stdout at /dev/null so the interpreter's final flush does not fail too.
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stdout.fileno())
+            with contextlib.suppress(OSError, ValueError):
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, sys.stdout.fileno())
             sys.exit(EXIT_FAILURE)
         sys.exit(result if isinstance(result, int) and not isinstance(result, bool) else 0)

@@ -20,7 +20,14 @@ from shipyard.cli._output import (
     when,
     yes_no,
 )
-from shipyard.client import EVENT_SOURCED_SERVICES, InvalidArgument, LiveEvent, tail_events
+from shipyard.client import (
+    EVENT_SOURCED_SERVICES,
+    ConsumerLag,
+    InvalidArgument,
+    LiveEvent,
+    ShipyardClientError,
+    tail_events,
+)
 from shipyard.client.config import DEFAULT_PORTS
 from shipyard.client.events import nats_url_from_env, tail_subject
 
@@ -102,37 +109,49 @@ def list_events(
 @json_option
 @click.pass_context
 def lag(ctx: click.Context, service: str | None, as_json: bool) -> None:
-    """Show each projection's and consumer's lag (and the outbox relay's backlog)."""
+    """Show projections' and consumers' lag and the outbox backlog."""
     client = get_client(ctx)
     services = [service] if service else list(EVENT_SOURCED_SERVICES)
-    consumers = [c for s in services for c in client.events(s).lag()]
+    consumers: list[ConsumerLag] = []
+    failures: list[ShipyardClientError] = []
+    for name in services:
+        try:
+            consumers.extend(client.events(name).lag())
+        except ShipyardClientError as exc:
+            # One service down should not hide the others' lag; the failure still
+            # decides the exit code below.
+            failures.append(exc)
+    if failures and len(failures) == len(services):
+        raise failures[0]
     if as_json:
         print_json(consumers)
-        return
-    print_table(
-        [
-            "service",
-            "consumer",
-            "pending",
-            "ack_pending",
-            "redelivered",
-            "dead_lettered",
-            "outbox_pending",
-        ],
-        (
+    else:
+        print_table(
             [
-                c.service,
-                c.name,
-                c.pending,
-                c.ack_pending,
-                c.redelivered,
-                c.dead_lettered,
-                c.outbox_pending,
-            ]
-            for c in consumers
-        ),
-        empty="no consumers reported",
-    )
+                "service",
+                "consumer",
+                "pending",
+                "ack_pending",
+                "redelivered",
+                "dead_lettered",
+                "outbox_pending",
+            ],
+            (
+                [
+                    c.service,
+                    c.name,
+                    c.pending,
+                    c.ack_pending,
+                    c.redelivered,
+                    c.dead_lettered,
+                    c.outbox_pending,
+                ]
+                for c in consumers
+            ),
+            empty="no consumers reported",
+        )
+    if failures:
+        raise failures[0]
 
 
 @events.command("replay")

@@ -30,16 +30,28 @@ def list_types(ctx: click.Context, as_json: bool) -> None:
 @instance_types.command("set")
 @click.argument("name")
 @click.option(
-    "--cpu", type=click.FloatRange(min=0, min_open=True), required=True, help="CPU cores."
+    "--cpu",
+    type=click.FloatRange(min=0, min_open=True),
+    required=True,
+    metavar="N",
+    help="CPU cores per instance.",
 )
 @click.option(
     "--memory",
     "memory_gib",
     type=click.FloatRange(min=0, min_open=True),
     required=True,
-    help="Memory in GiB.",
+    metavar="GIB",
+    help="Memory in GiB per instance.",
 )
-@click.option("--gpu", type=click.IntRange(min=0), default=0, show_default=True, help="GPUs.")
+@click.option(
+    "--gpu",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    metavar="N",
+    help="GPUs per instance.",
+)
 @click.option("--description", default="", help="What the type is for.")
 @json_option
 @click.pass_context

@@ -22,13 +22,24 @@ def quota() -> None:
 
 @quota.command("set")
 @click.argument("group")
-@click.option("--cpu", type=click.FloatRange(min=0), required=True, help="CPU cores.")
+@click.option("--cpu", type=click.FloatRange(min=0), required=True, metavar="N", help="CPU cores.")
 @click.option(
-    "--memory", "memory_gib", type=click.FloatRange(min=0), required=True, help="Memory in GiB."
+    "--memory",
+    "memory_gib",
+    type=click.FloatRange(min=0),
+    required=True,
+    metavar="GIB",
+    help="Memory in GiB.",
 )
-@click.option("--gpu", type=click.IntRange(min=0), default=0, show_default=True, help="GPUs.")
 @click.option(
-    "--instances", type=click.IntRange(min=0), required=True, help="Model instances (replicas)."
+    "--gpu", type=click.IntRange(min=0), default=0, show_default=True, metavar="N", help="GPUs."
+)
+@click.option(
+    "--instances",
+    type=click.IntRange(min=0),
+    required=True,
+    metavar="N",
+    help="Model instances (replicas) across the group's deployments.",
 )
 @json_option
 @click.pass_context

@@ -16,11 +16,6 @@ def to_datetime(ts: Timestamp) -> datetime | None:
     return ts.ToDatetime(tzinfo=UTC)
 
 
-def iso(value: datetime | None) -> str | None:
-    """ISO 8601 text for ``to_dict`` output (``None`` stays ``None``)."""
-    return value.isoformat() if value is not None else None
-
-
 def parse_datetime(text: Any) -> datetime | None:
     """Parses an ISO 8601 timestamp from a JSON envelope; ``None`` when absent or unparsable."""
     if not isinstance(text, str) or not text:

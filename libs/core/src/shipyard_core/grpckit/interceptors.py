@@ -273,8 +273,8 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                             span.record_exception(exc)
         finally:
             correlation_id_var.reset(correlation_token)
-        # Only reached when an exception was mapped (success returned, AbortError re-raised).
-        assert failure is not None
+        if failure is None:  # pragma: no cover - success returned, AbortError re-raised
+            raise RuntimeError("unreachable: a call ended without result or error")
         code, message = failure
         await context.abort(code, message)
 

@@ -91,7 +91,8 @@ class ServiceHost:
     ``settings.keys_addr`` (cached ``settings.auth_cache_seconds``), which the host then
     also closes. ``public_methods`` are full method names, or service prefixes ending in
     ``/``, that need no token (health and reflection never do). ``interceptors`` run
-    inside the kit's own; ``options`` are grpc channel arguments for the server.
+    inside the kit's own; ``options`` are grpc channel arguments for the server
+    (``grpc.so_reuseport`` is off unless ``options`` turns it on).
     """
 
     def __init__(
@@ -110,7 +111,9 @@ class ServiceHost:
         )
         self.public_methods = list(public_methods)
         self._extra_interceptors = list(interceptors)
-        self._options = list(options)
+        # gRPC sets SO_REUSEPORT by default on Linux, so a second process on a taken port
+        # would silently share its traffic; a port conflict must fail loudly instead.
+        self._options = [("grpc.so_reuseport", 0), *options]
         self._registrations = _Recorder()
         self._background: list[tuple[str, Callable[[], Awaitable[None]]]] = []
         self._close_hooks: list[CloseHook] = []

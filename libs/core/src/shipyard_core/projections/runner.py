@@ -55,9 +55,6 @@ class _Item:
     event: StoredEvent
 
 
-class _Gap(Exception):
-    pass
-
 
 class ProjectionRunner:
     """Runs one projection until stopped."""
@@ -178,7 +175,9 @@ class ProjectionRunner:
         await self._requeue(rest)
 
     async def _process_singly(self, conn: Conn, items: list[_Item]) -> None:
-        for index, item in enumerate(items):
+        # One failing event must not hold the others: it is retried (or parked) alone, and
+        # later events of its stream wait for it through the gap check.
+        for item in items:
             try:
                 done, rest = await self._apply(conn, [item])
             except _INFRA_ERRORS:
@@ -195,13 +194,11 @@ class ProjectionRunner:
                     item.msg.metadata.num_delivered,
                     _describe(exc),
                 )
-                await self._requeue(items[index:])
-                return
+                await self._requeue([item])
+                continue
             for d in done:
                 await d.msg.ack()
-            if rest:
-                await self._requeue(items[index:])
-                return
+            await self._requeue(rest)
 
     async def _apply(self, conn: Conn, items: list[_Item]) -> tuple[list[_Item], list[_Item]]:
         """Applies what it can in one transaction; returns (handled, to retry later)."""
@@ -225,29 +222,41 @@ class ProjectionRunner:
                 streams,
             )
             positions = {r["stream_id"]: r["version"] for r in rows}
-            for index, item in enumerate(items):
-                ev = item.event
-                current = positions.get(ev.stream_id, 0)
-                if ev.version <= current:
-                    done.append(item)  # applied before (redelivery or replayed): skip
-                    continue
-                if ev.version > current + 1:
-                    rest = items[index:]
-                    log.info(
-                        "projection %s waits for %s v%d (has v%d)",
-                        name,
-                        ev.stream_id,
-                        current + 1,
-                        current,
-                    )
+            # Apply in per-stream order even when the batch is not: an event whose
+            # predecessor comes later in the batch is retried after it; one whose
+            # predecessor is not in the batch at all goes back to wait for it.
+            pending = items
+            while pending:
+                deferred: list[_Item] = []
+                progressed = False
+                for item in pending:
+                    ev = item.event
+                    current = positions.get(ev.stream_id, 0)
+                    if ev.version <= current:
+                        done.append(item)  # applied before (redelivery or replay): skip
+                    elif ev.version > current + 1:
+                        deferred.append(item)
+                    else:
+                        correlation_id_var.set(str(ev.metadata.get("correlation_id") or ""))
+                        causation_id_var.set(str(ev.event_id))
+                        statements.extend(self.projection.handle(ev))
+                        positions[ev.stream_id] = ev.version
+                        changed[ev.stream_id] = ev.version
+                        applied += 1
+                        done.append(item)
+                        progressed = True
+                if not progressed:
+                    rest = deferred
                     break
-                correlation_id_var.set(str(ev.metadata.get("correlation_id") or ""))
-                causation_id_var.set(str(ev.event_id))
-                statements.extend(self.projection.handle(ev))
-                positions[ev.stream_id] = ev.version
-                changed[ev.stream_id] = ev.version
-                applied += 1
-                done.append(item)
+                pending = deferred
+            for item in rest:
+                log.info(
+                    "projection %s waits for %s v%d before v%d",
+                    name,
+                    item.event.stream_id,
+                    positions.get(item.event.stream_id, 0) + 1,
+                    item.event.version,
+                )
             await execute_statements(conn, statements, self.tables)
             await self._save_positions(conn, changed, applied=applied)
         self.applied += applied

@@ -14,10 +14,10 @@ import hmac
 import re
 import secrets
 
-TOKEN_PREFIX = "sy_"
+TOKEN_PREFIX = "sy_"  # noqa: S105 - a prefix, not a secret
 """Every API token starts with this, so scanners (and people) recognise leaked ones."""
 
-TOKEN_ID_PREFIX = "tok_"
+TOKEN_ID_PREFIX = "tok_"  # noqa: S105 - a prefix, not a secret
 """Every token id starts with this; ids are public (listed, logged, in Principals)."""
 
 MAX_TOKEN_LENGTH = 256

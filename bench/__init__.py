@@ -1,0 +1,1 @@
+"""Shipyard's benchmarks: ``./dev bench [name]``; results in bench/README.md."""

@@ -1,0 +1,212 @@
+"""bench/eventstore: the event-sourced command path, end to end, fsync on.
+
+Starts embedded PostgreSQL and NATS (both fsync on every commit/write, as `shipyard up`
+runs them), the keys and quota services as their own processes, then measures:
+
+1. commands/s: single-event commands (``SetGroupQuota`` on a new group: load the empty
+   stream, decide, append event + outbox row) over gRPC from 16 concurrent clients,
+   authenticated like any caller (token checked by keys, cached by quota);
+2. append → projection latency (p50/p99): a command at a steady 100/s, then the time until
+   the usage projection's row for it is committed (relay → JetStream → runner);
+3. replay events/s: the usage projection rebuilt from the store and swapped in.
+
+Run: ``./dev bench eventstore`` (``--quick`` for a smoke run).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+from shipyard.common.v1 import events_pb2, events_pb2_grpc
+from shipyard.quota.v1 import quota_pb2, quota_pb2_grpc
+from shipyard_core import db
+from shipyard_core.embedded import start_nats, start_postgres
+from shipyard_core.embedded._process import free_port
+
+from bench._machine import describe
+
+CLIENTS = 16
+RESULTS = Path(__file__).parent / "results" / "eventstore.json"
+
+
+def _service(module: str, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", module],
+        env=env,
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+
+
+async def _wait_healthy(address: str, deadline: float = 60) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    end = time.monotonic() + deadline
+    async with grpc.aio.insecure_channel(address) as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        while True:
+            try:
+                r = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
+                if r.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.aio.AioRpcError:
+                pass
+            if time.monotonic() > end:
+                raise RuntimeError(f"{address} did not become healthy")
+            await asyncio.sleep(0.1)
+
+
+def _pct(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))]
+
+
+async def _throughput(stub: Any, md: Any, seconds: float) -> dict[str, float]:
+    counter = 0
+    latencies: list[float] = []
+    stop_at = time.perf_counter() + seconds
+
+    async def client(c: int) -> None:
+        nonlocal counter
+        i = 0
+        while time.perf_counter() < stop_at:
+            t0 = time.perf_counter()
+            await stub.SetGroupQuota(
+                quota_pb2.SetGroupQuotaRequest(
+                    group=f"b{c}-{i}", limits=quota_pb2.Resources(cpu=4, memory_gib=8)
+                ),
+                metadata=md,
+            )
+            latencies.append(time.perf_counter() - t0)
+            counter += 1
+            i += 1
+
+    started = time.perf_counter()
+    await asyncio.gather(*(client(c) for c in range(CLIENTS)))
+    elapsed = time.perf_counter() - started
+    return {
+        "commands": counter,
+        "seconds": round(elapsed, 2),
+        "commands_per_second": round(counter / elapsed, 1),
+        "command_latency_p50_ms": round(_pct(latencies, 50) * 1000, 2),
+        "command_latency_p99_ms": round(_pct(latencies, 99) * 1000, 2),
+    }
+
+
+async def _projection_latency(stub: Any, md: Any, dsn: str, count: int) -> dict[str, float]:
+    pool = await db.create_pool(dsn, max_size=40)
+    latencies: list[float] = []
+
+    async def one(i: int) -> None:
+        group = f"lat-{i}"
+        await stub.SetGroupQuota(
+            quota_pb2.SetGroupQuotaRequest(group=group, limits=quota_pb2.Resources(cpu=1)),
+            metadata=md,
+        )
+        appended = time.perf_counter()
+        while not await pool.fetchval(
+            "SELECT 1 FROM quota.projection_positions WHERE projection = 'usage' "
+            "AND stream_id = $1",
+            f"group:{group}",
+        ):
+            await asyncio.sleep(0.0005)  # poll resolution: 0.5 ms
+        latencies.append(time.perf_counter() - appended)
+
+    tasks = []
+    for i in range(count):
+        tasks.append(asyncio.create_task(one(i)))
+        await asyncio.sleep(0.01)  # a steady 100 commands/s
+    await asyncio.gather(*tasks)
+    await pool.close()
+    return {
+        "samples": len(latencies),
+        "append_to_projection_p50_ms": round(statistics.median(latencies) * 1000, 2),
+        "append_to_projection_p99_ms": round(_pct(latencies, 99) * 1000, 2),
+    }
+
+
+async def _replay(address: str, md: Any) -> dict[str, float]:
+    async with grpc.aio.insecure_channel(address) as ch:
+        admin = events_pb2_grpc.EventAdminStub(ch)
+        r = await admin.ReplayProjection(
+            events_pb2.ReplayProjectionRequest(projection="usage"), metadata=md, timeout=600
+        )
+    return {
+        "replayed_events": r.events,
+        "replay_seconds": round(r.seconds, 2),
+        "replay_events_per_second": round(r.events_per_second, 1),
+        "replay_equal_to_live": r.equal,
+    }
+
+
+async def run(quick: bool = False) -> dict[str, Any]:
+    """Runs the three measurements and writes bench/results/eventstore.json."""
+    with tempfile.TemporaryDirectory(prefix="shipyard-bench-") as tmp:
+        home = Path(tmp)
+        pg = start_postgres(home / "postgres", fsync=True)
+        nats = start_nats(home / "nats")
+        procs: list[subprocess.Popen[bytes]] = []
+        try:
+            keys_port, quota_port = free_port(), free_port()
+            env = {
+                **os.environ,
+                "SHIPYARD_DATABASE_URL": pg.url,
+                "SHIPYARD_NATS_URL": nats.url,
+                "SHIPYARD_KEYS_ADDR": f"127.0.0.1:{keys_port}",
+                "SHIPYARD_LOG_LEVEL": "WARNING",
+                "SHIPYARD_PROJECTION_WAIT_SECONDS": "0",
+            }
+            boot = subprocess.run(
+                [sys.executable, "-m", "shipyard_keys", "bootstrap-admin", "--name", "admin"],
+                env=env,
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            token = json.loads(boot.stdout.strip().splitlines()[-1])["token"]
+            procs.append(
+                _service(
+                    "shipyard_keys",
+                    {**env, "SHIPYARD_GRPC_PORT": str(keys_port)},
+                    home / "keys.log",
+                )
+            )
+            procs.append(
+                _service(
+                    "shipyard_quota",
+                    {**env, "SHIPYARD_GRPC_PORT": str(quota_port)},
+                    home / "quota.log",
+                )
+            )
+            quota_addr = f"127.0.0.1:{quota_port}"
+            await _wait_healthy(f"127.0.0.1:{keys_port}")
+            await _wait_healthy(quota_addr)
+            md = (("authorization", f"Bearer {token}"),)
+            results: dict[str, Any] = {"machine": describe(), "clients": CLIENTS}
+            async with grpc.aio.insecure_channel(quota_addr) as ch:
+                stub = quota_pb2_grpc.QuotaServiceStub(ch)
+                await _throughput(stub, md, 2)  # warm-up
+                results.update(await _throughput(stub, md, 5 if quick else 20))
+                results.update(await _projection_latency(stub, md, pg.url, 100 if quick else 1000))
+            results.update(await _replay(quota_addr, md))
+        finally:
+            for p in procs:
+                p.terminate()
+            for p in procs:
+                p.wait(20)
+            nats.stop()
+            pg.stop()
+    RESULTS.parent.mkdir(exist_ok=True)
+    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps(results, indent=2))
+    return results

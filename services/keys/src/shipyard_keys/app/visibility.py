@@ -1,0 +1,101 @@
+"""Read-your-writes for identity commands: answer only once the projection shows it.
+
+The token check reads the ``identity`` projection, so "the token works the instant it is
+returned" and "a revocation holds the instant RevokeToken returns" both mean: the
+command waits until the projection has applied its events before answering.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import asyncpg
+from shipyard_core.aggregate import Aggregate
+from shipyard_core.db import Conn
+from shipyard_core.errors import Unavailable
+from shipyard_core.eventstore import EventStore, StoredEvent
+from shipyard_core.projections.consistency import wait_until_projected
+
+from shipyard_keys.projections import IdentityProjection
+
+log = logging.getLogger(__name__)
+
+# The session advisory lock a ProjectionRunner holds while it is the one applying
+# (shipyard_core.projections.runner). Kept in step with it by the tests; see
+# `projection_has_leader`.
+_LEADER_KEY = "shipyard.projection.leader.{schema}.{name}"
+
+
+async def projection_has_leader(conn: Conn, projection: type[IdentityProjection]) -> bool:
+    """Whether some process is applying ``projection`` right now (a runner holds its
+    leader lock). Lets a command run outside the server (``bootstrap-admin``) skip a
+    wait that nobody would end."""
+    key = _LEADER_KEY.format(schema=projection.schema, name=projection.name)
+    # pg_try_advisory_lock(bigint) shows in pg_locks with the key split in two 32-bit
+    # halves (classid: high, objid: low) and objsubid 1.
+    held = await conn.fetchval(
+        """
+        SELECT EXISTS (
+            SELECT 1 FROM pg_locks l, (SELECT hashtext($1)::bigint AS k) key
+            WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+              AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+              AND l.classid = ((key.k >> 32) & 4294967295)::oid
+              AND l.objid = (key.k & 4294967295)::oid)
+        """,
+        key,
+    )
+    return bool(held)
+
+
+class ReadYourWrites:
+    """Waits until the ``identity`` projection has applied a command's events."""
+
+    def __init__(self, pool: asyncpg.Pool, store: EventStore, timeout_seconds: float) -> None:
+        self.pool = pool
+        self.store = store
+        self.timeout_seconds = timeout_seconds
+
+    async def settle(
+        self,
+        stored: Sequence[StoredEvent],
+        unchanged: Sequence[Aggregate] = (),
+        *,
+        must_hold: str = "",
+    ) -> bool:
+        """Waits for ``stored`` and for the current version of each aggregate in
+        ``unchanged`` (a command that decided nothing new still answers only once the
+        state it reports is visible, e.g. a repeated revocation).
+
+        On timeout the write stands (it is durable) and False is returned, unless
+        ``must_hold`` says what the caller relies on: then the caller gets Unavailable and
+        retries the (idempotent) command. Commands that return a secret never pass
+        ``must_hold``: failing them would lose a token that is shown only once."""
+        events = list(stored)
+        for aggregate in unchanged:
+            if aggregate.version > 0:
+                stream = f"{aggregate.aggregate_type}:{aggregate.id}"
+                events += await self.store.read_stream(stream, after_version=aggregate.version - 1)
+        # Only the projection's own streams have positions to wait for (a command may
+        # also write others, e.g. bootstrap:admin).
+        followed = {aggregate for _, aggregate in IdentityProjection.sources}
+        events = [e for e in events if e.aggregate in followed]
+        if await wait_until_projected(
+            self.pool,
+            IdentityProjection.schema,
+            IdentityProjection.name,
+            events,
+            self.timeout_seconds,
+        ):
+            return True
+        if must_hold:
+            raise Unavailable(
+                f"{must_hold} is recorded but not in effect yet (the identity read model "
+                f"lags by more than {self.timeout_seconds:g}s); repeat the request to confirm"
+            )
+        log.warning(
+            "identity projection did not apply %d event(s) within %ss; answering anyway",
+            len(events),
+            self.timeout_seconds,
+        )
+        return False
