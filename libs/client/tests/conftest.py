@@ -15,6 +15,7 @@ from typing import Any
 import grpc
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
+
 from shipyard.common.v1 import events_pb2 as ev_pb
 from shipyard.common.v1 import events_pb2_grpc as ev_grpc
 from shipyard.keys.v1 import identity_pb2 as id_pb

@@ -12,6 +12,7 @@ from typing import Any
 import click
 import pytest
 from click.testing import CliRunner, Result
+
 from shipyard.cli import main as cli_main
 from shipyard.cli.main import cli
 

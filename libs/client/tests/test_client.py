@@ -11,6 +11,7 @@ from typing import Any
 
 import grpc
 import pytest
+
 from shipyard.client import (
     AlreadyExists,
     Client,

@@ -12,6 +12,7 @@ import json
 from typing import Any
 
 import grpc
+
 from shipyard_core.auth import Principal
 from shipyard_core.grpckit import ServiceHost
 from shipyard_core.logs import configure_logging

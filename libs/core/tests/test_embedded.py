@@ -10,6 +10,7 @@ import asyncpg
 import nats
 import pytest
 from nats.js.api import StreamConfig
+
 from shipyard_core.embedded import (
     EmbeddedServerError,
     NatsProcess,

@@ -7,6 +7,7 @@ import uuid
 
 import asyncpg
 import pytest
+
 from shipyard_core import db
 from shipyard_core.errors import ConcurrencyError
 from shipyard_core.eventstore import EventStore, NewEvent, StoredEvent, Upcasters, ensure_schema

@@ -17,6 +17,7 @@ import pytest
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
 from shipyard_core import bus, db
 from shipyard_core.eventstore import EventStore, StoredEvent, ensure_schema
 from shipyard_core.outbox import OutboxRelay

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
+
 from shipyard_core.logs import configure_logging
 from shipyard_core.settings import CommonSettings
 from shipyard_core.telemetry import (

@@ -22,6 +22,7 @@ import asyncpg
 import nats
 import pytest
 from nats.js.api import StreamConfig
+
 from shipyard_core.embedded import free_port
 from shipyard_platform import (
     SERVICES,

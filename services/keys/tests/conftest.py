@@ -10,13 +10,13 @@ from dataclasses import dataclass
 import asyncpg
 import grpc
 import pytest
+
 from shipyard.keys.v1 import identity_pb2_grpc
 from shipyard_core.auth import Principal
 from shipyard_core.eventstore import EventStore
 from shipyard_core.grpckit.server import ServiceHost
 from shipyard_core.projections import ProjectionRunner
 from shipyard_core.service import EventSourcedService
-
 from shipyard_keys.app import IdentityCommands, IdentityQueries
 from shipyard_keys.main import build
 from shipyard_keys.projections import SCHEMA, IdentityProjection

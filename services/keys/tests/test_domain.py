@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from shipyard_core.errors import AlreadyExists, NotFound
 
-from shipyard_keys.domain import Group, TokenIssued, User, UserCreated
-from shipyard_keys.domain import tokens
+from shipyard_core.errors import AlreadyExists, NotFound
+from shipyard_keys.domain import Group, TokenIssued, User, UserCreated, tokens
 
 
 def test_tokens_have_their_shape_and_only_the_hash_is_recorded() -> None:

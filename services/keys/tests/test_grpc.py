@@ -13,16 +13,16 @@ import asyncpg
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from shipyard.keys.v1 import identity_pb2 as pb
 from shipyard.keys.v1 import identity_pb2_grpc
 from shipyard_core import db
-from shipyard_core.embedded._process import free_port
+from shipyard_core.embedded import free_port
 from shipyard_core.grpckit import MISSING_TOKEN_MESSAGE, bearer_metadata
-from shipyard_testing import wait_for
-
 from shipyard_keys.app.visibility import projection_has_leader
 from shipyard_keys.main import bootstrap_admin, build
 from shipyard_keys.projections import IdentityProjection
+from shipyard_testing import wait_for
 
 from .conftest import Server, keys_settings
 
@@ -206,18 +206,15 @@ async def test_bootstrap_admin_command_works_without_a_server(
     # The server, started afterwards, catches up and accepts the token.
     settings = keys_settings(database_url, nats_url)
     host = await build(settings)
-    async with host:
-        async with grpc.aio.insecure_channel(host.address) as channel:
-            stub = identity_pb2_grpc.IdentityServiceStub(channel)
+    async with host, grpc.aio.insecure_channel(host.address) as channel:
+        stub = identity_pb2_grpc.IdentityServiceStub(channel)
 
-            async def accepted() -> pb.Principal:
-                return await stub.WhoAmI(
-                    pb.WhoAmIRequest(), metadata=bearer_metadata(made["token"])
-                )
+        async def accepted() -> pb.Principal:
+            return await stub.WhoAmI(pb.WhoAmIRequest(), metadata=bearer_metadata(made["token"]))
 
-            me = await wait_for(accepted, timeout=20, ignore=(grpc.aio.AioRpcError,))
-            assert (me.user, me.admin, me.token_id) == ("admin", True, made["token_id"])
-            assert await _bootstrap_cli(env, "root") == {"created": False, "user": "admin"}
+        me = await wait_for(accepted, timeout=20, ignore=(grpc.aio.AioRpcError,))
+        assert (me.user, me.admin, me.token_id) == ("admin", True, made["token_id"])
+        assert await _bootstrap_cli(env, "root") == {"created": False, "user": "admin"}
 
 
 async def test_the_service_process_serves_and_its_bootstrap_token_works_at_once(

@@ -7,7 +7,8 @@ import json
 
 import pytest
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-from shipyard_core import bus
+
+from shipyard_core import bus, db
 from shipyard_core.auth import Principal
 from shipyard_core.errors import (
     AlreadyExists,
@@ -15,14 +16,15 @@ from shipyard_core.errors import (
     NotFound,
     PermissionDenied,
     Unauthenticated,
+    Unavailable,
 )
+from shipyard_core.eventstore import EventStore, ensure_schema
 from shipyard_core.projections import replay_projection
-from shipyard_testing import wait_for
-
-from shipyard_keys.app import MALFORMED_TOKEN, UNKNOWN_TOKEN, IdentityCommands
+from shipyard_keys.app import MALFORMED_TOKEN, UNKNOWN_TOKEN, IdentityCommands, IdentityQueries
 from shipyard_keys.app.visibility import projection_has_leader
 from shipyard_keys.domain import tokens
-from shipyard_keys.projections import IdentityProjection
+from shipyard_keys.projections import SCHEMA, IdentityProjection
+from shipyard_testing import wait_for
 
 from .conftest import ROOT, Identity
 
@@ -202,9 +204,7 @@ async def test_bootstrap_admin_creates_one_admin_once(identity: Identity) -> Non
 
 async def test_concurrent_bootstraps_create_exactly_one_admin(identity: Identity) -> None:
     # Separate handler objects, as separate processes would have.
-    apps = [
-        IdentityCommands(identity.pool, identity.store, identity.queries) for _ in range(8)
-    ]
+    apps = [IdentityCommands(identity.pool, identity.store, identity.queries) for _ in range(8)]
     outcomes = await asyncio.gather(
         *(app.bootstrap_admin(f"admin{i}") for i, app in enumerate(apps))
     )
@@ -308,3 +308,42 @@ def _text(value: object) -> str:
     if isinstance(value, bytes | memoryview):
         return bytes(value).decode("utf-8", errors="replace")
     return str(value)
+
+
+async def test_without_a_projection_secrets_are_still_returned_but_revocation_says_so(
+    database_url: str,
+) -> None:
+    # No relay, no runner: nothing will ever apply the events.
+    pool = await db.create_pool(database_url)
+    try:
+        async with pool.acquire() as conn:
+            await ensure_schema(conn, SCHEMA)
+            await IdentityProjection.create_tables(conn)
+        store = EventStore(pool, SCHEMA)
+        app = IdentityCommands(pool, store, IdentityQueries(pool), projection_wait_seconds=0.2)
+        # A token is shown once: its command answers even though the token is not usable
+        # yet (failing would lose it).
+        created = await app.create_user(ROOT, "hank")
+        assert created.token.token.startswith("sy_")
+        # A revocation must hold when it answers: it says it does not, and repeating it
+        # (idempotent) says so again until the projection has caught up.
+        for _ in range(2):
+            not_yet = r"the revocation of tok_\w+ is recorded but not in effect yet"
+            with pytest.raises(Unavailable, match=not_yet):
+                await app.revoke_token(ROOT, "hank", created.token.token_id)
+        assert [e.event_type for e in await store.read_stream("user:hank")] == [
+            "UserCreated",
+            "TokenIssued",
+            "TokenRevoked",
+        ]
+    finally:
+        await pool.close()
+
+
+async def test_token_checks_report_an_unreachable_store_as_unavailable(
+    database_url: str,
+) -> None:
+    pool = await db.create_pool(database_url)
+    await pool.close()
+    with pytest.raises(Unavailable, match="cannot be reached; retry"):
+        await IdentityQueries(pool).authenticate(tokens.new_token())

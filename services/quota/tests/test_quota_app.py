@@ -10,6 +10,7 @@ import asyncpg
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from shipyard_core import db
 from shipyard_core.auth import Principal
 from shipyard_core.errors import (
@@ -72,7 +73,10 @@ async def test_reserve_within_quota_and_refuse_beyond_with_a_clear_message(
     with pytest.raises(ResourceExhausted) as refused:
         await app.reserve(ANA, "team-a", "dep-2:r1", "dep-2", "cpu.small", 2)
     assert "group team-a needs 1 CPU, 0.5 CPU free" in refused.value.message
-    with pytest.raises(ResourceExhausted, match="needs 4 CPU and 16 GiB memory and 1 GPU"):
+    with pytest.raises(
+        ResourceExhausted,
+        match=r"needs 4 CPU, 16 GiB memory, 1 GPU; 0\.5 CPU, 5 GiB memory, 0 GPU free",
+    ):
         await app.reserve(ANA, "team-a", "dep-3:r1", "dep-3", "gpu.large", 1)
     # resizing the existing reservation checks only its growth
     await app.reserve(ANA, "team-a", "dep-1:r1", "dep-1", "cpu.small", 4)

@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 import pytest
+
 from shipyard.common.v1 import events_pb2, events_pb2_grpc
 from shipyard.quota.v1 import quota_pb2, quota_pb2_grpc
 from shipyard_core.auth import Principal

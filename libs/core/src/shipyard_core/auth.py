@@ -234,8 +234,8 @@ class RemoteAuthenticator:
             # Imported here: shipyard_core.grpckit imports this module, and processes that
             # authenticate locally need neither the channel nor the generated stubs.
             import grpc
-            from shipyard.keys.v1 import identity_pb2_grpc
 
+            from shipyard.keys.v1 import identity_pb2_grpc
             from shipyard_core.grpckit.interceptors import TracingClientInterceptor
 
             self._channel = grpc.aio.insecure_channel(
@@ -247,8 +247,8 @@ class RemoteAuthenticator:
     async def authenticate(self, token: str) -> Principal:
         """The principal of ``token`` according to the identity service."""
         import grpc
-        from shipyard.keys.v1 import identity_pb2
 
+        from shipyard.keys.v1 import identity_pb2
         from shipyard_core.grpckit.errors import error_from_rpc
 
         if not token:

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil  # type: ignore[import-untyped]  # no types-psutil in the dev group yet
+
 from shipyard.client.config import (
     CONFIG_FILE as CLIENT_CONFIG_FILE,
 )
@@ -49,7 +50,6 @@ from shipyard_core.embedded import (
     PostgresProcess,
 )
 from shipyard_core.embedded._process import log_tail
-
 from shipyard_platform.config import DATABASE_NAME, PlatformConfig, ServiceSpec
 from shipyard_platform.health import grpc_health, nats_health, postgres_health
 

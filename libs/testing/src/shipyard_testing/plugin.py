@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, TypeVar, overload
 
 import pytest
+
 from shipyard_core.embedded import NatsProcess, PostgresProcess, start_nats, start_postgres
 
 T = TypeVar("T")

@@ -23,7 +23,6 @@ from shipyard_core.grpckit.server import ServiceHost
 from shipyard_core.logs import configure_logging
 from shipyard_core.service import EventSourcedService
 from shipyard_core.telemetry import configure_tracing
-
 from shipyard_keys.api import PUBLIC_METHODS, IdentityServicer
 from shipyard_keys.app import BootstrapOutcome, IdentityCommands, IdentityQueries
 from shipyard_keys.projections import SCHEMA, IdentityProjection

@@ -10,7 +10,6 @@ from shipyard_core.grpckit.server import ServiceHost
 from shipyard_core.logs import configure_logging
 from shipyard_core.service import EventSourcedService
 from shipyard_core.telemetry import configure_tracing
-
 from shipyard_quota.api import QuotaApi
 from shipyard_quota.app import QuotaApp
 from shipyard_quota.projections import UsageProjection

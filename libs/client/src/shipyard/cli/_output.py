@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import click
+
 from shipyard.client import Client, ShipyardClientError
 from shipyard.client._convert import plain
 

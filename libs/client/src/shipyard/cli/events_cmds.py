@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 import click
+
 from shipyard.cli._output import (
     fail,
     get_client,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import click
+
 from shipyard.cli._output import get_client, json_option, num, print_fields, print_json, print_table
 
 

@@ -6,6 +6,7 @@ import importlib
 from pathlib import Path
 
 import click
+
 from shipyard.cli import (
     events_cmds,
     groups_cmds,

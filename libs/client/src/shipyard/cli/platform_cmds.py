@@ -12,6 +12,7 @@ from types import ModuleType
 from typing import Any
 
 import click
+
 from shipyard.cli._output import CliState, fail, json_option, note, print_json, print_table
 
 HOME_OPTION = click.option(

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 import grpc
+
 from shipyard.client.config import ClientConfig
 from shipyard.client.errors import ConfigError, from_rpc_error
 

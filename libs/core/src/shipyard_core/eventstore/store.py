@@ -35,6 +35,7 @@ class EventStore:
         self.pool = pool
         self.service = validate_identifier(service)
         self.upcasters = upcasters or Upcasters()
+        self._single_sql_text = self._single_sql()
         s = self.service
         self._append_sql = f"""
         WITH new AS (
@@ -63,6 +64,27 @@ class EventStore:
         )
         SELECT array_agg(ins.position ORDER BY ins.position) AS positions,
                (SELECT count(*) FROM ob) AS outboxed,
+               pg_notify('{OUTBOX_CHANNEL}', '{s}') IS NULL AS _
+        FROM ins
+        """
+
+    def _single_sql(self) -> str:
+        s = self.service
+        # The common case (one command, one event) in a plain statement: ~25% cheaper for
+        # PostgreSQL than the general unnest form (bench/eventstore).
+        return f"""
+        WITH ins AS (
+            INSERT INTO {s}.events (stream_id, version, event_id, aggregate, event_type,
+                schema_version, payload, metadata, recorded_at)
+            SELECT $1, $2::bigint, $3, $4, $5, $6, $7::jsonb, $8::jsonb, $9
+            WHERE coalesce((SELECT max(e.version) FROM {s}.events e WHERE e.stream_id = $1), 0)
+                = $2::bigint - 1
+            RETURNING position, event_id
+        ), ob AS (
+            INSERT INTO {s}.outbox (event_id, subject, headers, body)
+            SELECT event_id, $10, $11::jsonb, $12 FROM ins
+        )
+        SELECT ARRAY[position] AS positions,
                pg_notify('{OUTBOX_CHANNEL}', '{s}') IS NULL AS _
         FROM ins
         """

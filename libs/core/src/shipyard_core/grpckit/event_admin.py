@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING, Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
 from nats.js.errors import NotFoundError
-from shipyard.common.v1 import events_pb2, events_pb2_grpc
 
+from shipyard.common.v1 import events_pb2, events_pb2_grpc
 from shipyard_core.auth import current_principal
 from shipyard_core.errors import InvalidArgument, NotFound
 from shipyard_core.eventstore import StoredEvent

@@ -55,7 +55,6 @@ class _Item:
     event: StoredEvent
 
 
-
 class ProjectionRunner:
     """Runs one projection until stopped."""
 

@@ -11,10 +11,10 @@ from datetime import datetime
 from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
+
 from shipyard.keys.v1 import identity_pb2 as pb
 from shipyard.keys.v1 import identity_pb2_grpc as pb_grpc
 from shipyard_core.auth import Principal, current_principal
-
 from shipyard_keys.app import GroupView, IdentityCommands, IdentityQueries, UserView
 
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["IdentityService"].full_name

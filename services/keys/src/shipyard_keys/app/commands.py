@@ -11,12 +11,12 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import asyncpg
+
 from shipyard_core import validation
 from shipyard_core.aggregate import Aggregate, Repository, retry_on_conflict
 from shipyard_core.auth import Principal
 from shipyard_core.errors import FailedPrecondition, InvalidArgument, PermissionDenied
 from shipyard_core.eventstore import EventStore, StoredEvent
-
 from shipyard_keys.app.queries import IdentityQueries
 from shipyard_keys.app.views import (
     BootstrapOutcome,

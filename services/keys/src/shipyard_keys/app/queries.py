@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import asyncpg
-from shipyard_core.auth import Principal
-from shipyard_core.errors import Unauthenticated
 
+from shipyard_core.auth import Principal
+from shipyard_core.errors import Unauthenticated, Unavailable
 from shipyard_keys.app.views import GroupView, UserView
 from shipyard_keys.domain import tokens
 from shipyard_keys.projections import IdentityProjection
@@ -18,6 +18,13 @@ MALFORMED_TOKEN = (
     f"and are at most {tokens.MAX_TOKEN_LENGTH} characters long"
 )
 """What a caller is told whose "token" cannot be one (a common copy-paste mistake)."""
+
+_CONNECTION_ERRORS = (
+    OSError,
+    asyncpg.InterfaceError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError,
+)
 
 _T = IdentityProjection.live_tables()
 
@@ -68,7 +75,14 @@ class IdentityQueries:
             raise Unauthenticated("empty token: pass the API token to check")
         if not tokens.looks_like_token(token):
             raise Unauthenticated(MALFORMED_TOKEN)
-        row = await self.pool.fetchrow(_PRINCIPAL_SQL, tokens.hash_token(token))
+        try:
+            row = await self.pool.fetchrow(_PRINCIPAL_SQL, tokens.hash_token(token))
+        except _CONNECTION_ERRORS as exc:
+            # Every service's interceptor asks this; UNAVAILABLE tells them to retry,
+            # where INTERNAL would read as "this token is broken".
+            raise Unavailable(
+                "the identity store (PostgreSQL) cannot be reached; retry in a moment"
+            ) from exc
         # The lookup found the row by hash already; compare_digest is the explicit,
         # constant-time statement that the stored hash is the one of this token.
         if row is None or row["revoked"] or not tokens.hashes_match(row["token_hash"], token):

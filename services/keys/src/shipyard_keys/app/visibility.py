@@ -11,12 +11,12 @@ import logging
 from collections.abc import Sequence
 
 import asyncpg
+
 from shipyard_core.aggregate import Aggregate
 from shipyard_core.db import Conn
 from shipyard_core.errors import Unavailable
 from shipyard_core.eventstore import EventStore, StoredEvent
 from shipyard_core.projections.consistency import wait_until_projected
-
 from shipyard_keys.projections import IdentityProjection
 
 log = logging.getLogger(__name__)

@@ -9,7 +9,6 @@ reports the existing admin.
 from __future__ import annotations
 
 from shipyard_core.aggregate import Aggregate, DomainEvent
-
 from shipyard_keys.domain.events import AdminBootstrapped
 
 BOOTSTRAP_ID = "admin"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from shipyard_core.aggregate import Aggregate, DomainEvent
 from shipyard_core.errors import AlreadyExists, NotFound
-
 from shipyard_keys.domain.events import GroupCreated, MemberAdded, MemberRemoved
 
 

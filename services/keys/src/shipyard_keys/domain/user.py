@@ -6,7 +6,6 @@ from dataclasses import dataclass, field
 
 from shipyard_core.aggregate import Aggregate, DomainEvent
 from shipyard_core.errors import AlreadyExists, NotFound
-
 from shipyard_keys.domain import tokens
 from shipyard_keys.domain.events import TokenIssued, TokenRevoked, UserCreated
 

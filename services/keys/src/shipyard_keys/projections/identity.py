@@ -12,7 +12,6 @@ from collections.abc import Iterable
 
 from shipyard_core.eventstore import StoredEvent
 from shipyard_core.projections import Projection, Statement
-
 from shipyard_keys.domain.events import (
     REGISTRY,
     GroupCreated,

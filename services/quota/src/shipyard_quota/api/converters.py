@@ -5,8 +5,8 @@ from __future__ import annotations
 from datetime import datetime
 
 from google.protobuf.timestamp_pb2 import Timestamp
-from shipyard.quota.v1 import quota_pb2
 
+from shipyard.quota.v1 import quota_pb2
 from shipyard_quota.app.service import GroupUsageView, InstanceTypeView
 from shipyard_quota.domain.aggregates import Reservation
 from shipyard_quota.domain.amount import Amount

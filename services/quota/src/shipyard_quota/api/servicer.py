@@ -8,7 +8,6 @@ from typing import Any
 
 from shipyard.quota.v1 import quota_pb2, quota_pb2_grpc
 from shipyard_core.auth import current_principal
-
 from shipyard_quota.api import converters as cv
 from shipyard_quota.app import QuotaApp
 

@@ -7,13 +7,13 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 import asyncpg
+
 from shipyard_core import validation
 from shipyard_core.aggregate import Repository, retry_on_conflict
 from shipyard_core.auth import Principal
 from shipyard_core.errors import InvalidArgument, NotFound
 from shipyard_core.eventstore import EventStore, StoredEvent
 from shipyard_core.projections.consistency import wait_until_projected
-
 from shipyard_quota.domain.aggregates import GroupQuota, InstanceType, Reservation
 from shipyard_quota.domain.amount import Amount
 from shipyard_quota.domain.events import QUOTA_EVENTS

@@ -11,7 +11,6 @@ from datetime import datetime
 
 from shipyard_core.aggregate import Aggregate, DomainEvent
 from shipyard_core.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
-
 from shipyard_quota.domain.amount import Amount
 from shipyard_quota.domain.events import (
     GroupQuotaSet,
@@ -134,10 +133,11 @@ class GroupQuota(Aggregate):
         growth = need - (existing.amount if existing else Amount())
         short = need.shortfalls(free, growing=growth)
         if short:
-            asked = " and ".join(n for n, _ in short)
-            available = " and ".join(f for _, f in short)
+            asked = ", ".join(n for n, _ in short)
+            available = ", ".join(f for _, f in short)
+            sep = "; " if len(short) > 1 else ", "
             raise ResourceExhausted(
-                f"group {self.id} needs {asked}, {available} free "
+                f"group {self.id} needs {asked}{sep}{available} free "
                 f"(quota: {self.limits.describe()}; used: {self.used.describe()})"
             )
         self.emit(

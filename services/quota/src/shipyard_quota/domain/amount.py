@@ -94,15 +94,20 @@ class Amount:
         if self.gpu > free.gpu and g.gpu > 0:
             out.append((f"{self.gpu} GPU", f"{max(free.gpu, 0)} GPU"))
         if self.instances > free.instances and g.instances > 0:
-            out.append((f"{self.instances} instances", f"{max(free.instances, 0)} instances"))
+            out.append((_count(self.instances, "instance"), _count(free.instances, "instance")))
         return out
 
     def describe(self) -> str:
         """``4 CPU, 8 GiB memory, 0 GPU, 4 instances``."""
         return (
             f"{_num(self.cpu)} CPU, {_num(self.memory_gib)} GiB memory, "
-            f"{self.gpu} GPU, {self.instances} instances"
+            f"{self.gpu} GPU, {_count(self.instances, 'instance')}"
         )
+
+
+def _count(n: int, noun: str) -> str:
+    n = max(n, 0)
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def _num(value: float) -> str:

@@ -1,0 +1,169 @@
+"""A new user's first session, end to end: `shipyard up` with the real services, the CLI
+binary as a person types it, groups confined to themselves, and data kept across
+`down` / `up`. Everything real: NATS, PostgreSQL, service processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from shipyard_core.embedded import free_port
+from shipyard_platform import down, up
+from shipyard_testing import wait_for_sync
+
+SHIPYARD = str(Path(sys.executable).with_name("shipyard"))
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A running platform on free ports, for the whole module."""
+    saved = dict(os.environ)
+    os.environ.update(
+        {
+            "SHIPYARD_NATS_PORT": str(free_port()),
+            "SHIPYARD_PG_PORT": str(free_port()),
+            "SHIPYARD_KEYS_PORT": str(free_port()),
+            "SHIPYARD_QUOTA_PORT": str(free_port()),
+            "SHIPYARD_UP_TIMEOUT": "90",
+        }
+    )
+    for name in ("SHIPYARD_NATS_URL", "SHIPYARD_DATABASE_URL", "SHIPYARD_TOKEN", "SHIPYARD_HOME"):
+        os.environ.pop(name, None)
+    # Not under pytest's tmp root, which is private to root (PostgreSQL runs as its own user).
+    path = Path(tempfile.mkdtemp(prefix="shipyard-journey-"))
+    try:
+        up(path)
+        yield path
+    finally:
+        down(path)
+        shutil.rmtree(path, ignore_errors=True)
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def sy(home: Path, *args: str, token: str | None = None, ok: bool = True) -> Any:
+    """Runs the CLI; returns parsed --json output (or the failure's stderr line)."""
+    env = {k: v for k, v in os.environ.items() if k != "SHIPYARD_TOKEN"}
+    cmd = [SHIPYARD, "--home", str(home)]
+    if token is not None:
+        cmd += ["--token", token]
+    proc = subprocess.run(
+        [*cmd, *args, "--json"], capture_output=True, text=True, env=env, timeout=60
+    )
+    if ok:
+        assert proc.returncode == 0, f"{args}: {proc.stderr}"
+        return json.loads(proc.stdout) if proc.stdout.strip() else None
+    assert proc.returncode != 0, f"{args} should have failed: {proc.stdout}"
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert "Traceback" not in proc.stderr
+    return lines[0]
+
+
+def test_first_session(home: Path) -> None:
+    statuses = sy(home, "status")
+    assert statuses and all(s["healthy"] for s in statuses), statuses
+    assert sy(home, "users", "whoami")["admin"] is True
+
+    # An admin sets up the catalog, two teams, their members and quotas.
+    sy(home, "instance-types", "set", "cpu.small", "--cpu", "0.5", "--memory", "1")
+    for team in ("team-a", "team-b"):
+        sy(home, "groups", "create", team)
+    ana = sy(home, "users", "create", "ana", "--group", "team-a")["token"]
+    bob = sy(home, "users", "create", "bob", "--group", "team-b")["token"]
+    sy(home, "quota", "set", "team-a", "--cpu", "2", "--memory", "4", "--instances", "4")
+    sy(home, "quota", "set", "team-b", "--cpu", "1", "--memory", "1", "--instances", "1")
+
+    # Ana sees her group, and nothing of team-b; she cannot change quotas.
+    mine = sy(home, "quota", "show", "team-a", token=ana)
+    assert mine["group"] == "team-a" and mine["limits"]["cpu"] == 2
+    assert "team-b" in sy(home, "quota", "show", "team-b", token=ana, ok=False)
+    assert [g["group"] for g in sy(home, "quota", "show", token=ana)] == ["team-a"]
+    assert "admin" in sy(
+        home,
+        "quota",
+        "set",
+        "team-a",
+        "--cpu",
+        "9",
+        "--memory",
+        "9",
+        "--instances",
+        "9",
+        token=ana,
+        ok=False,
+    )
+    assert [g["group"] for g in sy(home, "quota", "show", token=bob)] == ["team-b"]
+
+    # Without a valid token nothing answers.
+    assert "unknown or revoked token" in sy(home, "quota", "show", token="sy_bogus", ok=False)
+    bad_input = sy(
+        home, "quota", "set", "Team A", "--cpu", "1", "--memory", "1", "--instances", "1", ok=False
+    )
+    assert "group" in bad_input and "not a valid name" in bad_input
+
+    # Reservations through the Python client, as ana.
+    from shipyard.client import Client, QuotaExceeded
+
+    with Client(token=ana, home=home) as client:
+        client.quota.reserve(
+            "team-a",
+            reservation_id="iris:1",
+            deployment="iris",
+            instance_type="cpu.small",
+            instances=4,
+        )
+        with pytest.raises(
+            QuotaExceeded,
+            match=r"needs 0\.5 CPU, 1 GiB memory, 1 instance; "
+            r"0 CPU, 0 GiB memory, 0 instances free",
+        ):
+            client.quota.reserve(
+                "team-a",
+                reservation_id="big:1",
+                deployment="big",
+                instance_type="cpu.small",
+                instances=1,
+            )
+
+    # The audit trail and the projections' health.
+    events = sy(home, "events", "list", "--service", "quota")
+    types = [e["event_type"] for e in events["events"]]
+    assert types.count("GroupQuotaSet") == 2 and "ResourcesReserved" in types
+    reserved = next(e for e in events["events"] if e["event_type"] == "ResourcesReserved")
+    assert reserved["metadata"]["actor"] == "ana"
+    check = sy(home, "events", "replay", "usage", "--service", "quota", "--check")
+    assert check["equal"] is True
+
+    # Revoking ana's token locks her out (other services cache answers for 1 s).
+    token_id = sy(home, "users", "whoami", token=ana)["token_id"]
+    sy(home, "users", "revoke-token", "ana", token_id)
+    wait_for_sync(
+        lambda: (
+            subprocess.run(
+                [SHIPYARD, "--home", str(home), "--token", ana, "quota", "show", "team-a"],
+                capture_output=True,
+                timeout=60,
+            ).returncode
+            != 0
+        ),
+        timeout=15,
+        message="a revoked token still works",
+    )
+
+    # down, then up: every event and read model is still there.
+    down(home)
+    up(home)
+    again = sy(home, "quota", "show", "team-a")
+    assert again["used"]["cpu"] == 2 and again["limits"]["cpu"] == 2
+    assert len(sy(home, "events", "list", "--service", "quota")["events"]) == len(types)
+    assert "unknown or revoked token" in sy(home, "users", "whoami", token=ana, ok=False)
