@@ -600,3 +600,20 @@ async def test_health_watchers_see_not_serving_on_shutdown() -> None:
         second = await watch.read()
         assert second.status == health_pb2.HealthCheckResponse.NOT_SERVING
         await stopping
+
+
+def test_a_database_outage_is_unavailable_not_internal() -> None:
+    import asyncpg
+
+    from shipyard_core.grpckit.errors import OUTAGE_MESSAGE, status_for_exception
+
+    for exc in (
+        asyncpg.CannotConnectNowError("starting up"),
+        ConnectionRefusedError("refused"),
+        asyncpg.InterfaceError("connection is closed"),
+    ):
+        code, message = status_for_exception(exc, method="/x/Y")
+        assert code == grpc.StatusCode.UNAVAILABLE
+        assert message == OUTAGE_MESSAGE
+    code, _ = status_for_exception(ValueError("bug"), method="/x/Y")
+    assert code == grpc.StatusCode.INTERNAL

@@ -21,6 +21,7 @@ from shipyard_keys.app import IdentityCommands, IdentityQueries
 from shipyard_keys.main import build
 from shipyard_keys.projections import SCHEMA, IdentityProjection
 from shipyard_keys.settings import KeysSettings
+from shipyard_testing import wait_for
 
 ROOT = Principal(user="root", admin=True)
 """An admin caller for app-layer tests (the app trusts the Principal it is given)."""
@@ -71,6 +72,8 @@ async def identity(database_url: str, nats_url: str) -> AsyncIterator[Identity]:
     tasks += [asyncio.create_task(runner.run(stop)) for runner in svc.runners]
     queries = IdentityQueries(svc.pool)
     commands = IdentityCommands(svc.pool, svc.store, queries, projection_wait_seconds=10)
+    # Commands only wait for a projection that some runner applies; be sure it does.
+    await wait_for(lambda: all(r.leader for r in svc.runners), message="runner never led")
     try:
         yield Identity(settings, svc, commands, queries)
     finally:

@@ -19,7 +19,7 @@ from shipyard.keys.v1 import identity_pb2_grpc
 from shipyard_core import db
 from shipyard_core.embedded import free_port
 from shipyard_core.grpckit import MISSING_TOKEN_MESSAGE, bearer_metadata
-from shipyard_keys.app.visibility import projection_has_leader
+from shipyard_core.projections.consistency import projection_has_leader
 from shipyard_keys.main import bootstrap_admin, build
 from shipyard_keys.projections import IdentityProjection
 from shipyard_testing import wait_for

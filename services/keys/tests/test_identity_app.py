@@ -20,8 +20,8 @@ from shipyard_core.errors import (
 )
 from shipyard_core.eventstore import EventStore, ensure_schema
 from shipyard_core.projections import replay_projection
+from shipyard_core.projections.consistency import projection_has_leader
 from shipyard_keys.app import MALFORMED_TOKEN, UNKNOWN_TOKEN, IdentityCommands, IdentityQueries
-from shipyard_keys.app.visibility import projection_has_leader
 from shipyard_keys.domain import tokens
 from shipyard_keys.projections import SCHEMA, IdentityProjection
 from shipyard_testing import wait_for

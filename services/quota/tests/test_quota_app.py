@@ -185,3 +185,18 @@ async def test_concurrent_reservations_never_over_commit(
     for ok, amount in results:
         if not ok:
             assert amount.shortfalls(limits - granted), f"refused {amount} though it fits"
+
+
+async def test_the_tutorials_refusal_reads_as_documented(app: QuotaApp) -> None:
+    """docs/tutorial.md step 4 quotes this message."""
+    await app.set_group_quota(
+        ADMIN, "team-a", Amount.from_units(cpu=4, memory_gib=8, gpu=0, instances=8)
+    )
+    await app.reserve(ANA, "team-a", "iris:1", "iris", "cpu.small", 4)
+    with pytest.raises(ResourceExhausted) as refused:
+        await app.reserve(ANA, "team-a", "big:1", "big", "gpu.large", 1)
+    assert refused.value.message == (
+        "group team-a needs 4 CPU, 16 GiB memory, 1 GPU; 2 CPU, 4 GiB memory, 0 GPU free "
+        "(quota: 4 CPU, 8 GiB memory, 0 GPU, 8 instances; "
+        "used: 2 CPU, 4 GiB memory, 0 GPU, 4 instances)"
+    )

@@ -102,9 +102,12 @@ class Repository(Generic[A]):
         return aggregate
 
     async def save(
-        self, *aggregates: A, conn: Conn | None = None, **metadata: Any
+        self, *aggregates: Aggregate, conn: Conn | None = None, **metadata: Any
     ) -> list[StoredEvent]:
-        """Appends every aggregate's pending events atomically, checking each version."""
+        """Appends every aggregate's pending events atomically, checking each version.
+
+        Aggregates of other types may be saved in the same transaction (e.g. a user and
+        the groups they join)."""
         meta = current_metadata(**metadata)
         writes = []
         for agg in aggregates:

@@ -23,6 +23,7 @@ import uuid
 from collections.abc import Mapping
 from types import MappingProxyType
 
+import asyncpg
 import grpc
 
 from shipyard_core.errors import (
@@ -86,6 +87,18 @@ def status_for_error(error: ShipyardError) -> grpc.StatusCode | None:
     return None
 
 
+OUTAGE_ERRORS: tuple[type[BaseException], ...] = (
+    ConnectionError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.TooManyConnectionsError,
+)
+"""Exceptions that mean a dependency (the database, the broker) is unreachable."""
+
+OUTAGE_MESSAGE = "a dependency of this service is unavailable right now; retry shortly"
+
+
 def status_for_exception(exc: BaseException, *, method: str = "") -> tuple[grpc.StatusCode, str]:
     """The status and message the caller sees for ``exc`` raised while serving ``method``.
 
@@ -97,6 +110,11 @@ def status_for_exception(exc: BaseException, *, method: str = "") -> tuple[grpc.
         code = status_for_error(exc)
         if code is not None:
             return code, exc.message
+    if isinstance(exc, OUTAGE_ERRORS):
+        # Not the caller's fault and not a bug: a dependency is down. UNAVAILABLE tells
+        # clients to retry; the detail stays in the log.
+        log.warning("%s in %s: %s", type(exc).__name__, method or "a call", exc)
+        return grpc.StatusCode.UNAVAILABLE, OUTAGE_MESSAGE
     reference = uuid.uuid4().hex[:12]
     log.error(
         "unhandled %s in %s; reference %s",

@@ -7,7 +7,10 @@ import time
 
 import asyncpg
 
+from shipyard_core.db import Conn
 from shipyard_core.eventstore import StoredEvent, validate_identifier
+from shipyard_core.projections.base import Projection
+from shipyard_core.projections.runner import leader_lock_key
 
 
 async def wait_until_projected(
@@ -42,3 +45,23 @@ async def wait_until_projected(
             return False
         await asyncio.sleep(delay)  # polling with backoff; the usual wait is a few ms
         delay = min(delay * 2, 0.05)
+
+
+async def projection_has_leader(conn: Conn, projection: Projection | type[Projection]) -> bool:
+    """Whether some process is applying ``projection`` right now (its runner holds the
+    leader lock). Lets a command run outside the server (e.g. ``bootstrap-admin``) skip a
+    wait that nobody would end."""
+    # pg_try_advisory_lock(bigint) shows in pg_locks with the key split in two 32-bit
+    # halves (classid: high, objid: low) and objsubid 1.
+    held = await conn.fetchval(
+        """
+        SELECT EXISTS (
+            SELECT 1 FROM pg_locks l, (SELECT hashtext($1)::bigint AS k) key
+            WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+              AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+              AND l.classid = ((key.k >> 32) & 4294967295)::oid
+              AND l.objid = (key.k & 4294967295)::oid)
+        """,
+        leader_lock_key(projection),
+    )
+    return bool(held)

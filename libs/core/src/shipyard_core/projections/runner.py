@@ -114,7 +114,7 @@ class ProjectionRunner:
         conn = await db.connect(self.dsn)
         try:
             await self.projection.create_tables(conn)
-            key = f"shipyard.projection.leader.{self.schema}.{self.projection.name}"
+            key = leader_lock_key(self.projection)
             while not stop.is_set():
                 if await conn.fetchval("SELECT pg_try_advisory_lock(hashtext($1))", key):
                     break
@@ -330,6 +330,11 @@ class ProjectionRunner:
             dead_lettered=int(stats["dead_lettered"]) if stats else 0,
             applied=int(stats["applied"]) if stats else self.applied,
         )
+
+
+def leader_lock_key(projection: Projection | type[Projection]) -> str:
+    """The session advisory lock the applying runner of ``projection`` holds."""
+    return f"shipyard.projection.leader.{projection.schema}.{projection.name}"
 
 
 def _describe(exc: BaseException) -> str:

@@ -17,6 +17,7 @@ from shipyard_core.aggregate import Aggregate, Repository, retry_on_conflict
 from shipyard_core.auth import Principal
 from shipyard_core.errors import FailedPrecondition, InvalidArgument, PermissionDenied
 from shipyard_core.eventstore import EventStore, StoredEvent
+from shipyard_core.projections.consistency import projection_has_leader
 from shipyard_keys.app.queries import IdentityQueries
 from shipyard_keys.app.views import (
     BootstrapOutcome,
@@ -25,7 +26,7 @@ from shipyard_keys.app.views import (
     IssuedToken,
     UserView,
 )
-from shipyard_keys.app.visibility import ReadYourWrites, projection_has_leader
+from shipyard_keys.app.visibility import ReadYourWrites
 from shipyard_keys.domain import (
     BOOTSTRAP_ID,
     REGISTRY,

@@ -13,39 +13,12 @@ from collections.abc import Sequence
 import asyncpg
 
 from shipyard_core.aggregate import Aggregate
-from shipyard_core.db import Conn
 from shipyard_core.errors import Unavailable
 from shipyard_core.eventstore import EventStore, StoredEvent
 from shipyard_core.projections.consistency import wait_until_projected
 from shipyard_keys.projections import IdentityProjection
 
 log = logging.getLogger(__name__)
-
-# The session advisory lock a ProjectionRunner holds while it is the one applying
-# (shipyard_core.projections.runner). Kept in step with it by the tests; see
-# `projection_has_leader`.
-_LEADER_KEY = "shipyard.projection.leader.{schema}.{name}"
-
-
-async def projection_has_leader(conn: Conn, projection: type[IdentityProjection]) -> bool:
-    """Whether some process is applying ``projection`` right now (a runner holds its
-    leader lock). Lets a command run outside the server (``bootstrap-admin``) skip a
-    wait that nobody would end."""
-    key = _LEADER_KEY.format(schema=projection.schema, name=projection.name)
-    # pg_try_advisory_lock(bigint) shows in pg_locks with the key split in two 32-bit
-    # halves (classid: high, objid: low) and objsubid 1.
-    held = await conn.fetchval(
-        """
-        SELECT EXISTS (
-            SELECT 1 FROM pg_locks l, (SELECT hashtext($1)::bigint AS k) key
-            WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
-              AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
-              AND l.classid = ((key.k >> 32) & 4294967295)::oid
-              AND l.objid = (key.k & 4294967295)::oid)
-        """,
-        key,
-    )
-    return bool(held)
 
 
 class ReadYourWrites:
