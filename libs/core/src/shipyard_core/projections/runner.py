@@ -24,6 +24,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import FetchTimeoutError, NotFoundError
+from opentelemetry import trace
 
 from shipyard_core import db
 from shipyard_core.bus import DLQ_STREAM, EVENTS_STREAM
@@ -31,8 +32,10 @@ from shipyard_core.db import Conn
 from shipyard_core.eventstore import StoredEvent
 from shipyard_core.metadata import causation_id_var, correlation_id_var
 from shipyard_core.projections.base import Projection, Statement, execute_statements
+from shipyard_core.telemetry import extract_context, tracer
 
 log = logging.getLogger(__name__)
+_tracer = tracer(__name__)
 
 _INFRA_ERRORS = (OSError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError)
 
@@ -162,6 +165,22 @@ class ProjectionRunner:
             items.append(_Item(msg, event))
         if not items:
             return
+        # One consumer span per batch, linked to each event's producing trace (carried in
+        # the `traceparent` header), as OpenTelemetry's messaging conventions do for batches.
+        links = []
+        for item in items:
+            ctx = trace.get_current_span(extract_context(item.msg.headers)).get_span_context()
+            if ctx.is_valid:
+                links.append(trace.Link(ctx))
+        with _tracer.start_as_current_span(
+            f"project {self.projection.name}",
+            kind=trace.SpanKind.CONSUMER,
+            links=links,
+            attributes={"messaging.batch.message_count": len(items)},
+        ):
+            await self._process_items(conn, items)
+
+    async def _process_items(self, conn: Conn, items: list[_Item]) -> None:
         try:
             done, rest = await self._apply(conn, items)
         except _INFRA_ERRORS:
