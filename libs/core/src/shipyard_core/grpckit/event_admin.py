@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
-from google.protobuf.timestamp_pb2 import Timestamp
 from nats.js.errors import NotFoundError
 
 from shipyard.common.v1 import events_pb2, events_pb2_grpc
 from shipyard_core.auth import current_principal
 from shipyard_core.errors import InvalidArgument, NotFound
 from shipyard_core.eventstore import StoredEvent
+from shipyard_core.grpckit.convert import to_timestamp
 from shipyard_core.projections import replay_projection
 
 if TYPE_CHECKING:
@@ -22,8 +22,6 @@ MAX_LIST = 1000
 
 def event_to_proto(event: StoredEvent) -> events_pb2.Event:
     """The shared envelope as protobuf."""
-    ts = Timestamp()
-    ts.FromDatetime(event.recorded_at)
     return events_pb2.Event(
         event_id=str(event.event_id),
         stream_id=event.stream_id,
@@ -33,7 +31,7 @@ def event_to_proto(event: StoredEvent) -> events_pb2.Event:
         schema_version=event.schema_version,
         payload_json=json.dumps(event.payload, sort_keys=True),
         metadata_json=json.dumps(event.metadata, sort_keys=True),
-        recorded_at=ts,
+        recorded_at=to_timestamp(event.recorded_at),
         service=event.service,
         position=event.position,
     )

@@ -7,14 +7,12 @@ status codes.
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Any
-
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from shipyard.keys.v1 import identity_pb2 as pb
 from shipyard.keys.v1 import identity_pb2_grpc as pb_grpc
 from shipyard_core.auth import Principal, current_principal
+from shipyard_core.grpckit.convert import to_timestamp
 from shipyard_keys.app import GroupView, IdentityCommands, IdentityQueries, UserView
 
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["IdentityService"].full_name
@@ -105,7 +103,7 @@ def user_message(user: UserView) -> pb.User:
         name=user.name,
         admin=user.admin,
         groups=user.groups,
-        created_at=_timestamp(user.created_at),
+        created_at=to_timestamp(user.created_at),
         created_by=user.created_by,
     )
 
@@ -116,7 +114,7 @@ def group_message(group: GroupView) -> pb.Group:
         name=group.name,
         description=group.description,
         members=group.members,
-        created_at=_timestamp(group.created_at),
+        created_at=to_timestamp(group.created_at),
     )
 
 
@@ -128,11 +126,3 @@ def principal_message(principal: Principal) -> pb.Principal:
         groups=sorted(principal.groups),
         token_id=principal.token_id,
     )
-
-
-def _timestamp(value: datetime | None) -> Timestamp | None:
-    if value is None:
-        return None
-    stamp = Timestamp()
-    stamp.FromDatetime(value)
-    return stamp

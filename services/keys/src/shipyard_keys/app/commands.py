@@ -13,7 +13,7 @@ from collections.abc import Iterable
 import asyncpg
 
 from shipyard_core import validation
-from shipyard_core.aggregate import Aggregate, Repository, retry_on_conflict
+from shipyard_core.aggregate import Repository, retry_on_conflict
 from shipyard_core.auth import Principal
 from shipyard_core.errors import FailedPrecondition, InvalidArgument, PermissionDenied
 from shipyard_core.eventstore import EventStore, StoredEvent
@@ -66,9 +66,6 @@ class IdentityCommands:
         self._users = Repository(store, User, REGISTRY)
         self._groups = Repository(store, Group, REGISTRY)
         self._bootstraps = Repository(store, AdminBootstrap, REGISTRY)
-        # Saves aggregates of different types in one atomic append (a new user and the
-        # groups they join; the bootstrap marker and the admin).
-        self._unit: Repository[Aggregate] = Repository(store, Aggregate, REGISTRY)
 
     # -- users and tokens --------------------------------------------------------------
 
@@ -91,7 +88,7 @@ class IdentityCommands:
                 group = await self._groups.load(group_name)
                 group.add_member(name, added_by=caller.user)
                 joined.append(group)
-            return await self._unit.save(user, *joined, actor=caller.user), new
+            return await self._users.save(user, *joined, actor=caller.user), new
 
         stored, new = await retry_on_conflict(attempt)
         await self.visibility.settle(stored)
@@ -242,7 +239,7 @@ class IdentityCommands:
             marker.record(name)
             # One atomic append, the marker at expected version 0: of racing bootstraps
             # exactly one commits, the others retry and find the marker.
-            stored = await self._unit.save(marker, admin, actor=BOOTSTRAP_ACTOR)
+            stored = await self._users.save(marker, admin, actor=BOOTSTRAP_ACTOR)
             token = IssuedToken(token_id=new.token_id, token=new.token)
             return BootstrapOutcome(created=True, user=name, token=token), stored
 

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-from datetime import datetime
-
-from google.protobuf.timestamp_pb2 import Timestamp
-
 from shipyard.quota.v1 import quota_pb2
+from shipyard_core.grpckit.convert import to_timestamp
 from shipyard_quota.app.service import GroupUsageView, InstanceTypeView
 from shipyard_quota.domain.aggregates import Reservation
 from shipyard_quota.domain.amount import Amount
@@ -24,15 +21,6 @@ def amount(res: quota_pb2.Resources, field: str) -> Amount:
     return Amount.from_units(
         cpu=res.cpu, memory_gib=res.memory_gib, gpu=res.gpu, instances=res.instances, field=field
     )
-
-
-def timestamp(when: datetime | None) -> Timestamp | None:
-    """A protobuf timestamp, or None."""
-    if when is None:
-        return None
-    ts = Timestamp()
-    ts.FromDatetime(when)
-    return ts
 
 
 def instance_type(view: InstanceTypeView) -> quota_pb2.InstanceType:
@@ -55,7 +43,7 @@ def reservation(r: Reservation) -> quota_pb2.Reservation:
         instance_type=r.instance_type,
         instances=r.instances,
         resources=resources(r.amount),
-        reserved_at=timestamp(r.reserved_at),
+        reserved_at=to_timestamp(r.reserved_at),
     )
 
 
@@ -67,5 +55,5 @@ def group_usage(view: GroupUsageView) -> quota_pb2.GroupUsage:
         used=resources(view.used),
         free=resources(view.free),
         reservations=[reservation(r) for r in view.reservations],
-        updated_at=timestamp(view.updated_at),
+        updated_at=to_timestamp(view.updated_at),
     )
