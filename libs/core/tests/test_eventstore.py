@@ -172,3 +172,20 @@ async def test_event_ids_are_unique(store: EventStore) -> None:
     with pytest.raises((ConcurrencyError, asyncpg.UniqueViolationError)):
         await store.append([dup], expected_version=0)
     assert uuid.UUID(str(ev.event_id))
+
+
+def test_an_aggregate_may_not_reuse_the_version_attribute() -> None:
+    from shipyard_core.aggregate import Aggregate, DomainEvent
+
+    class Bumped(DomainEvent):
+        to: int
+
+    class Careless(Aggregate):
+        aggregate_type = "careless"
+
+        def apply(self, event: DomainEvent) -> None:
+            assert isinstance(event, Bumped)
+            self.version = event.to  # the bug this guards against
+
+    with pytest.raises(TypeError, match="changed `version`"):
+        Careless("x").emit(Bumped(to=7))

@@ -75,7 +75,14 @@ class Aggregate:
 
     def emit(self, event: DomainEvent) -> None:
         """Records a decided event: applies it now, saves it with the aggregate."""
+        version = self.version
         self.apply(event)
+        if self.version != version:
+            # `version` is the stream version the save checks; a domain field of the same
+            # name would silently break optimistic concurrency.
+            raise TypeError(
+                f"{type(self).__name__}.apply() changed `version`; name the domain field otherwise"
+            )
         self.pending.append(event)
 
 

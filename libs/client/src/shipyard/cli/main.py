@@ -10,6 +10,7 @@ import click
 from shipyard.cli import (
     events_cmds,
     groups_cmds,
+    images_cmds,
     instance_types_cmds,
     quota_cmds,
     users_cmds,
@@ -46,6 +47,7 @@ cli.add_command(instance_types_cmds.instance_types)
 cli.add_command(users_cmds.users)
 cli.add_command(groups_cmds.groups)
 cli.add_command(events_cmds.events)
+cli.add_command(images_cmds.image)
 
 
 def _register_platform_commands(group: click.Group) -> None:

@@ -6,6 +6,8 @@
 >>> client.quota.usage("team-a").free
 >>> client.identity.create_user("ana", groups=["team-a"]).token
 >>> client.events("quota").lag()
+>>> build = client.images.build("./examples/iris", name="iris")
+>>> client.images.wait(build.build_id, on_log=print).image
 
 Every failure is a :class:`ShipyardClientError` subclass that mirrors the gRPC status
 code (:class:`NotFound`, :class:`QuotaExceeded`, :class:`Unavailable`, ...); results are
@@ -53,12 +55,25 @@ from shipyard.client.identity import (
     Principal,
     User,
 )
+from shipyard.client.images import (
+    Build,
+    BuildFailed,
+    Image,
+    ImagesClient,
+    ImageUsage,
+    LogLine,
+    ModelFolderError,
+    Package,
+    Readme,
+)
 from shipyard.client.quota import GroupUsage, InstanceType, QuotaClient, Reservation, Resources
 
 __all__ = [
     "DEFAULT_TIMEOUT",
     "EVENT_SOURCED_SERVICES",
     "AlreadyExists",
+    "Build",
+    "BuildFailed",
     "Client",
     "ConfigError",
     "Conflict",
@@ -72,15 +87,22 @@ __all__ = [
     "Group",
     "GroupUsage",
     "IdentityClient",
+    "Image",
+    "ImageUsage",
+    "ImagesClient",
     "InstanceType",
     "InvalidArgument",
     "IssuedToken",
     "LiveEvent",
+    "LogLine",
+    "ModelFolderError",
     "NotFound",
+    "Package",
     "PermissionDenied",
     "Principal",
     "QuotaClient",
     "QuotaExceeded",
+    "Readme",
     "ReplayResult",
     "Reservation",
     "Resources",
@@ -105,6 +127,7 @@ class Client:
 
     quota: QuotaClient
     identity: IdentityClient
+    images: ImagesClient
 
     def __init__(
         self,
@@ -120,6 +143,7 @@ class Client:
         self._transport = Transport(config, token=token or config.token, timeout=timeout)
         self.quota = QuotaClient(self._transport)
         self.identity = IdentityClient(self._transport)
+        self.images = ImagesClient(self._transport)
 
     def events(self, service: str) -> EventsClient:
         """Event administration (list, lag, replay) of one event-sourced service."""

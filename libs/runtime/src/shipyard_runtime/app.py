@@ -1,0 +1,263 @@
+"""Routes and handlers: HTTP-free, so the protocol logic is testable without sockets.
+
+The HTTP layer resolves a path to a :class:`Route` as soon as it has the request head (it
+needs the route's error shape to refuse an oversized body before reading it), then calls
+the handler for the method with the headers and the body. Handlers return
+``(status, JSON bytes)`` and never raise.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import unquote
+
+from shipyard_runtime import __version__, codec
+from shipyard_runtime.codec import NotSerializableError, RequestError
+from shipyard_runtime.model import LoadedModel, Manifest, describe_exception
+
+log = logging.getLogger("shipyard_runtime")
+
+Handler = Callable[[dict[str, str], bytes], tuple[int, bytes]]
+ErrorBody = Callable[[int, str], bytes]
+
+# predict() raising one of these is taken as the caller's bad input: 400, not 500.
+CALLER_ERRORS = (ValueError, TypeError, KeyError, IndexError)
+
+
+def simple_error(status: int, message: str) -> bytes:
+    """The ``{"error": "..."}`` shape of OIP, KServe v1, raw JSON and unknown paths."""
+    return codec.dumps({"error": message})
+
+
+def seldon_error(status: int, message: str) -> bytes:
+    """Seldon's error shape."""
+    return codec.dumps({"status": {"code": status, "info": message, "status": "FAILURE"}})
+
+
+@dataclass(frozen=True)
+class Route:
+    """What a path accepts: handlers by method, and how its errors look."""
+
+    methods: dict[str, Handler]
+    error: ErrorBody
+    allow: str = ""
+
+
+class _PredictFailed(Exception):
+    """predict() failed for a reason that is not the caller's: 500 (already logged)."""
+
+
+def _static(body: bytes) -> Handler:
+    def handler(headers: dict[str, str], request_body: bytes) -> tuple[int, bytes]:
+        return 200, body
+
+    return handler
+
+
+class App:
+    """The model server's HTTP surface for one loaded model."""
+
+    def __init__(
+        self,
+        model: LoadedModel,
+        name: str,
+        manifest: Manifest | None = None,
+        workers: int = 1,
+    ) -> None:
+        self.model = model
+        self.name = name
+        manifest = manifest or Manifest()
+        self.version = manifest.version
+        self._predict = model.predict
+        self._wants_context = model.wants_context
+
+        inputs = manifest.inputs
+        if inputs is None and manifest.has_example:
+            try:
+                inputs = codec.tensor_metadata(manifest.example_input, codec.DEFAULT_INPUT)
+            except NotSerializableError:
+                inputs = None
+        metadata = {
+            "name": name,
+            "versions": [self.version] if self.version else [],
+            "platform": "shipyard",
+            "inputs": inputs or [],
+            "outputs": manifest.outputs or [],
+            "parameters": {
+                "script": model.script.path.name,
+                "has_predict_batch": model.has_predict_batch,
+                "accepts_context": model.wants_context,
+                "workers": workers,
+            },
+        }
+        server_metadata = {"name": "shipyard-runtime", "version": __version__, "extensions": []}
+        ready = codec.dumps({"name": name, "ready": True})
+
+        def oip_get(body: bytes) -> dict[str, Handler]:
+            return {"GET": _static(body)}
+
+        infer = {"POST": self._guard(self._infer_v2, simple_error)}
+        model_routes = {
+            "": Route(oip_get(codec.dumps(metadata)), simple_error, "GET"),
+            "/ready": Route(oip_get(ready), simple_error, "GET"),
+            "/infer": Route(infer, simple_error, "POST"),
+        }
+        routes: dict[str, Route] = {
+            "/v2": Route(oip_get(codec.dumps(server_metadata)), simple_error, "GET"),
+            "/v2/health/live": Route(oip_get(codec.dumps({"live": True})), simple_error, "GET"),
+            "/v2/health/ready": Route(oip_get(codec.dumps({"ready": True})), simple_error, "GET"),
+            f"/v1/models/{name}": Route(oip_get(ready), simple_error, "GET"),
+            f"/v1/models/{name}:predict": Route(
+                {"POST": self._guard(self._predict_v1, simple_error)}, simple_error, "POST"
+            ),
+            "/api/v1.0/predictions": Route(
+                {"POST": self._guard(self._predict_seldon, seldon_error)}, seldon_error, "POST"
+            ),
+            "/predict": Route(
+                {"POST": self._guard(self._predict_raw, simple_error)}, simple_error, "POST"
+            ),
+        }
+        for suffix, route in model_routes.items():
+            routes[f"/v2/models/{name}{suffix}"] = route
+            if self.version:
+                routes[f"/v2/models/{name}/versions/{self.version}{suffix}"] = route
+        # Exact paths in one dict: routing a request is a single lookup.
+        self._routes = routes
+
+        self._no_route = Route({}, simple_error)
+        self._unknown_path_message = (
+            "no such endpoint; this server answers /v2/health/live, /v2/health/ready, "
+            f"/v2/models/{name}[/ready|/infer], /v1/models/{name}:predict, "
+            "/api/v1.0/predictions and /predict"
+        )
+
+    # -- routing --------------------------------------------------------------------
+
+    def resolve(self, target: str) -> Route:
+        """The route for a request target (query string ignored, %-escapes decoded)."""
+        path = target.partition("?")[0]
+        route = self._routes.get(path)
+        if route is not None:
+            return route
+        if "%" in path:
+            path = unquote(path)
+            route = self._routes.get(path)
+            if route is not None:
+                return route
+        if len(path) > 1 and path.endswith("/"):
+            route = self._routes.get(path.rstrip("/"))
+            if route is not None:
+                return route
+        if path.startswith(("/v2/models/", "/v1/models/")):
+            requested = path[len("/v2/models/") :].split("/")[0].removesuffix(":predict")
+            return self._model_not_found(requested)
+        return self._no_route
+
+    def _model_not_found(self, requested: str) -> Route:
+        # An error path: building the route per request costs nothing that matters.
+        body = simple_error(
+            404, f"model {requested!r} not found: this server serves model {self.name!r}"
+        )
+
+        def handler(headers: dict[str, str], request_body: bytes) -> tuple[int, bytes]:
+            return 404, body
+
+        methods: dict[str, Handler] = dict.fromkeys(
+            ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"), handler
+        )
+        return Route(methods, simple_error, ", ".join(methods))
+
+    def unknown_path(self, method: str, path: str) -> bytes:
+        """The 404 body for a path no route matches."""
+        return simple_error(404, f"{method} {path}: {self._unknown_path_message}")
+
+    # -- handlers -------------------------------------------------------------------
+
+    def _guard(self, inner: Callable[[dict[str, str], bytes], bytes], error: ErrorBody) -> Handler:
+        def handler(headers: dict[str, str], body: bytes) -> tuple[int, bytes]:
+            try:
+                return 200, inner(headers, body)
+            except RequestError as exc:
+                return exc.status, error(exc.status, exc.message)
+            except _PredictFailed as exc:
+                return 500, error(500, str(exc))
+            except NotSerializableError as exc:
+                request_id = _request_id(headers)
+                log.error(
+                    "request %s: predict() returned a value that is not JSON-serialisable: %s",
+                    request_id,
+                    exc,
+                )
+                return 500, error(
+                    500,
+                    f"predict() returned a value that is not JSON-serialisable ({exc}); "
+                    f"return lists, dicts, numbers, strings or booleans (request id "
+                    f"{request_id})",
+                )
+            except Exception:
+                request_id = _request_id(headers)
+                log.exception("request %s: internal error", request_id)
+                return 500, error(500, f"internal error (request id {request_id})")
+
+        return handler
+
+    def _run(
+        self,
+        payload: Any,
+        headers: dict[str, str],
+        protocol: str,
+        request_id: str | None = None,
+        parameters: dict[str, Any] | None = None,
+    ) -> Any:
+        context: dict[str, Any] | None = None
+        if self._wants_context:
+            context = {
+                "headers": headers,
+                "request_id": request_id or _request_id(headers),
+                "protocol": protocol,
+                "model_name": self.name,
+                "parameters": parameters or {},
+            }
+        try:
+            return self._predict(payload, context)
+        except CALLER_ERRORS as exc:
+            raise RequestError(f"predict() raised {describe_exception(exc)}") from exc
+        except Exception as exc:
+            request_id = request_id or _request_id(headers)
+            log.exception("request %s: predict() raised %s", request_id, type(exc).__name__)
+            raise _PredictFailed(
+                f"predict() failed; the model server log has the details (request id {request_id})"
+            ) from exc
+
+    def _infer_v2(self, headers: dict[str, str], body: bytes) -> bytes:
+        request = codec.oip_request(codec.loads(body))
+        request_id = request.id or _request_id(headers)
+        result = self._run(request.payload, headers, "v2", request_id, request.parameters)
+        response: dict[str, Any] = {
+            "model_name": self.name,
+            "id": request_id,
+            "outputs": codec.oip_outputs(result, request.outputs),
+        }
+        if self.version:
+            response["model_version"] = self.version
+        return codec.dumps(response)
+
+    def _predict_v1(self, headers: dict[str, str], body: bytes) -> bytes:
+        payload = codec.kserve_payload(codec.loads(body))
+        return codec.dumps({"predictions": self._run(payload, headers, "v1")})
+
+    def _predict_seldon(self, headers: dict[str, str], body: bytes) -> bytes:
+        payload = codec.seldon_payload(codec.loads(body))
+        return codec.dumps(codec.seldon_response(self._run(payload, headers, "seldon")))
+
+    def _predict_raw(self, headers: dict[str, str], body: bytes) -> bytes:
+        return codec.dumps(self._run(codec.loads(body), headers, "raw"))
+
+
+def _request_id(headers: dict[str, str]) -> str:
+    # The gateway sends X-Request-Id; direct callers get a fresh one.
+    return headers.get("x-request-id") or os.urandom(8).hex()

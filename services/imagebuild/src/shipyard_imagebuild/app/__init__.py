@@ -1,0 +1,1 @@
+"""Imagebuild's use cases: commands, queries, the builder, build logs."""

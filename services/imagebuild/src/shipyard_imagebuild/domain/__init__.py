@@ -1,0 +1,6 @@
+"""Imagebuild's domain: builds and the image catalog."""
+
+from shipyard_imagebuild.domain.aggregates import Build, BuildState, ImageRepo, ImageVersion
+from shipyard_imagebuild.domain.events import IMAGEBUILD_EVENTS
+
+__all__ = ["IMAGEBUILD_EVENTS", "Build", "BuildState", "ImageRepo", "ImageVersion"]
