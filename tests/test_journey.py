@@ -33,6 +33,7 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
             "SHIPYARD_PG_PORT": str(free_port()),
             "SHIPYARD_KEYS_PORT": str(free_port()),
             "SHIPYARD_QUOTA_PORT": str(free_port()),
+            "SHIPYARD_IMAGEBUILD_PORT": str(free_port()),
             "SHIPYARD_UP_TIMEOUT": "90",
         }
     )
@@ -48,6 +49,10 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
         os.environ.clear()
         os.environ.update(saved)
+
+
+def admin_token(home: Path) -> str:
+    return str(json.loads((home / "config.json").read_text())["token"])
 
 
 def sy(home: Path, *args: str, token: str | None = None, ok: bool = True) -> Any:
@@ -159,6 +164,24 @@ def test_first_session(home: Path) -> None:
         timeout=15,
         message="a revoked token still works",
     )
+
+    # Bob builds an image from the iris example; a second build is answered from the cache.
+    iris = str(Path(__file__).resolve().parent.parent / "examples" / "iris")
+    built = sy(home, "image", "build", iris, "--name", "iris", token=bob)
+    assert built["build"]["state"] == "succeeded" and built["image"]["version"] == 1
+    assert "scikit-learn" in {p["name"] for p in built["image"]["packages"]}
+    again = sy(home, "image", "build", iris, "--name", "iris", token=bob)
+    assert again["build"]["cache_hit"] is True and again["build"]["version"] == 1
+    assert [i["name"] for i in sy(home, "image", "list", token=bob)] == ["iris"]
+    assert sy(home, "image", "list", token=admin_token(home)) != []
+    # nobody else in another group sees it
+    carol = sy(home, "users", "create", "carol", "--group", "team-a")["token"]
+    assert sy(home, "image", "list", token=carol) == []
+    not_a_model = Path(tempfile.mkdtemp(prefix="shipyard-not-a-model-"))
+    (not_a_model / "notes.txt").write_text("no serving script here")
+    broken = sy(home, "image", "build", str(not_a_model), "--name", "nothing", token=bob, ok=False)
+    shutil.rmtree(not_a_model)
+    assert "serve.py" in broken
 
     # down, then up: every event and read model is still there.
     down(home)

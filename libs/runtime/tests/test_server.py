@@ -363,6 +363,10 @@ def test_head_and_query_strings(iris: RuntimeServer) -> None:
         assert response.status == 200
         assert response.read() == b""
         assert int(response.getheader("content-length") or 0) == len(b'{"ready":true}')
+        # A 404 to HEAD has no body either, and the connection stays usable.
+        conn.request("HEAD", "/v2/models/wine")
+        response = conn.getresponse()
+        assert (response.status, response.read()) == (404, b"")
         assert send(conn, "GET", "/v2/models/iris/ready?verbose=1")[0] == 200
     finally:
         conn.close()

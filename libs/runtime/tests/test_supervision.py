@@ -7,6 +7,7 @@ import http.client
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -83,6 +84,32 @@ def test_sigterm_lets_the_request_in_progress_finish(
     status, _, body = result["response"]
     assert (status, body) == (200, "done")
     assert "stopping: draining 2 worker(s)" in server.logs()
+
+
+def test_a_request_arriving_during_the_drain_is_answered_not_ready(
+    server_factory: Any, toolbox_dir: Path
+) -> None:
+    server: RuntimeServer = server_factory(toolbox_dir, "--workers", "1")
+    (worker,) = server.workers()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        # The head now, the body after the drain began: the request is in progress.
+        sock.sendall(b"GET /v2/health/ready HTTP/1.1\r\nContent-Length: 2\r\n\r\n")
+        # The worker accepts and reads in order: once a later connection is answered, the
+        # first one's head has been read.
+        assert server.request("GET", "/v2/health/live")[0] == 200
+        server.proc.send_signal(signal.SIGTERM)
+        wait_for_sync(
+            lambda: f"worker {worker} draining" in server.logs(),
+            message="the drain to begin",
+        )
+        sock.sendall(b"{}")
+        data = b""
+        while chunk := sock.recv(65536):  # the server closes after answering
+            data += chunk
+    assert data.startswith(b"HTTP/1.1 503 Service Unavailable\r\n")
+    assert b"Connection: close\r\n" in data
+    assert data.endswith(b'{"ready":false}')
+    assert server.proc.wait(timeout=30) == 0
 
 
 def test_workers_exit_when_the_supervisor_is_killed(server_factory: Any, toolbox_dir: Path) -> None:

@@ -69,6 +69,7 @@ SERVICES: tuple[tuple[str, str, bool], ...] = (
     # (name, module run with python -m, provides bootstrap-admin)
     ("keys", "shipyard_keys", True),
     ("quota", "shipyard_quota", False),
+    ("imagebuild", "shipyard_imagebuild", False),
 )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import re
@@ -120,6 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
 def _serve(args: argparse.Namespace) -> int:
     from shipyard_runtime.model import ModelFolderError, find_script, read_manifest
     from shipyard_runtime.server import ServeConfig, serve
+
+    # stdout is usually a pipe to a log collector: the model's print() lines should reach
+    # it as they happen, not when a block buffer fills.
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        sys.stdout.reconfigure(line_buffering=True)
 
     model_dir: Path = args.model_dir.resolve()
     try:

@@ -96,21 +96,35 @@ class App:
         }
         server_metadata = {"name": "shipyard-runtime", "version": __version__, "extensions": []}
         ready = codec.dumps({"name": name, "ready": True})
+        # Set while the worker drains: load balancers stop sending before it exits.
+        self.draining = False
 
-        def oip_get(body: bytes) -> dict[str, Handler]:
+        def readiness(ready_body: bytes, not_ready_body: bytes) -> dict[str, Handler]:
+            def handler(headers: dict[str, str], request_body: bytes) -> tuple[int, bytes]:
+                return (503, not_ready_body) if self.draining else (200, ready_body)
+
+            return {"GET": handler}
+
+        model_ready = readiness(ready, codec.dumps({"name": name, "ready": False}))
+
+        def static_get(body: bytes) -> dict[str, Handler]:
             return {"GET": _static(body)}
 
         infer = {"POST": self._guard(self._infer_v2, simple_error)}
         model_routes = {
-            "": Route(oip_get(codec.dumps(metadata)), simple_error, "GET"),
-            "/ready": Route(oip_get(ready), simple_error, "GET"),
+            "": Route(static_get(codec.dumps(metadata)), simple_error, "GET"),
+            "/ready": Route(model_ready, simple_error, "GET"),
             "/infer": Route(infer, simple_error, "POST"),
         }
         routes: dict[str, Route] = {
-            "/v2": Route(oip_get(codec.dumps(server_metadata)), simple_error, "GET"),
-            "/v2/health/live": Route(oip_get(codec.dumps({"live": True})), simple_error, "GET"),
-            "/v2/health/ready": Route(oip_get(codec.dumps({"ready": True})), simple_error, "GET"),
-            f"/v1/models/{name}": Route(oip_get(ready), simple_error, "GET"),
+            "/v2": Route(static_get(codec.dumps(server_metadata)), simple_error, "GET"),
+            "/v2/health/live": Route(static_get(codec.dumps({"live": True})), simple_error, "GET"),
+            "/v2/health/ready": Route(
+                readiness(codec.dumps({"ready": True}), codec.dumps({"ready": False})),
+                simple_error,
+                "GET",
+            ),
+            f"/v1/models/{name}": Route(model_ready, simple_error, "GET"),
             f"/v1/models/{name}:predict": Route(
                 {"POST": self._guard(self._predict_v1, simple_error)}, simple_error, "POST"
             ),

@@ -28,7 +28,10 @@ log = logging.getLogger("shipyard_runtime")
 access_log = logging.getLogger("shipyard_runtime.access")
 
 MAX_HEAD = 64 * 1024
-_LINGER_SECONDS = 2.0  # how long a refused upload may keep sending before we hang up
+# After a 413 the rest of the upload is read and dropped (closing at once would reset the
+# connection before the client reads the answer) until it pauses this long, or at most:
+_LINGER_SECONDS = 2.0
+_LINGER_MAX_SECONDS = 30.0
 
 _REASONS = {
     200: "OK",
@@ -36,6 +39,7 @@ _REASONS = {
     404: "Not Found",
     405: "Method Not Allowed",
     413: "Content Too Large",
+    503: "Service Unavailable",
     431: "Request Header Fields Too Large",
     500: "Internal Server Error",
     501: "Not Implemented",
@@ -105,7 +109,17 @@ class _Head:
 class HttpConnection(asyncio.Protocol):
     """One client connection."""
 
-    __slots__ = ("app", "buf", "closed", "discarding", "head", "last_active", "server", "tr")
+    __slots__ = (
+        "app",
+        "buf",
+        "closed",
+        "discard_since",
+        "discarding",
+        "head",
+        "last_active",
+        "server",
+        "tr",
+    )
 
     def __init__(self, server: WorkerServer) -> None:
         self.server = server
@@ -115,6 +129,7 @@ class HttpConnection(asyncio.Protocol):
         self.head: _Head | None = None
         self.closed = False
         self.discarding = False
+        self.discard_since = 0.0
         self.last_active = server.clock
 
     # -- asyncio callbacks ----------------------------------------------------------
@@ -326,10 +341,9 @@ class HttpConnection(asyncio.Protocol):
         method = head.method
         route = head.route
         handler = route.methods.get(method)
-        send_body = True
-        if handler is None and method == "HEAD":
+        send_body = method != "HEAD"
+        if handler is None and not send_body:
             handler = route.methods.get("GET")
-            send_body = False
         if handler is not None:
             status, payload = handler(head.headers, body)
             extra = b""
@@ -352,6 +366,9 @@ class HttpConnection(asyncio.Protocol):
             )
         if not keep_alive:
             self._close()
+        else:
+            # After a long predict() the idle clock starts now, not at the request.
+            self.last_active = time.monotonic()
 
     def _write(
         self,
@@ -407,6 +424,7 @@ class HttpConnection(asyncio.Protocol):
         self.head = None
         self.buf.clear()
         self.discarding = True
+        self.discard_since = time.monotonic()
         if self.tr is not None and self.tr.can_write_eof():
             self.tr.write_eof()
 
@@ -549,8 +567,11 @@ class WorkerServer:
         now = self.clock
         for conn in list(self.connections):
             quiet = now - conn.last_active
-            limit = _LINGER_SECONDS if conn.discarding else self.keepalive_timeout
-            if quiet > limit:
+            if conn.discarding:
+                # A refused upload gets a moment to stop, not forever.
+                if quiet > _LINGER_SECONDS or now - conn.discard_since > _LINGER_MAX_SECONDS:
+                    conn._close()
+            elif quiet > self.keepalive_timeout:
                 conn._close()
         if self._loop is not None:
             self._tick_handle = self._loop.call_later(1.0, self._tick)
@@ -567,6 +588,7 @@ class WorkerServer:
         (their responses say ``Connection: close``) for up to ``timeout`` seconds."""
         loop = asyncio.get_running_loop()
         self.draining = True
+        self.app.draining = True  # readiness probes now answer 503
         if self._accepting:
             self._accepting = False
             self.publish()

@@ -138,6 +138,7 @@ async def _serve(
 
     loop.add_reader(parent_fd, parent_gone)
     await stop.wait()
+    log.info("worker %d draining (%d connection(s) open)", os.getpid(), len(server.connections))
     await server.drain(max(config.graceful_timeout - 1.0, 0.5))
 
 
@@ -248,7 +249,12 @@ class Supervisor:
     def _spawn(self, slot: int) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError as exc:  # out of processes or memory: try again shortly
+            log.error("cannot start a worker: %s; retrying in 1s", exc)
+            self._respawn_at.append((time.monotonic() + 1.0, slot))
+            return
         if pid == 0:  # the worker
             code = 1
             try:
