@@ -91,13 +91,13 @@ def _md(token: str) -> tuple[tuple[str, str], ...]:
 
 
 async def _finished(
-    stub: imagebuild_pb2_grpc.ImageBuildServiceStub, build_id: str, timeout: float = 240
+    stub: imagebuild_pb2_grpc.ImageBuildServiceStub, build_id: str, deadline: float = 240
 ) -> pb.Build:
     async def done() -> pb.Build | None:
         b = await stub.GetBuild(pb.GetBuildRequest(build_id=build_id), metadata=_md("ana"))
         return b if b.state in (pb.BUILD_STATE_SUCCEEDED, pb.BUILD_STATE_FAILED) else None
 
-    return await wait_for(done, timeout=timeout, interval=0.2, message="build did not finish")
+    return await wait_for(done, timeout=deadline, interval=0.2, message="build did not finish")
 
 
 ECHO = {
