@@ -6,7 +6,7 @@ import argparse
 import asyncio
 import importlib
 
-BENCHES = ["eventstore"]
+BENCHES = ["eventstore", "imagebuild"]
 
 
 def main() -> None:

@@ -19,9 +19,6 @@ import asyncio
 import json
 import os
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -30,41 +27,13 @@ import grpc
 import psutil
 
 from bench._machine import describe
+from bench._stack import running
 from shipyard.common.v1 import events_pb2, events_pb2_grpc
 from shipyard.quota.v1 import quota_pb2, quota_pb2_grpc
 from shipyard_core import db
-from shipyard_core.embedded import start_nats, start_postgres
-from shipyard_core.embedded._process import free_port
 
 CLIENTS = 16
 RESULTS = Path(__file__).parent / "results" / "eventstore.json"
-
-
-def _service(module: str, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", module],
-        env=env,
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
-    )
-
-
-async def _wait_healthy(address: str, deadline: float = 60) -> None:
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    end = time.monotonic() + deadline
-    async with grpc.aio.insecure_channel(address) as ch:
-        stub = health_pb2_grpc.HealthStub(ch)
-        while True:
-            try:
-                r = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
-                if r.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.aio.AioRpcError:
-                pass
-            if time.monotonic() > end:
-                raise RuntimeError(f"{address} did not become healthy")
-            await asyncio.sleep(0.1)
 
 
 def _pct(values: list[float], p: float) -> float:
@@ -174,82 +143,36 @@ async def _replay(address: str, md: Any) -> dict[str, float]:
 
 async def run(quick: bool = False) -> dict[str, Any]:
     """Runs the three measurements and writes bench/results/eventstore.json."""
-    with tempfile.TemporaryDirectory(prefix="shipyard-bench-") as tmp:
-        home = Path(tmp)
-        pg = start_postgres(home / "postgres", fsync=True)
-        nats = start_nats(home / "nats")
-        procs: list[subprocess.Popen[bytes]] = []
-        try:
-            keys_port, quota_port = free_port(), free_port()
-            env = {
-                **os.environ,
-                "SHIPYARD_DATABASE_URL": pg.url,
-                "SHIPYARD_NATS_URL": nats.url,
-                "SHIPYARD_KEYS_ADDR": f"127.0.0.1:{keys_port}",
-                "SHIPYARD_LOG_LEVEL": "WARNING",
+    quota_env = {
+        # commands/s measures the command path, not read-your-writes
+        "SHIPYARD_PROJECTION_WAIT_SECONDS": "0",
+    }
+    async with running({"shipyard_quota": quota_env}) as stack:
+        md = stack.metadata
+        quota_addr = stack.addresses["shipyard_quota"]
+        results: dict[str, Any] = {"machine": describe(), "clients": CLIENTS}
+        async with grpc.aio.insecure_channel(quota_addr) as ch:
+            stub = quota_pb2_grpc.QuotaServiceStub(ch)
+            await _throughput(stub, md, 2)  # warm-up
+            pids = {
+                "bench client": os.getpid(),
+                "keys": stack.procs["shipyard_keys"].pid,
+                "quota (gRPC + handler + relay + projection)": stack.procs["shipyard_quota"].pid,
+                "postgres": stack.pg.pid or 0,
+                "nats": stack.nats.pid or 0,
             }
-            boot = subprocess.run(
-                [sys.executable, "-m", "shipyard_keys", "bootstrap-admin", "--name", "admin"],
-                env=env,
-                capture_output=True,
-                text=True,
-                check=False,
-            )
-            if boot.returncode != 0:
-                raise RuntimeError(f"bootstrap-admin failed: {boot.stderr[-2000:]}")
-            token = json.loads(boot.stdout.strip().splitlines()[-1])["token"]
-            procs.append(
-                _service(
-                    "shipyard_keys",
-                    {**env, "SHIPYARD_GRPC_PORT": str(keys_port)},
-                    home / "keys.log",
-                )
-            )
-            procs.append(
-                _service(
-                    "shipyard_quota",
-                    {
-                        **env,
-                        "SHIPYARD_GRPC_PORT": str(quota_port),
-                        # commands/s measures the command path, not read-your-writes
-                        "SHIPYARD_PROJECTION_WAIT_SECONDS": "0",
-                    },
-                    home / "quota.log",
-                )
-            )
-            quota_addr = f"127.0.0.1:{quota_port}"
-            await _wait_healthy(f"127.0.0.1:{keys_port}")
-            await _wait_healthy(quota_addr)
-            md = (("authorization", f"Bearer {token}"),)
-            results: dict[str, Any] = {"machine": describe(), "clients": CLIENTS}
-            async with grpc.aio.insecure_channel(quota_addr) as ch:
-                stub = quota_pb2_grpc.QuotaServiceStub(ch)
-                await _throughput(stub, md, 2)  # warm-up
-                pids = {
-                    "bench client": os.getpid(),
-                    "keys": procs[0].pid,
-                    "quota (gRPC + handler + relay + projection)": procs[1].pid,
-                    "postgres": pg.pid or 0,
-                    "nats": nats.pid or 0,
-                }
-                before = _cpu_seconds(pids)
-                tp = await _throughput(stub, md, 5 if quick else 20)
-                after = _cpu_seconds(pids)
-                results.update(tp)
-                results["cpu_us_per_command"] = {
-                    k: round((after[k] - before[k]) / tp["commands"] * 1e6)
-                    for k in before
-                    if k in after
-                }
-                results.update(await _projection_latency(stub, md, pg.url, 100 if quick else 1000))
-            results.update(await _replay(quota_addr, md))
-        finally:
-            for p in procs:
-                p.terminate()
-            for p in procs:
-                p.wait(20)
-            nats.stop()
-            pg.stop()
+            before = _cpu_seconds(pids)
+            tp = await _throughput(stub, md, 5 if quick else 20)
+            after = _cpu_seconds(pids)
+            results.update(tp)
+            results["cpu_us_per_command"] = {
+                k: round((after[k] - before[k]) / tp["commands"] * 1e6)
+                for k in before
+                if k in after
+            }
+            samples = 100 if quick else 1000
+            results.update(await _projection_latency(stub, md, stack.pg.url, samples))
+        results.update(await _replay(quota_addr, md))
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))

@@ -207,3 +207,22 @@ async def test_readme_and_delete(host: ServiceHost) -> None:
         again = await _start(stub, "ana", "echo", _tar(files={**ECHO, "README.md": "# Echo\n"}))
         done = await _finished(stub, again.build_id)
         assert done.image == "echo:2"
+
+
+@pytest.mark.parametrize("example", ["iris-oci", "iris-onnx"])
+async def test_the_other_examples_build_and_predict(host: ServiceHost, example: str) -> None:
+    """A successful build ran predict() on the example input inside the new environment."""
+    async with grpc.aio.insecure_channel(host.address) as ch:
+        stub = imagebuild_pb2_grpc.ImageBuildServiceStub(ch)
+        started = await _start(stub, "ana", example, _tar(EXAMPLES / example))
+        done = await _finished(stub, started.build_id)
+        assert done.state == pb.BUILD_STATE_SUCCEEDED, done.reason + "\n" + done.log_tail
+        logs = [
+            line.line
+            async for line in stub.StreamBuildLogs(
+                pb.StreamBuildLogsRequest(build_id=started.build_id), metadata=_md("ana")
+            )
+        ]
+        assert any("check passed at stage predict" in line for line in logs), logs[-10:]
+        image = await stub.GetImage(pb.GetImageRequest(image=example), metadata=_md("ana"))
+        assert image.script == ("score.py" if example == "iris-oci" else "serve.py")

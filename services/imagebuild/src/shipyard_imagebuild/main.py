@@ -59,7 +59,8 @@ async def build(
         imagebuild_pb2_grpc.add_ImageBuildServiceServicer_to_server,
         ImageBuildApi(commands, queries, settings.max_upload_bytes),
     )
-    host.add_background("imagebuild-builder", builder.run)
+    if settings.build_concurrency > 0:
+        host.add_background("imagebuild-builder", builder.run)
     svc.attach(host)
     return host
 

@@ -28,7 +28,7 @@ class ImageBuildSettings(CommonSettings):
     Empty: ``<data_dir>/uv-cache``."""
 
     build_concurrency: int = 2
-    """How many builds run at once in this process."""
+    """How many builds run at once in this process (0: this replica serves the API only)."""
 
     build_ack_wait_seconds: float = 60.0
     """How long a build may go without a heartbeat before another builder resumes it

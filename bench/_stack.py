@@ -1,0 +1,103 @@
+"""The real suite for benchmarks: embedded PostgreSQL and NATS (fsync on, as `shipyard up`
+runs them), an admin token, and services as their own processes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from shipyard_core.embedded import NatsProcess, PostgresProcess, start_nats, start_postgres
+from shipyard_core.embedded._process import free_port
+
+
+@dataclass
+class Stack:
+    """What a benchmark talks to."""
+
+    home: Path
+    pg: PostgresProcess
+    nats: NatsProcess
+    token: str = ""
+    addresses: dict[str, str] = field(default_factory=dict)
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        """The admin's call metadata."""
+        return (("authorization", f"Bearer {self.token}"),)
+
+
+async def wait_healthy(address: str, deadline: float = 60) -> None:
+    """Waits until a gRPC server reports SERVING."""
+    end = time.monotonic() + deadline
+    async with grpc.aio.insecure_channel(address) as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        while True:
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                r = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
+                if r.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            if time.monotonic() > end:
+                raise RuntimeError(f"{address} did not become healthy")
+            await asyncio.sleep(0.1)
+
+
+@contextlib.asynccontextmanager
+async def running(services: dict[str, dict[str, str]]) -> AsyncIterator[Stack]:
+    """Starts keys (always) and ``services`` (module name → extra env) on free ports."""
+    with tempfile.TemporaryDirectory(prefix="shipyard-bench-") as tmp:
+        home = Path(tmp)
+        stack = Stack(
+            home, start_postgres(home / "postgres", fsync=True), start_nats(home / "nats")
+        )
+        try:
+            ports = {name: free_port() for name in ("shipyard_keys", *services)}
+            env = {
+                **os.environ,
+                "SHIPYARD_DATABASE_URL": stack.pg.url,
+                "SHIPYARD_NATS_URL": stack.nats.url,
+                "SHIPYARD_KEYS_ADDR": f"127.0.0.1:{ports['shipyard_keys']}",
+                "SHIPYARD_LOG_LEVEL": "WARNING",
+                "SHIPYARD_DATA_DIR": str(home),
+            }
+            boot = subprocess.run(
+                [sys.executable, "-m", "shipyard_keys", "bootstrap-admin", "--name", "admin"],
+                env=env,
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            if boot.returncode != 0:
+                raise RuntimeError(f"bootstrap-admin failed: {boot.stderr[-2000:]}")
+            stack.token = json.loads(boot.stdout.strip().splitlines()[-1])["token"]
+            for module, extra in {"shipyard_keys": {}, **services}.items():
+                log = (home / f"{module}.log").open("wb")
+                stack.procs[module] = subprocess.Popen(
+                    [sys.executable, "-m", module],
+                    env={**env, **extra, "SHIPYARD_GRPC_PORT": str(ports[module])},
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
+                stack.addresses[module] = f"127.0.0.1:{ports[module]}"
+            for address in stack.addresses.values():
+                await wait_healthy(address)
+            yield stack
+        finally:
+            for p in stack.procs.values():
+                p.terminate()
+            for p in stack.procs.values():
+                p.wait(30)
+            stack.nats.stop()
+            stack.pg.stop()
