@@ -16,6 +16,7 @@ import grpc
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from shipyard.client.events import EVENT_SOURCED_SERVICES
 from shipyard.common.v1 import events_pb2 as ev_pb
 from shipyard.common.v1 import events_pb2_grpc as ev_grpc
 from shipyard.keys.v1 import identity_pb2 as id_pb
@@ -327,7 +328,7 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
 def write_home(path: Path, address: str, token: str | None) -> Path:
     """A Shipyard home whose config points every service at ``address``."""
     path.mkdir(parents=True, exist_ok=True)
-    endpoints = {name: address for name in ("keys", "quota")}
+    endpoints = {name: address for name in EVENT_SOURCED_SERVICES}
     (path / "config.json").write_text(json.dumps({"token": token, "endpoints": endpoints}))
     return path
 
