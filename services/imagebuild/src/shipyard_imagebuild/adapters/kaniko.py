@@ -7,8 +7,9 @@ On a cluster the imagebuild service can produce a container image rather than a 
   store; its ``s3://`` URL, or a presigned ``https://`` URL, is ``KanikoBuild.source_url``)::
 
       shipyard_runtime-<version>-<tags>.whl   the runtime, installed into the image
-      requirements.txt                        optional: every requirement line the local
-                                              build would install, in its order
+      requirements.txt                        every requirement line the local build
+                                              would install, in its order (the Dockerfile
+                                              also copes with its absence)
       model/                                  the model folder plus shipyard.json
 
 - :func:`dockerfile` is the Dockerfile the build runs; like a local build it installs the
@@ -101,9 +102,11 @@ _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 _WHEEL = re.compile(r"^shipyard_runtime-[^-/]+-[^/]+\.whl$")
 # Requirement lines that name files of the model folder: the context holds the resolved
 # lines in one requirements.txt at its root, where such relative paths would not resolve.
+# An option naming a file or folder (a URL is fine), or a bare or ``name @`` local path.
 _LOCAL_REQUIREMENT = re.compile(
-    r"^(-r|--requirement|-c|--constraint|-e|--editable|-f|--find-links)(\s|=|$)"
+    r"^(-r|--requirement|-c|--constraint|-e|--editable|-f|--find-links)(\s+|=)?(?![\w+.-]+://)\S"
     r"|^(\.{1,2}/|/|file:)"
+    r"|\s@\s*file:"
 )
 
 
@@ -281,12 +284,13 @@ def write_context(folder: Path, runtime_wheel: Path, dest: Path, *, python: str)
     returns its sha256 (hex) and size.
 
     The layout is the module docstring's: the runtime wheel and ``requirements.txt`` (the
-    resolved requirement lines, absent when there are none or ``install_dependencies`` is
-    false) at the root, the model folder under ``model/`` with the ``shipyard.json`` a
-    local build writes (``python`` is recorded in it). ``InvalidArgument`` when the folder
-    breaks the contract, the wheel is not a shipyard-runtime wheel, or a requirement line
-    refers to a file of the folder (``-r other.txt``, ``./pkg``), which only local builds
-    resolve so far.
+    resolved requirement lines; only a comment when there are none or
+    ``install_dependencies`` is false) at the root, the model folder under ``model/`` with
+    the ``shipyard.json`` a local build writes (``python`` is recorded in it).
+
+    ``InvalidArgument`` when the folder breaks the contract, the wheel is not a
+    shipyard-runtime wheel, or a requirement line refers to a file of the folder
+    (``-r other.txt``, ``./pkg``), which only local builds resolve so far.
     """
     if not _WHEEL.match(runtime_wheel.name) or not runtime_wheel.is_file():
         raise InvalidArgument(
@@ -298,7 +302,7 @@ def write_context(folder: Path, runtime_wheel: Path, dest: Path, *, python: str)
     requirements: list[str] = []
     if model.install_dependencies:
         for line in model.requirements:
-            if _LOCAL_REQUIREMENT.match(line):
+            if _LOCAL_REQUIREMENT.search(line):
                 raise InvalidArgument(
                     "requirements",
                     f"{line!r} refers to a file of the model folder, which cluster builds "
@@ -306,6 +310,7 @@ def write_context(folder: Path, runtime_wheel: Path, dest: Path, *, python: str)
                     "list the requirements themselves in requirements.txt or shipyard.yaml",
                 )
             requirements.append(line)
+    why_none = "install_dependencies is false" if not model.install_dependencies else "none given"
     manifest = model.manifest(source_digest=source_digest(model.path), python_version=python)
 
     with tempfile.TemporaryDirectory(prefix="shipyard-context-") as tmp:
@@ -318,11 +323,13 @@ def write_context(folder: Path, runtime_wheel: Path, dest: Path, *, python: str)
         ]
         files.append((f"model/{MANIFEST_FILE}", generated / MANIFEST_FILE, 0o644))
         files.append((runtime_wheel.name, runtime_wheel, 0o644))
-        if requirements:
-            (generated / "requirements.txt").write_text(
-                "".join(f"{line}\n" for line in requirements), encoding="utf-8"
-            )
-            files.append(("requirements.txt", generated / "requirements.txt", 0o644))
+        # Always written, empty but for a comment when there is nothing to install: the
+        # Dockerfile copes without it, but need not lean on that here.
+        header = "" if requirements else f"# no requirements to install ({why_none})\n"
+        (generated / "requirements.txt").write_text(
+            header + "".join(f"{line}\n" for line in requirements), encoding="utf-8"
+        )
+        files.append(("requirements.txt", generated / "requirements.txt", 0o644))
         return write_tar_gz(_with_directories(files), dest)
 
 
