@@ -15,11 +15,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from shipyard_core.embedded import NatsProcess, PostgresProcess, start_nats, start_postgres
 from shipyard_core.embedded._process import free_port
+from shipyard_platform.health import grpc_health
 
 
 @dataclass
@@ -40,18 +38,12 @@ class Stack:
 
 
 async def wait_healthy(address: str, deadline: float = 60) -> None:
-    """Waits until a gRPC server reports SERVING."""
+    """Waits until a gRPC server reports SERVING (the platform's own health check)."""
     end = time.monotonic() + deadline
-    async with grpc.aio.insecure_channel(address) as ch:
-        stub = health_pb2_grpc.HealthStub(ch)
-        while True:
-            with contextlib.suppress(grpc.aio.AioRpcError):
-                r = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
-                if r.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            if time.monotonic() > end:
-                raise RuntimeError(f"{address} did not become healthy")
-            await asyncio.sleep(0.1)
+    while not (await asyncio.to_thread(grpc_health, address))[0]:
+        if time.monotonic() > end:
+            raise RuntimeError(f"{address} did not become healthy")
+        await asyncio.sleep(0.1)
 
 
 @contextlib.asynccontextmanager

@@ -17,9 +17,9 @@ from shipyard.imagebuild.v1 import imagebuild_pb2_grpc
 from shipyard_core.grpckit.server import ServiceHost
 from shipyard_imagebuild.main import build
 from shipyard_imagebuild.settings import ImageBuildSettings
-from shipyard_testing import wait_for
+from shipyard_testing import StaticAuthenticator, wait_for
 
-from .test_service import TableAuthenticator, _md, _start, _tar
+from .test_service import TOKENS, _md, _start, _tar
 
 SLOW = {
     "serve.py": "import time\n\ndef load(model_dir):\n    time.sleep(4)\n    return None\n\n"
@@ -49,7 +49,7 @@ async def api_only(
         "SHIPYARD_BUILD_ACK_WAIT_SECONDS": "2",
         "SHIPYARD_LOG_LEVEL": "WARNING",
     }
-    host = await build(settings, TableAuthenticator())
+    host = await build(settings, StaticAuthenticator(TOKENS))
     async with host:
         yield host, env
 

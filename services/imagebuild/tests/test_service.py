@@ -13,25 +13,16 @@ import pytest
 from shipyard.imagebuild.v1 import imagebuild_pb2 as pb
 from shipyard.imagebuild.v1 import imagebuild_pb2_grpc
 from shipyard_core.auth import Principal
-from shipyard_core.errors import Unauthenticated
 from shipyard_core.grpckit.server import ServiceHost
 from shipyard_imagebuild.main import build
 from shipyard_imagebuild.settings import ImageBuildSettings
-from shipyard_testing import wait_for
+from shipyard_testing import StaticAuthenticator, wait_for
 
 EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
 TOKENS = {
     "ana": Principal("ana", False, frozenset({"team-a"})),
     "bob": Principal("bob", False, frozenset({"team-b"})),
 }
-
-
-class TableAuthenticator:
-    async def authenticate(self, token: str) -> Principal:
-        try:
-            return TOKENS[token]
-        except KeyError:
-            raise Unauthenticated("unknown or revoked token") from None
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +42,7 @@ async def host(
         data_dir=tmp_path,
         uv_cache_dir=uv_cache,
     )
-    h = await build(settings, TableAuthenticator(), ack_wait=3.0)
+    h = await build(settings, StaticAuthenticator(TOKENS), ack_wait=3.0)
     async with h:
         yield h
 

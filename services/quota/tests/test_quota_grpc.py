@@ -10,11 +10,10 @@ import pytest
 from shipyard.common.v1 import events_pb2, events_pb2_grpc
 from shipyard.quota.v1 import quota_pb2, quota_pb2_grpc
 from shipyard_core.auth import Principal
-from shipyard_core.errors import Unauthenticated
 from shipyard_core.grpckit.server import ServiceHost
 from shipyard_quota.main import build
 from shipyard_quota.settings import QuotaSettings
-from shipyard_testing import wait_for
+from shipyard_testing import StaticAuthenticator, wait_for
 
 TOKENS = {
     "admin-token": Principal("root", True, frozenset()),
@@ -23,20 +22,10 @@ TOKENS = {
 }
 
 
-class TableAuthenticator:
-    """Stands in for the identity service here; tests/ runs the real one."""
-
-    async def authenticate(self, token: str) -> Principal:
-        try:
-            return TOKENS[token]
-        except KeyError:
-            raise Unauthenticated("unknown or revoked token") from None
-
-
 @pytest.fixture
 async def host(database_url: str, nats_url: str) -> AsyncIterator[ServiceHost]:
     settings = QuotaSettings(database_url=database_url, nats_url=nats_url, grpc_port=0)
-    h = await build(settings, TableAuthenticator())
+    h = await build(settings, StaticAuthenticator(TOKENS))
     async with h:
         yield h
 

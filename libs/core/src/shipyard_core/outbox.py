@@ -18,6 +18,7 @@ import asyncpg
 from nats.js import JetStreamContext
 
 from shipyard_core import db
+from shipyard_core.aio import pause
 from shipyard_core.db import Conn
 from shipyard_core.eventstore.schema import validate_identifier
 from shipyard_core.eventstore.store import OUTBOX_CHANNEL
@@ -59,7 +60,7 @@ class OutboxRelay:
                 await self._lead(stop)
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 log.warning("outbox relay for %s lost its connection: %s", self.service, exc)
-                await _wait(stop, 1.0)
+                await pause(stop, 1.0)
 
     async def _lead(self, stop: asyncio.Event) -> None:
         conn = await db.connect(self.dsn)
@@ -69,7 +70,7 @@ class OutboxRelay:
             while not stop.is_set():
                 if await conn.fetchval("SELECT pg_try_advisory_lock(hashtext($1))", key):
                     break
-                await _wait(stop, 1.0)  # another replica relays; stand by
+                await pause(stop, 1.0)  # another replica relays; stand by
             while not stop.is_set():
                 self._wake.clear()
                 moved = await self.relay_once(conn)
@@ -114,8 +115,3 @@ class OutboxRelay:
 def _headers(raw: Any) -> dict[str, str]:
     data = raw if isinstance(raw, dict) else json.loads(raw)
     return {str(k): str(v) for k, v in data.items()}
-
-
-async def _wait(stop: asyncio.Event, seconds: float) -> None:
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), seconds)

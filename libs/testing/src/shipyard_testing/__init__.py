@@ -4,6 +4,7 @@ The fixtures come from the pytest plugin ``shipyard_testing.plugin`` (registered
 the ``pytest11`` entry point, so installing this package is enough).
 """
 
+from shipyard_testing.auth import StaticAuthenticator
 from shipyard_testing.plugin import wait_for, wait_for_sync
 
-__all__ = ["wait_for", "wait_for_sync"]
+__all__ = ["StaticAuthenticator", "wait_for", "wait_for_sync"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import asyncpg
@@ -163,7 +164,7 @@ class EventStore:
         if not positions:
             first = stored[0]
             raise ConcurrencyError(first.stream_id, first.version - 1)
-        return [_with_position(ev, pos) for ev, pos in zip(stored, positions, strict=True)]
+        return [replace(ev, position=pos) for ev, pos in zip(stored, positions, strict=True)]
 
     def _envelope(self, event: NewEvent, version: int) -> StoredEvent:
         return StoredEvent(
@@ -250,9 +251,3 @@ class EventStore:
             position=r["position"],
         )
         return self.upcasters.upcast(event)
-
-
-def _with_position(event: StoredEvent, position: int) -> StoredEvent:
-    from dataclasses import replace
-
-    return replace(event, position=position)

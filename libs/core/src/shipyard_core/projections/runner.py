@@ -27,6 +27,7 @@ from nats.js.errors import FetchTimeoutError, NotFoundError
 from opentelemetry import trace
 
 from shipyard_core import db
+from shipyard_core.aio import pause
 from shipyard_core.bus import DLQ_STREAM, EVENTS_STREAM
 from shipyard_core.db import Conn
 from shipyard_core.eventstore import StoredEvent
@@ -111,7 +112,7 @@ class ProjectionRunner:
             except _INFRA_ERRORS as exc:
                 log.warning("projection %s lost a connection: %s", self.projection.name, exc)
                 self.leader = False
-                await _wait(stop, 1.0)
+                await pause(stop, 1.0)
 
     async def _lead(self, stop: asyncio.Event) -> None:
         conn = await db.connect(self.dsn)
@@ -121,7 +122,7 @@ class ProjectionRunner:
             while not stop.is_set():
                 if await conn.fetchval("SELECT pg_try_advisory_lock(hashtext($1))", key):
                     break
-                await _wait(stop, 1.0)
+                await pause(stop, 1.0)
             if stop.is_set():
                 return
             self.leader = True
@@ -358,8 +359,3 @@ def leader_lock_key(projection: Projection | type[Projection]) -> str:
 
 def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
-
-
-async def _wait(stop: asyncio.Event, seconds: float) -> None:
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), seconds)

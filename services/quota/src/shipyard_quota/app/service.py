@@ -3,7 +3,7 @@ and either decides on an aggregate (commands) or reads the usage projection (que
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 
 import asyncpg
@@ -149,7 +149,7 @@ class QuotaApp:
             )
             stored = await self.groups.save(quota)
             if stored:
-                reservation = _at(reservation, stored[-1].recorded_at)
+                reservation = replace(reservation, reserved_at=stored[-1].recorded_at)
             return reservation
 
         return await retry_on_conflict(command)
@@ -241,9 +241,3 @@ class QuotaApp:
                 )
             )
         return list(views.values())
-
-
-def _at(reservation: Reservation, when: datetime) -> Reservation:
-    from dataclasses import replace
-
-    return replace(reservation, reserved_at=when)
