@@ -8,8 +8,9 @@
   python:3.11-slim base image, real pip, the real runtime wheel): iris passes the check,
   a model whose predict() raises fails it. No container is built: there is no Docker
   daemon or Kaniko here, so the base image, COPY, USER and the push are not exercised.
-- KubernetesBuildRunner runs the real kubernetes client against ``FakeKubeAPI``: a small
-  HTTP server on 127.0.0.1 that answers the few REST paths the runner uses, with canned
+- KubernetesBuildRunner runs the real kubernetes client against ``FakeKubeAPI``
+  (``shipyard_testing.fake_kube``, shared with the scheduler's tests): a small HTTP server
+  on 127.0.0.1 that answers the few REST paths the runner uses, with canned
   JSON, and records every request. It is NOT a Kubernetes API server and NOT a cluster: it
   proves the verbs, paths, query parameters and bodies the client sends and how the runner
   reads the answers; it cannot prove that a cluster admits the Job, that Kaniko builds the
@@ -18,8 +19,6 @@
 
 from __future__ import annotations
 
-import copy
-import datetime as dt
 import fnmatch
 import io
 import json
@@ -29,14 +28,12 @@ import shutil
 import subprocess
 import sys
 import tarfile
-import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
 import kubernetes_validate
 import pytest
@@ -62,6 +59,8 @@ from shipyard_imagebuild.adapters.kaniko import (
     to_dict,
     write_context,
 )
+from shipyard_testing import fake_kube
+from shipyard_testing.fake_kube import now, rbac_attributes
 
 REPO = Path(__file__).resolve().parents[3]
 EXAMPLE_IRIS = REPO / "examples" / "iris"
@@ -309,25 +308,6 @@ def _role_rules() -> list[dict[str, Any]]:
     docs = [d for d in yaml.safe_load_all(RBAC_YAML.read_text()) if d]
     (role,) = [d for d in docs if d["kind"] == "Role"]
     return list(role["rules"])
-
-
-_API_PATH = re.compile(
-    r"^/(?:api/v1|apis/(?P<group>[^/]+)/[^/]+)/namespaces/(?P<ns>[^/]+)/(?P<resource>[^/]+)"
-    r"(?:/(?P<name>[^/]+)(?:/(?P<sub>[^/]+))?)?$"
-)
-
-
-def _rbac_request(method: str, path: str) -> tuple[str, str, str, str]:
-    """(namespace, apiGroup, resource[/subresource], verb) of a REST call, as RBAC sees it."""
-    m = _API_PATH.match(path)
-    assert m, path
-    resource = m["resource"] + (f"/{m['sub']}" if m["sub"] else "")
-    verb = {
-        "POST": "create",
-        "DELETE": "delete",
-        "GET": "get" if m["name"] else "list",
-    }[method]
-    return m["ns"], m["group"] or "", resource, verb
 
 
 # --------------------------------------------------------------------------- Dockerfile
@@ -587,143 +567,28 @@ def test_dockerfile_steps_pass_iris_and_fail_a_broken_model(
 
 
 @dataclass
-class Recorded:
-    method: str
-    path: str
-    query: dict[str, list[str]]
-    body: Any
+class FakeKubeAPI(fake_kube.FakeKubeAPI):
+    """The shared fake (shipyard_testing.fake_kube) serving the build namespace, whose
+    reads of Jobs add ``job_status[name]`` (the fake runs no Job controller)."""
 
-
-def _now() -> str:
-    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _status(code: int, reason: str, message: str) -> dict[str, Any]:
-    return {
-        "kind": "Status",
-        "apiVersion": "v1",
-        "metadata": {},
-        "status": "Failure" if code >= 400 else "Success",
-        "message": message,
-        "reason": reason,
-        "code": code,
-    }
-
-
-@dataclass
-class FakeKubeAPI:
-    """Just enough of the Kubernetes REST API for KubernetesBuildRunner, over real HTTP.
-
-    Creates answer 201 with the object plus a uid, or 409 when the name exists; reads of
-    Jobs add ``job_status[name]``; pods and logs are whatever a test puts in ``pods`` and
-    ``logs``; ``fail[(method, resource)]`` makes those calls answer an error status.
-    """
-
-    requests: list[Recorded] = field(default_factory=list)
-    objects: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+    namespace: str = NS
     job_status: dict[str, dict[str, Any]] = field(default_factory=dict)
-    pods: list[dict[str, Any]] = field(default_factory=list)
-    logs: dict[str, str] = field(default_factory=dict)
-    fail: dict[tuple[str, str], int] = field(default_factory=dict)
-    lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def handle(
-        self, method: str, target: str, body: bytes
-    ) -> tuple[int, str, bytes]:  # status, content type, body
-        url = urlsplit(target)
-        query = parse_qs(url.query)
-        parsed = json.loads(body) if body else None
-        with self.lock:
-            self.requests.append(Recorded(method, url.path, query, parsed))
-            m = _API_PATH.match(url.path)
-            if not m or m["ns"] != NS:
-                return self._json(404, _status(404, "NotFound", f"no route {url.path}"))
-            resource, name, sub = m["resource"], m["name"], m["sub"]
-            if (method, resource) in self.fail:
-                code = self.fail[(method, resource)]
-                return self._json(code, _status(code, "Injected", f"injected {code}"))
-            if method == "POST" and name is None:
-                name = parsed["metadata"]["name"]
-                if (resource, name) in self.objects:
-                    msg = f'{resource} "{name}" already exists'
-                    return self._json(409, _status(409, "AlreadyExists", msg))
-                stored = copy.deepcopy(parsed)
-                stored["metadata"].update(
-                    uid=str(uuid.uuid4()), creationTimestamp=_now(), resourceVersion="1"
-                )
-                self.objects[(resource, name)] = stored
-                return self._json(201, stored)
-            if resource == "pods" and name is None and method == "GET":
-                return self._json(200, self._pod_list(query.get("labelSelector", [""])[0]))
-            if resource == "pods" and sub == "log" and method == "GET":
-                if name not in self.logs:
-                    return self._json(404, _status(404, "NotFound", f"pod {name} not found"))
-                return 200, "text/plain", self.logs[name].encode()
-            if name is not None and sub is None and (resource, name) in self.objects:
-                if method == "GET":
-                    obj = copy.deepcopy(self.objects[(resource, name)])
-                    if resource == "jobs" and name in self.job_status:
-                        obj["status"] = self.job_status[name]
-                    return self._json(200, obj)
-                if method == "DELETE":
-                    del self.objects[(resource, name)]
-                    return self._json(200, _status(200, "", ""))
-            return self._json(404, _status(404, "NotFound", f'{resource} "{name}" not found'))
-
-    def _pod_list(self, selector: str) -> dict[str, Any]:
-        wanted = dict(term.split("=", 1) for term in selector.split(",") if term)
-        items = [
-            p
-            for p in self.pods
-            if all(p["metadata"]["labels"].get(k) == v for k, v in wanted.items())
-        ]
-        return {"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": items}
-
-    @staticmethod
-    def _json(code: int, obj: Any) -> tuple[int, str, bytes]:
-        return code, "application/json", json.dumps(obj).encode()
-
-    def calls(self) -> list[tuple[str, str]]:
-        return [(r.method, r.path) for r in self.requests]
-
-
-def _serve(api: FakeKubeAPI) -> ThreadingHTTPServer:
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def _answer(self) -> None:
-            length = int(self.headers.get("Content-Length") or 0)
-            body = self.rfile.read(length) if length else b""
-            code, ctype, payload = api.handle(self.command, self.path, body)
-            self.send_response(code)
-            self.send_header("Content-Type", ctype)
-            self.send_header("Content-Length", str(len(payload)))
-            self.end_headers()
-            self.wfile.write(payload)
-
-        do_GET = do_POST = do_DELETE = _answer
-
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    # A short poll interval: shutdown() waits for one, once per test.
-    threading.Thread(target=server.serve_forever, args=(0.01,), daemon=True).start()
-    return server
+    def on_read(self, resource: str, name: str, obj: dict[str, Any]) -> dict[str, Any]:
+        if resource == "jobs" and name in self.job_status:
+            obj["status"] = self.job_status[name]
+        return obj
 
 
 @pytest.fixture
 def fake_api() -> Iterator[tuple[FakeKubeAPI, KubernetesBuildRunner]]:
     api = FakeKubeAPI()
-    server = _serve(api)
-    port = server.server_address[1]
-    client = k8s.ApiClient(k8s.Configuration(host=f"http://127.0.0.1:{port}"))
-    try:
-        yield api, KubernetesBuildRunner(client, NS)
-    finally:
-        client.close()
-        server.shutdown()
-        server.server_close()
+    with fake_kube.serve(api) as url:
+        client = k8s.ApiClient(k8s.Configuration(host=url))
+        try:
+            yield api, KubernetesBuildRunner(client, NS)
+        finally:
+            client.close()
 
 
 JOBS = f"/apis/batch/v1/namespaces/{NS}/jobs"
@@ -824,7 +689,7 @@ def test_submit_refuses_someone_elses_job_and_one_being_deleted(
     with pytest.raises(AlreadyExists, match="b-other"):
         runner.submit(build)
     job["metadata"]["labels"]["shipyard.io/build-id"] = build.build_id
-    job["metadata"]["deletionTimestamp"] = _now()
+    job["metadata"]["deletionTimestamp"] = now()
     with pytest.raises(Unavailable, match="being deleted"):
         runner.submit(build)
     assert ("configmaps", build.job_name) not in api.objects
@@ -858,7 +723,7 @@ def test_submit_checks_the_namespace(fake_api: tuple[FakeKubeAPI, KubernetesBuil
 
 
 def _condition(kind: str, status: str = "True") -> dict[str, Any]:
-    return {"type": kind, "status": status, "lastTransitionTime": _now()}
+    return {"type": kind, "status": status, "lastTransitionTime": now()}
 
 
 @pytest.mark.parametrize(
@@ -929,7 +794,7 @@ def test_logs_are_empty_before_the_pod_starts(
 ) -> None:
     api, runner = fake_api
     assert runner.logs("b-0123456789abcdef") == ""  # no pod yet
-    api.pods = [_pod("p", "b-0123456789abcdef", phase="Pending", created=_now())]
+    api.pods = [_pod("p", "b-0123456789abcdef", phase="Pending", created=now())]
     assert runner.logs("b-0123456789abcdef") == ""
     assert all(r.path == PODS for r in api.requests)  # no log read for a waiting pod
 
@@ -939,13 +804,13 @@ def test_image_digest_comes_from_the_termination_message(
 ) -> None:
     api, runner = fake_api
     bid = "b-0123456789abcdef"
-    api.pods = [_pod("p", bid, phase="Running", created=_now())]
+    api.pods = [_pod("p", bid, phase="Running", created=now())]
     assert runner.image_digest(bid) is None
     failed = {"exitCode": 1, "message": "error building image: exit status 1"}
-    api.pods = [_pod("p", bid, phase="Failed", created=_now(), terminated=failed)]
+    api.pods = [_pod("p", bid, phase="Failed", created=now(), terminated=failed)]
     assert runner.image_digest(bid) is None
     done = {"exitCode": 0, "message": DIGEST + "\n"}
-    api.pods = [_pod("p", bid, phase="Succeeded", created=_now(), terminated=done)]
+    api.pods = [_pod("p", bid, phase="Succeeded", created=now(), terminated=done)]
     assert runner.image_digest(bid) == DIGEST
 
 
@@ -1001,7 +866,7 @@ def test_every_call_the_runner_makes_is_allowed_by_the_role(
     build = make_build()
     runner.submit(build)
     runner.submit(build)
-    api.pods = [_pod("p", build.build_id, phase="Running", created=_now())]
+    api.pods = [_pod("p", build.build_id, phase="Running", created=now())]
     api.logs = {"p": "building\n"}
     runner.status(build.build_id)
     runner.logs(build.build_id)
@@ -1010,7 +875,7 @@ def test_every_call_the_runner_makes_is_allowed_by_the_role(
     rules = _role_rules()
     seen = set()
     for r in api.requests:
-        ns, group, resource, verb = _rbac_request(r.method, r.path)
+        ns, group, resource, verb = rbac_attributes(r.method, r.path)
         assert ns == NS
         assert any(
             group in rule["apiGroups"] and resource in rule["resources"] and verb in rule["verbs"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import hmac
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -20,7 +21,8 @@ from contextvars import ContextVar, Token
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from shipyard_core.errors import PermissionDenied, Unauthenticated, Unavailable
+from shipyard_core import validation
+from shipyard_core.errors import InvalidArgument, PermissionDenied, Unauthenticated, Unavailable
 
 if TYPE_CHECKING:
     from shipyard_core.settings import CommonSettings
@@ -28,6 +30,7 @@ if TYPE_CHECKING:
 __all__ = [
     "Authenticator",
     "CachingAuthenticator",
+    "InternalTokenAuthenticator",
     "Principal",
     "RemoteAuthenticator",
     "authenticated_as",
@@ -35,6 +38,7 @@ __all__ = [
     "current_principal",
     "optional_principal",
     "reset_principal",
+    "resolve_group",
     "set_principal",
 ]
 
@@ -48,6 +52,9 @@ class Principal:
     admin: bool
     groups: frozenset[str] = field(default_factory=frozenset)
     token_id: str = ""
+    internal: bool = False
+    """A Shipyard service calling with the internal token (the gateway asking the scheduler
+    for routes), not a person."""
 
     def __post_init__(self) -> None:
         # Accept any iterable of names (a protobuf repeated field, a list) but keep the
@@ -72,9 +79,33 @@ class Principal:
                 "ask an admin to add you to it"
             )
 
+    def require_internal(self, action: str = "this operation") -> None:
+        """Raises PermissionDenied unless the caller is a Shipyard service (internal token)
+        or an admin."""
+        if not (self.internal or self.admin):
+            raise PermissionDenied(
+                f"internal only: {action} is for Shipyard's own services (and admins)"
+            )
+
     def can_see(self, group: str) -> bool:
         """Whether the caller may see things owned by ``group``: admins and members."""
         return self.admin or group in self.groups
+
+
+def resolve_group(caller: Principal, group: str) -> str:
+    """The group named, or the caller's only group when none is named; checks that the
+    caller may act in it (admins may act in any group)."""
+    if not group:
+        if len(caller.groups) == 1:
+            group = next(iter(caller.groups))
+        else:
+            choices = ", ".join(sorted(caller.groups)) or "none"
+            raise InvalidArgument(
+                "group", "is required here", f"pass --group (your groups: {choices})"
+            )
+    validation.name("group", group)
+    caller.require_member(group)
+    return group
 
 
 _principal: ContextVar[Principal | None] = ContextVar("shipyard_principal", default=None)
@@ -282,9 +313,39 @@ class RemoteAuthenticator:
             await channel.close()
 
 
-def authenticator_from_settings(settings: CommonSettings) -> CachingAuthenticator:
-    """The authenticator every service but the identity service uses: the identity service
-    at ``settings.keys_addr``, answers cached for ``settings.auth_cache_seconds``."""
-    return CachingAuthenticator(
+INTERNAL_USER = "service:internal"
+
+
+class InternalTokenAuthenticator:
+    """Recognises the platform's internal token (``settings.internal_token``, shared by the
+    services of one installation) and hands every other token to ``inner``."""
+
+    def __init__(self, inner: Authenticator, internal_token: str) -> None:
+        self.inner = inner
+        self._digest = hashlib.sha256(internal_token.encode()).digest() if internal_token else b""
+
+    async def authenticate(self, token: str) -> Principal:
+        """The internal principal for the internal token, else ``inner``'s answer."""
+        if self._digest and hmac.compare_digest(
+            hashlib.sha256(token.encode()).digest(), self._digest
+        ):
+            return Principal(user=INTERNAL_USER, admin=False, internal=True)
+        return await self.inner.authenticate(token)
+
+    async def close(self) -> None:
+        """Closes ``inner`` when it can be closed."""
+        close = getattr(self.inner, "close", None)
+        if close is not None:
+            await close()
+
+
+def authenticator_from_settings(settings: CommonSettings) -> Authenticator:
+    """The authenticator every service but the identity service uses: the internal token,
+    else the identity service at ``settings.keys_addr``, answers cached for
+    ``settings.auth_cache_seconds``."""
+    remote = CachingAuthenticator(
         RemoteAuthenticator(settings.keys_addr), ttl_seconds=settings.auth_cache_seconds
     )
+    if not settings.internal_token:
+        return remote
+    return InternalTokenAuthenticator(remote, settings.internal_token)

@@ -60,6 +60,12 @@ class EventSourcedService:
         return self._store
 
     @property
+    def nc(self) -> NATS:
+        """The NATS connection (after ``open``), for core subjects such as load reports."""
+        assert self._nc is not None, "open() first"
+        return self._nc
+
+    @property
     def js(self) -> JetStreamContext:
         """JetStream (after ``open``)."""
         assert self._js is not None, "open() first"

@@ -81,6 +81,11 @@ class CommonSettings(BaseSettings):
     spans are still created (trace ids appear in logs and are propagated) but not
     exported."""
 
+    internal_token: str = ""
+    """Shared secret the services of one installation use to call each other (the gateway
+    asking the scheduler for routes). ``shipyard up`` generates one per installation; on
+    Kubernetes it comes from a Secret. Empty: internal calls need an admin token."""
+
     auth_cache_seconds: float = Field(default=1.0, ge=0)
     """How long an answer of the identity service (token to principal) is reused. Longer
     means fewer calls to it but a revoked token keeps working that long; 0 disables the

@@ -17,6 +17,8 @@ Environment (all optional):
 ``SHIPYARD_<SERVICE>_PORT``
     gRPC port of a service, e.g. ``SHIPYARD_KEYS_PORT`` (default from
     ``shipyard.client.config.DEFAULT_PORTS``).
+``SHIPYARD_GATEWAY_HTTP_PORT``
+    Port of the gateway's REST data plane (default 8080).
 ``SHIPYARD_SERVICES``
     Comma-separated names from :data:`SERVICES` to run (default: all of them).
 ``SHIPYARD_UP_TIMEOUT``
@@ -37,6 +39,7 @@ from shipyard.client.config import DEFAULT_PORTS
 DEFAULT_NATS_PORT = 4222
 DEFAULT_PG_PORT = 5432
 DEFAULT_UP_TIMEOUT = 120.0
+DEFAULT_GATEWAY_HTTP_PORT = 8080
 # The embedded PostgreSQL holds one database for the suite; each service has its schema.
 DATABASE_NAME = "shipyard"
 
@@ -70,6 +73,8 @@ SERVICES: tuple[tuple[str, str, bool], ...] = (
     ("keys", "shipyard_keys", True),
     ("quota", "shipyard_quota", False),
     ("imagebuild", "shipyard_imagebuild", False),
+    ("scheduler", "shipyard_scheduler", False),
+    ("gateway", "shipyard_gateway", False),
 )
 
 
@@ -116,6 +121,7 @@ class PlatformConfig:
     database_url: str | None = None
     services: list[ServiceSpec] = field(default_factory=list)
     up_timeout: float = DEFAULT_UP_TIMEOUT
+    gateway_http_port: int = DEFAULT_GATEWAY_HTTP_PORT
 
     @classmethod
     def from_env(cls, home: Path, services: list[ServiceSpec] | None = None) -> PlatformConfig:
@@ -128,6 +134,7 @@ class PlatformConfig:
             database_url=os.environ.get("SHIPYARD_DATABASE_URL") or None,
             services=default_services() if services is None else list(services),
             up_timeout=float(os.environ.get("SHIPYARD_UP_TIMEOUT") or DEFAULT_UP_TIMEOUT),
+            gateway_http_port=_env_port("SHIPYARD_GATEWAY_HTTP_PORT", DEFAULT_GATEWAY_HTTP_PORT),
         )
 
     def to_json(self) -> str:
@@ -153,5 +160,9 @@ class PlatformConfig:
         return cls(home=Path(data.pop("home")), services=services, **data)
 
     def endpoints(self) -> dict[str, str]:
-        """``{service: "127.0.0.1:port"}`` for the client configuration."""
-        return {s.name: f"127.0.0.1:{s.port}" for s in self.services}
+        """``{service: "127.0.0.1:port"}`` for the client configuration, plus the gateway's
+        REST URL (``gateway_http``) when the gateway runs."""
+        found = {s.name: f"127.0.0.1:{s.port}" for s in self.services}
+        if "gateway" in found:
+            found["gateway_http"] = f"http://127.0.0.1:{self.gateway_http_port}"
+        return found

@@ -22,6 +22,7 @@ import contextlib
 import fcntl
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -563,6 +564,14 @@ class Supervisor:
             int(os.environ.get("SHIPYARD_KEYS_PORT") or DEFAULT_PORTS["keys"]),
         )
         env = dict(os.environ)
+        # Every service finds every other one (SHIPYARD_<NAME>_ADDR is each settings'
+        # `<name>_addr`), and they share the installation's internal token.
+        for other in self.config.services:
+            env[f"SHIPYARD_{other.name.upper()}_ADDR"] = f"127.0.0.1:{other.port}"
+        env["SHIPYARD_INTERNAL_TOKEN"] = internal_token(self.paths.home)
+        env["SHIPYARD_GATEWAY_URL"] = f"http://127.0.0.1:{self.config.gateway_http_port}"
+        if spec.name == "gateway":
+            env["SHIPYARD_HTTP_PORT"] = str(self.config.gateway_http_port)
         env.update(
             {
                 "SHIPYARD_NATS_URL": self.nats.address,
@@ -712,6 +721,7 @@ class Supervisor:
             service.signal_stop()
         for service in self.services:
             service.stop(STOP_TIMEOUT)
+        self._stop_model_servers()
         self.nats.stop(STOP_TIMEOUT)
         self.postgres.stop(60.0)
         if self.phase != "failed":
@@ -719,6 +729,38 @@ class Supervisor:
         with contextlib.suppress(OSError):
             self.write_state()
         self._log(f"{self.phase}")
+
+    def _stop_model_servers(self) -> None:
+        # Model servers run in their own sessions so that they outlive a scheduler crash;
+        # `down` is the one time they must stop too.
+        for service in self.services:
+            if service.name != "scheduler" or service.spec.argv is not None:
+                continue
+            try:
+                subprocess.run(
+                    [*service.spec.command(), "stop-local-instances"],
+                    env=service._env,
+                    timeout=60,
+                    capture_output=True,
+                    check=False,
+                )
+            except (OSError, subprocess.TimeoutExpired) as exc:
+                self._log(f"stopping model servers failed: {exc}")
+
+
+def internal_token(home: Path) -> str:
+    """The installation's internal token (services calling services), made on first use
+    and kept in ``<home>/internal_token`` (mode 0600)."""
+    path = home / "internal_token"
+    if path.exists():
+        return path.read_text().strip()
+    token = secrets.token_urlsafe(32)
+    tmp = path.with_name(f".internal_token.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(token)
+    os.replace(tmp, path)
+    return token
 
 
 def _existing_token(home: Path) -> str | None:

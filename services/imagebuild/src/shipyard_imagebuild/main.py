@@ -17,7 +17,7 @@ from shipyard_imagebuild.app import buildlogs
 from shipyard_imagebuild.app.builder import Builder
 from shipyard_imagebuild.app.commands import ImageCommands
 from shipyard_imagebuild.app.queries import ImageQueries
-from shipyard_imagebuild.projections import SCHEMA, CatalogProjection
+from shipyard_imagebuild.projections import SCHEMA, CatalogProjection, UsageProjection
 from shipyard_imagebuild.settings import ImageBuildSettings
 
 
@@ -28,7 +28,7 @@ async def build(
     ack_wait: float = 60.0,
 ) -> ServiceHost:
     """The service, ready to start (tests start it on port 0)."""
-    svc = EventSourcedService(settings, SCHEMA, [CatalogProjection()])
+    svc = EventSourcedService(settings, SCHEMA, [CatalogProjection(), UsageProjection()])
     await svc.open()
     async with svc.pool.acquire() as conn:
         await buildlogs.ensure_table(conn)

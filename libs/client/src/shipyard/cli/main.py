@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from shipyard.cli import (
+    deploy_cmds,
     events_cmds,
     groups_cmds,
     images_cmds,
@@ -48,6 +49,8 @@ cli.add_command(users_cmds.users)
 cli.add_command(groups_cmds.groups)
 cli.add_command(events_cmds.events)
 cli.add_command(images_cmds.image)
+cli.add_command(deploy_cmds.deploy)
+cli.add_command(deploy_cmds.predict)
 
 
 def _register_platform_commands(group: click.Group) -> None:

@@ -8,6 +8,14 @@
 >>> client.events("quota").lag()
 >>> build = client.images.build("./examples/iris", name="iris")
 >>> client.images.wait(build.build_id, on_log=print).image
+>>> d = client.deployments.create("iris-prod", "iris:1", instance_type="cpu.small", replicas=2)
+>>> client.deployments.wait("iris-prod", after=d, on_change=print).status
+>>> client.deployments.predict("iris-prod", {"instances": [[5.1, 3.5, 1.4, 0.2]]})
+
+Namespaces: ``client.quota`` (instance types, group quotas, usage), ``client.identity``
+(users, groups, tokens), ``client.images`` (builds and the image catalog),
+``client.deployments`` (deployments, their history and instances, predictions through
+the gateway), ``client.events(service)`` (event history, consumer lag, replay).
 
 Every failure is a :class:`ShipyardClientError` subclass that mirrors the gRPC status
 code (:class:`NotFound`, :class:`QuotaExceeded`, :class:`Unavailable`, ...); results are
@@ -21,6 +29,16 @@ from types import TracebackType
 
 from shipyard.client._channel import DEFAULT_TIMEOUT, Transport
 from shipyard.client.config import ClientConfig, load_config
+from shipyard.client.deployments import (
+    DEPLOYMENT_STATUSES,
+    DeploymentFailed,
+    DeploymentReadme,
+    DeploymentsClient,
+    DeploymentView,
+    HistoryEntryView,
+    InstanceView,
+    predict,
+)
 from shipyard.client.errors import (
     AlreadyExists,
     ConfigError,
@@ -70,6 +88,7 @@ from shipyard.client.quota import GroupUsage, InstanceType, QuotaClient, Reserva
 
 __all__ = [
     "DEFAULT_TIMEOUT",
+    "DEPLOYMENT_STATUSES",
     "EVENT_SOURCED_SERVICES",
     "AlreadyExists",
     "Build",
@@ -80,17 +99,23 @@ __all__ = [
     "ConsumerLag",
     "CreatedUser",
     "DeadlineExceeded",
+    "DeploymentFailed",
+    "DeploymentReadme",
+    "DeploymentView",
+    "DeploymentsClient",
     "Event",
     "EventPage",
     "EventsClient",
     "FailedPrecondition",
     "Group",
     "GroupUsage",
+    "HistoryEntryView",
     "IdentityClient",
     "Image",
     "ImageUsage",
     "ImagesClient",
     "InstanceType",
+    "InstanceView",
     "InvalidArgument",
     "IssuedToken",
     "LiveEvent",
@@ -112,6 +137,7 @@ __all__ = [
     "Unavailable",
     "Unimplemented",
     "User",
+    "predict",
     "tail_events",
 ]
 
@@ -128,6 +154,7 @@ class Client:
     quota: QuotaClient
     identity: IdentityClient
     images: ImagesClient
+    deployments: DeploymentsClient
 
     def __init__(
         self,
@@ -144,6 +171,7 @@ class Client:
         self.quota = QuotaClient(self._transport)
         self.identity = IdentityClient(self._transport)
         self.images = ImagesClient(self._transport)
+        self.deployments = DeploymentsClient(self._transport, config)
 
     def events(self, service: str) -> EventsClient:
         """Event administration (list, lag, replay) of one event-sourced service."""

@@ -3,6 +3,10 @@
 Sources, strongest first: explicit arguments, environment (``SHIPYARD_TOKEN``,
 ``SHIPYARD_<SERVICE>_ADDR``, ``SHIPYARD_HOME``), the config file ``config.json`` in the
 Shipyard home (default ``~/.shipyard``, written by ``shipyard up``), the default ports.
+
+The gateway's HTTP data plane (predictions) is found the same way:
+``SHIPYARD_GATEWAY_URL``, else ``endpoints["gateway_http"]`` in ``config.json``, else
+``http://127.0.0.1:8080`` (see :meth:`ClientConfig.gateway_url`).
 """
 
 from __future__ import annotations
@@ -21,7 +25,16 @@ DEFAULT_PORTS: dict[str, int] = {
     "scheduler": 50054,
     "asyncinference": 50055,
     "logging": 50056,
+    # The gateway's gRPC port (health now, the Open Inference gRPC API next); its REST
+    # data plane is DEFAULT_GATEWAY_URL.
+    "gateway": 8081,
 }
+
+# The gateway's REST data plane: where predictions go. Its key in ``endpoints`` and the
+# environment variable that overrides it.
+GATEWAY_ENDPOINT = "gateway_http"
+GATEWAY_URL_ENV = "SHIPYARD_GATEWAY_URL"
+DEFAULT_GATEWAY_URL = "http://127.0.0.1:8080"
 
 CONFIG_FILE = "config.json"
 
@@ -48,6 +61,20 @@ class ClientConfig:
         if service not in DEFAULT_PORTS:
             raise KeyError(f"unknown service {service!r}")
         return f"127.0.0.1:{DEFAULT_PORTS[service]}"
+
+    def gateway_url(self) -> str:
+        """Base URL of the gateway's REST data plane (predictions), without a trailing
+        slash: ``$SHIPYARD_GATEWAY_URL``, else ``endpoints["gateway_http"]`` from the
+        config file, else ``http://127.0.0.1:8080``. A value without a scheme
+        (``host:port``) means ``http://host:port``."""
+        url = (
+            os.environ.get(GATEWAY_URL_ENV)
+            or self.endpoints.get(GATEWAY_ENDPOINT)
+            or DEFAULT_GATEWAY_URL
+        ).strip()
+        if "://" not in url:
+            url = f"http://{url}"
+        return url.rstrip("/")
 
 
 def load_config(home: Path | None = None) -> ClientConfig:

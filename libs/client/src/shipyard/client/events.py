@@ -26,7 +26,7 @@ from shipyard.common.v1 import events_pb2 as pb
 from shipyard.common.v1 import events_pb2_grpc as pb_grpc
 
 # The services that keep an event store (and so serve EventAdmin) today.
-EVENT_SOURCED_SERVICES: tuple[str, ...] = ("keys", "quota", "imagebuild")
+EVENT_SOURCED_SERVICES: tuple[str, ...] = ("keys", "quota", "imagebuild", "scheduler")
 
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 EVENTS_STREAM = "EVENTS"

@@ -80,7 +80,8 @@ class ProjectionRunner:
         self.max_attempts = max_attempts
         self.ack_wait = ack_wait
         self.retry_delay = retry_delay
-        self.durable = f"proj_{projection.name}"
+        # Schema-qualified: two services may each have a projection called "usage".
+        self.durable = f"proj_{projection.schema}_{projection.name}"
         self.tables = projection.live_tables()
         self.schema = projection.schema
         self.leader = False

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import configparser
 import contextlib
 import hashlib
 import json
@@ -37,12 +36,15 @@ from typing import Any
 
 from uv import find_uv_bin
 
+# unpack() moved to shipyard_core (the scheduler unpacks packs too); re-imported so that
+# shipyard_imagebuild.adapters.envpack.unpack keeps working.
+from shipyard_core.envpacks import unpack as unpack
+from shipyard_core.envpacks import venv_python_version
 from shipyard_core.errors import FailedPrecondition
 from shipyard_imagebuild.adapters.folder import (
     MANIFEST_FILE,
     ModelFolder,
     copy_folder,
-    extract_archive,
     format_size,
     inspect_folder,
     source_digest,
@@ -289,15 +291,6 @@ def _matches(requested: str, version: str) -> bool:
     return version == requested or version.startswith(requested + ".")
 
 
-def _venv_python_version(env_dir: Path) -> str:
-    parser = configparser.ConfigParser()
-    # pyvenv.cfg is key = value lines without a section.
-    parser.read_string("[venv]\n" + (env_dir / "pyvenv.cfg").read_text())
-    return parser.get("venv", "version_info", fallback="") or parser.get(
-        "venv", "version", fallback=""
-    )
-
-
 def _tree_size(root: Path) -> int:
     total = 0
     for dirpath, _dirnames, filenames in os.walk(root):
@@ -420,7 +413,7 @@ async def build_pack(
             f"creating the environment with Python {python_arg} failed: {_uv_error(lines)} "
             "(check the python: setting; the build log has uv's output)"
         )
-    python_version = _venv_python_version(env_dir)
+    python_version = venv_python_version(env_dir)
     timings["venv"] = time.monotonic() - t
 
     # 2. install
@@ -623,29 +616,3 @@ async def _packages(
         )
     entries = json.loads(out)
     return sorted((str(e["name"]), str(e["version"])) for e in entries)
-
-
-def unpack(pack_path: Path, dest: Path) -> Path:
-    """Unpacks an environment pack into ``dest`` and returns the environment's root
-    (``dest`` itself): ``<dest>/bin/python -m shipyard_runtime serve --model-dir
-    <dest>/model`` runs it.
-
-    The pack refers to its base interpreter by absolute path (``pyvenv.cfg``'s ``home``);
-    when that Python is not on this host, ``FailedPrecondition`` says which one is needed.
-    """
-    extract_archive(pack_path, dest, allow_absolute_symlinks=True)
-    cfg = dest / "pyvenv.cfg"
-    if not cfg.is_file():
-        raise FailedPrecondition(f"{pack_path.name} is not an environment pack (no pyvenv.cfg)")
-    home = ""
-    for line in cfg.read_text().splitlines():
-        key, _, value = line.partition("=")
-        if key.strip() == "home":
-            home = value.strip()
-    if home and not (dest / "bin" / "python").resolve().exists():
-        raise FailedPrecondition(
-            f"the pack needs the Python in {home} (its version {_venv_python_version(dest)}), "
-            "which is not on this host; install it there, or build the image on a host with "
-            "the same Python"
-        )
-    return dest

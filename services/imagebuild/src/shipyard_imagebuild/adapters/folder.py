@@ -30,19 +30,21 @@ import hashlib
 import io
 import json
 import os
-import posixpath
 import re
 import shutil
 import stat
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import IO, Any, Literal
 
 import yaml
 
-from shipyard_core.errors import FailedPrecondition, InvalidArgument
+# Moved to shipyard_core (the scheduler unpacks packs too); re-imported so that the old
+# names keep working.
+from shipyard_core.envpacks import extract_archive, format_size
+from shipyard_core.errors import InvalidArgument
 
 CONFIG_FILE = "shipyard.yaml"
 # Written by the build into the packed model folder: the resolved configuration.
@@ -65,7 +67,6 @@ _IGNORED_SUFFIXES = (".pyc",)
 # Archive entries carry fixed metadata so the same folder always gives the same bytes.
 _EPOCH = 0
 _CHUNK = 1 << 20
-_ARCHIVE_FIX = "upload the folder with `shipyard image build`, which makes a valid archive"
 
 Style = Literal["serve", "score"]
 
@@ -273,70 +274,6 @@ def make_source_archive(folder: Path, dest: Path) -> tuple[str, int]:
     return write_tar_gz(entries, dest)
 
 
-def extract_archive(
-    archive: Path,
-    dest: Path,
-    *,
-    allow_absolute_symlinks: bool = False,
-    max_bytes: int | None = None,
-) -> None:
-    """Extracts a tar.gz into ``dest`` safely.
-
-    Refused (``InvalidArgument``, nothing written outside ``dest``): absolute names,
-    ``..``, links that point outside ``dest``, devices and fifos, and (with ``max_bytes``)
-    archives that unpack to more than that. ``allow_absolute_symlinks`` admits symbolic
-    links to absolute targets, which environment packs need (``bin/python`` points at the
-    build host's base interpreter); names still cannot escape ``dest``.
-    """
-    dest.mkdir(parents=True, exist_ok=True)
-
-    def check(member: tarfile.TarInfo, path: str) -> tarfile.TarInfo | None:
-        if not (member.isreg() or member.isdir() or member.issym() or member.islnk()):
-            raise InvalidArgument(
-                "archive", f"{member.name!r} is a device, fifo or other special file", _ARCHIVE_FIX
-            )
-        if member.issym() and allow_absolute_symlinks:
-            # An env's bin/python links to the base interpreter, and bin/python3 to
-            # bin/python: the data filter resolves that chain and finds it outside. Here,
-            # relative targets are checked as written, absolute ones are allowed, and the
-            # tar filter still refuses to write any name outside dest.
-            if not member.linkname.startswith("/"):
-                target = posixpath.normpath(
-                    posixpath.join(posixpath.dirname(member.name), member.linkname)
-                )
-                if target == ".." or target.startswith("../"):
-                    raise InvalidArgument(
-                        "archive", f"link {member.name!r} points outside the folder", _ARCHIVE_FIX
-                    )
-            return tarfile.tar_filter(member, path)
-        return tarfile.data_filter(member, path)
-
-    try:
-        with tarfile.open(archive, mode="r:gz") as tar:
-            members = tar.getmembers()
-            if max_bytes is not None:
-                total = sum(m.size for m in members if m.isreg())
-                if total > max_bytes:
-                    raise FailedPrecondition(
-                        f"the archive unpacks to {format_size(total)}, over the "
-                        f"{format_size(max_bytes)} limit"
-                    )
-            for member in members:
-                parts = PurePosixPath(member.name).parts
-                if member.name.startswith("/") or ".." in parts:
-                    raise InvalidArgument(
-                        "archive", f"entry {member.name!r} leaves the target folder", _ARCHIVE_FIX
-                    )
-            # Every member passes check(): tarfile's data/tar filters plus the rules above.
-            tar.extractall(dest, members=members, filter=check)  # noqa: S202
-    except tarfile.FilterError as exc:
-        raise InvalidArgument("archive", f"unsafe entry: {exc}", _ARCHIVE_FIX) from exc
-    except (tarfile.ReadError, EOFError, gzip.BadGzipFile) as exc:
-        raise InvalidArgument(
-            "archive", f"{archive.name} is not a valid tar.gz: {exc}", _ARCHIVE_FIX
-        ) from exc
-
-
 def extract_tarball(archive: Path, dest: Path, *, max_bytes: int | None = None) -> None:
     """Extracts an uploaded model folder archive safely (see :func:`extract_archive`; no
     absolute symbolic links)."""
@@ -345,17 +282,6 @@ def extract_tarball(archive: Path, dest: Path, *, max_bytes: int | None = None) 
 
 # The name the service uses for the source digest.
 folder_digest = source_digest
-
-
-def format_size(size: int) -> str:
-    """``1.3 GiB``, ``512 MiB``, ``3 KiB``: one decimal, dropped when it is 0."""
-    value = float(size)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            text = f"{value:.1f}".removesuffix(".0")
-            return f"{text} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
 
 
 def _read_requirement_lines(path: Path) -> list[str]:

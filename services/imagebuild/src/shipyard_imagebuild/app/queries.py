@@ -10,7 +10,7 @@ from shipyard_core.auth import Principal
 from shipyard_core.errors import InvalidArgument, NotFound
 from shipyard_imagebuild.app.refs import parse_ref, resolve_group
 from shipyard_imagebuild.app.views import BuildView, ImageView
-from shipyard_imagebuild.projections import CatalogProjection
+from shipyard_imagebuild.projections import CatalogProjection, UsageProjection
 
 T = CatalogProjection.live_tables()
 
@@ -86,9 +86,17 @@ class ImageQueries:
         return _image(row)
 
     async def deployments_using(self, group: str, name: str, version: int) -> list[str]:
-        """Deployments that use an image version. The scheduler (issue 4) will feed this
-        from its events; until it exists no deployment can use an image."""
-        return []
+        """Deployments that use an image version (the usage projection, fed by the
+        scheduler's events)."""
+        rows = await self.pool.fetch(
+            f"SELECT DISTINCT deployment FROM {UsageProjection.live_tables()['image_usage']} "
+            "WHERE group_name = $1 AND image_name = $2 AND image_version = $3 "
+            "ORDER BY deployment",
+            group,
+            name,
+            version,
+        )
+        return [r["deployment"] for r in rows]
 
     def _scope(self, caller: Principal, group: str) -> tuple[str, list[Any]]:
         if group:

@@ -1,9 +1,9 @@
-"""Parsing ``name[:version]`` image references and resolving the caller's group."""
+"""Parsing ``name[:version]`` image references (and the group rule every service shares)."""
 
 from __future__ import annotations
 
 from shipyard_core import validation
-from shipyard_core.auth import Principal
+from shipyard_core.auth import resolve_group
 from shipyard_core.errors import InvalidArgument
 
 
@@ -22,16 +22,4 @@ def parse_ref(image: str, *, need_version: bool = False) -> tuple[str, int | Non
     return name, int(version)
 
 
-def resolve_group(caller: Principal, group: str) -> str:
-    """The group named, or the caller's only group; checks membership."""
-    if not group:
-        if len(caller.groups) == 1:
-            group = next(iter(caller.groups))
-        else:
-            choices = ", ".join(sorted(caller.groups)) or "none"
-            raise InvalidArgument(
-                "group", "is required here", f"pass --group (your groups: {choices})"
-            )
-    validation.name("group", group)
-    caller.require_member(group)
-    return group
+__all__ = ["parse_ref", "resolve_group"]

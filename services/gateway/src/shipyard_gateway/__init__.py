@@ -1,0 +1,1 @@
+"""The gateway: routes predictions to ready instances."""

@@ -1,0 +1,265 @@
+"""The transport-neutral prediction path: route, check access, wake, balance, forward.
+
+Transports (the REST app in :mod:`shipyard_gateway.http` today; the Open Inference
+Protocol gRPC server and the other REST shapes later) only turn their request into
+``(deployment, body, headers)`` and the :class:`UpstreamResponse` or the raised domain
+error back into their own shape; every decision is taken here, once:
+
+1. unknown deployment → NotFound;
+2. the access check (:class:`~shipyard_gateway.access.AccessControl`) → Unauthenticated /
+   PermissionDenied;
+3. stopped → DeploymentStopped (503);
+4. no ready instance (scaled to zero, or starting) → one ``Activate`` per deployment
+   however many requests wait (single flight), then wait for an address, event-driven,
+   up to ``activation_timeout_seconds`` → Unavailable;
+5. the least loaded ready instance (fewest requests in flight, ties round robin) gets the
+   request; when it refuses the connection the next one does (and the refusing one is
+   passed over for ``unreachable_seconds``). Nothing is retried once the
+   request may have reached a model: a timeout is 504, a broken exchange 502, and the
+   model server's own answer, whatever its status, is passed through unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+from opentelemetry.trace import SpanKind
+
+from shipyard_core.auth import Principal
+from shipyard_core.errors import NotFound, ShipyardError, Unavailable
+from shipyard_core.telemetry import extract_context, inject_headers, tracer
+from shipyard_gateway.access import AccessControl
+from shipyard_gateway.errors import DeploymentStopped
+from shipyard_gateway.load import LoadTracker
+from shipyard_gateway.routing import RoutingTable
+from shipyard_gateway.upstream import ConnectFailed, UpstreamClient
+
+__all__ = ["RAW_PREDICT_PATH", "Activator", "PredictHandler", "UpstreamResponse"]
+
+log = logging.getLogger(__name__)
+_tracer = tracer(__name__)
+
+RAW_PREDICT_PATH = "/predict"
+"""The model server's raw JSON route (``shipyard-runtime``: the body is ``predict()``'s
+payload, its result the response)."""
+
+_ACTIVATE_CALL_SECONDS = 10.0  # the Activate RPC only records the wish; it answers fast
+
+_MAX_REQUEST_ID = 128
+
+# Trace context passed on when the gateway records no span of its own.
+_TRACE_HEADERS = ("traceparent", "tracestate")
+
+
+@dataclass(frozen=True)
+class UpstreamResponse:
+    """What a model server answered, to be passed to the caller unchanged."""
+
+    status: int
+    body: bytes
+    content_type: str
+    request_id: str
+    """The ``X-Request-Id`` the request carried upstream (the caller's, or a fresh one)."""
+    address: str
+    """The instance that answered (for logs and metrics; not for callers)."""
+
+
+class Activator(Protocol):
+    """Wakes deployments scaled to zero (:class:`~shipyard_gateway.scheduler.SchedulerClient`)."""
+
+    async def activate(self, deployment: str, timeout: float | None = None) -> bool:  # noqa: ASYNC109
+        """Asks for ``deployment`` to be woken; True when it was asleep."""
+        ...
+
+
+def not_found(deployment: str) -> NotFound:
+    """The error for a deployment the routing table does not know."""
+    return NotFound(f"deployment {deployment!r} does not exist; see `shipyard deploy list`")
+
+
+class PredictHandler:
+    """Serves predictions for every transport (see the module docstring)."""
+
+    def __init__(
+        self,
+        table: RoutingTable,
+        access: AccessControl,
+        activator: Activator,
+        upstream: UpstreamClient,
+        load: LoadTracker,
+        *,
+        activation_timeout: float,
+        unreachable_seconds: float = 5.0,
+    ) -> None:
+        self.table = table
+        self.access = access
+        self.activator = activator
+        self.upstream = upstream
+        self.load = load
+        self.activation_timeout = activation_timeout
+        self.unreachable_seconds = unreachable_seconds
+        # One Activate call per deployment per wake-up, shared by every request waiting
+        # for it; dropped once a waiter saw the wake-up end (ready, or given up).
+        self._activations: dict[str, asyncio.Task[bool]] = {}
+
+    async def predict(
+        self,
+        deployment: str,
+        body: bytes,
+        headers: Mapping[str, str],
+        principal: Principal | None = None,
+    ) -> UpstreamResponse:
+        """A raw JSON prediction: ``body`` goes to ``predict()`` of a ready instance of
+        ``deployment`` as is.
+
+        ``headers`` are the request's (any case). ``principal`` is a caller the transport
+        authenticated already, else None (credentials are then read from ``headers`` when
+        the deployment is private). Raises the domain errors listed in the module
+        docstring; the transport maps them (``shipyard_gateway.errors.HTTP_STATUS``).
+        """
+        return await self.forward(deployment, RAW_PREDICT_PATH, body, headers, principal)
+
+    async def forward(
+        self,
+        deployment: str,
+        path: str,
+        body: bytes,
+        headers: Mapping[str, str],
+        principal: Principal | None = None,
+    ) -> UpstreamResponse:
+        """Like :meth:`predict`, to any POST route ``path`` of the model server (the other
+        protocol shapes of the full gateway go through here)."""
+        headers = {key.lower(): value for key, value in headers.items()}
+        supplied = headers.get("x-request-id", "")
+        # Bounded: it travels into the model server's logs and the caller's answer.
+        request_id = supplied if 0 < len(supplied) <= _MAX_REQUEST_ID else uuid.uuid4().hex
+        route = self.table.get(deployment)
+        if route is None:
+            raise not_found(deployment)
+        caller = await self.access.caller(route, headers, principal)
+        if route.stopped:
+            raise DeploymentStopped(deployment)
+        with (
+            _tracer.start_as_current_span(
+                f"predict {deployment}",
+                context=extract_context(headers),
+                kind=SpanKind.SERVER,
+                attributes={"shipyard.deployment": deployment, "shipyard.request_id": request_id},
+            ),
+            self.load.track(deployment),
+        ):
+            upstream_headers = self._upstream_headers(headers, request_id, caller)
+            return await self._send(deployment, path, body, upstream_headers, request_id)
+
+    def _upstream_headers(
+        self, headers: Mapping[str, str], request_id: str, caller: Principal | None
+    ) -> dict[str, str]:
+        # Only these go upstream. In particular a caller's own X-Forwarded-User is dropped:
+        # the model must be able to trust it as the gateway's word.
+        out = {
+            "Content-Type": headers.get("content-type") or "application/json",
+            "X-Request-Id": request_id,
+        }
+        if caller is not None:
+            out["X-Forwarded-User"] = caller.user
+        inject_headers(out)
+        if "traceparent" not in out:
+            for name in _TRACE_HEADERS:
+                if headers.get(name):
+                    out[name] = headers[name]
+        return out
+
+    async def _send(
+        self, deployment: str, path: str, body: bytes, headers: Mapping[str, str], request_id: str
+    ) -> UpstreamResponse:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.activation_timeout
+        refused: set[str] = set()
+        while True:
+            address = self.table.pick(deployment, exclude=refused)
+            if address is None:
+                current = self.table.get(deployment)
+                if refused and current is not None and current.ready:
+                    raise Unavailable(
+                        f"no instance of deployment {deployment!r} accepted a connection "
+                        f"({len(refused)} tried); retry shortly"
+                    )
+                await self._wait_ready(deployment, deadline)
+                continue
+            try:
+                with self.table.track(address):
+                    reply = await self.upstream.post(address, path, body, headers)
+            except ConnectFailed as exc:
+                # Not sent, so safe to send elsewhere.
+                log.warning(
+                    "request %s to %s: %s; trying another instance",
+                    request_id,
+                    deployment,
+                    exc,
+                )
+                refused.add(address)
+                self.table.unreachable(address, self.unreachable_seconds)
+                continue
+            return UpstreamResponse(
+                status=reply.status,
+                body=reply.body,
+                content_type=reply.content_type,
+                request_id=request_id,
+                address=address,
+            )
+
+    async def _wait_ready(self, deployment: str, deadline: float) -> None:
+        """Returns once ``deployment`` has a ready instance, waking it when needed; raises
+        NotFound, DeploymentStopped or Unavailable when it will not get one in time."""
+        loop = asyncio.get_running_loop()
+        route = self.table.get(deployment)
+        if route is None:
+            raise not_found(deployment)
+        if route.stopped:
+            raise DeploymentStopped(deployment)
+        if route.ready:
+            return
+        activation = self._activations.get(deployment)
+        if activation is None:
+            timeout = max(0.1, min(_ACTIVATE_CALL_SECONDS, deadline - loop.time()))
+            activation = asyncio.ensure_future(self.activator.activate(deployment, timeout))
+            # Every waiter may be gone (cancelled) when it fails; read the error anyway so
+            # asyncio does not log "exception was never retrieved".
+            activation.add_done_callback(lambda t: t.cancelled() or t.exception())
+            self._activations[deployment] = activation
+        try:
+            try:
+                # shield: one waiter going away must not cancel the call the others share.
+                await asyncio.shield(activation)
+            except ShipyardError as err:
+                current = self.table.get(deployment)
+                if current is not None and current.scaled_to_zero and not current.ready:
+                    raise Unavailable(
+                        f"deployment {deployment!r} is scaled to zero and could not be woken "
+                        f"({err.message}); retry shortly"
+                    ) from err
+                # Instances are starting anyway: the wake-up was not needed.
+                log.warning("Activate(%s) failed: %s", deployment, err.message)
+            ready = await self.table.wait_ready(deployment, max(0.0, deadline - loop.time()))
+        finally:
+            if self._activations.get(deployment) is activation and activation.done():
+                del self._activations[deployment]
+        if ready is not None:
+            return
+        current = self.table.get(deployment)
+        if current is None:
+            raise not_found(deployment)
+        if current.stopped:
+            raise DeploymentStopped(deployment)
+        if current.ready:
+            return
+        raise Unavailable(
+            f"deployment {deployment!r} has no ready instance: waited "
+            f"{self.activation_timeout:g}s for one to start; see `shipyard deploy show "
+            f"{deployment}` for why"
+        )

@@ -1,0 +1,62 @@
+"""The gateway's settings (env prefix ``SHIPYARD_``)."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from shipyard_core.settings import CommonSettings
+
+
+class GatewaySettings(CommonSettings):
+    """Settings of the gateway: the prediction data plane."""
+
+    service_name: str = "gateway"
+    """The name in logs, traces and the NATS connection."""
+
+    grpc_port: int = 8081
+    """Port of the gateway's gRPC server. For now it serves health checking and reflection
+    only (what the platform supervisor probes); the Open Inference Protocol gRPC API will
+    be served here too."""
+
+    http_host: str = "127.0.0.1"
+    """Interface the REST data plane binds to. Use ``0.0.0.0`` (or ``::``) in a container."""
+
+    http_port: int = Field(default=8080, ge=0, le=65535)
+    """Port of the REST data plane (``POST /deployments/{deployment}/predict``, health);
+    0 lets the OS choose (the host reports the bound port as ``http_port``)."""
+
+    scheduler_addr: str = "127.0.0.1:50054"
+    """``host:port`` of the scheduler, whose ``WatchRoutes`` stream keeps the routing table
+    current and whose ``Activate`` wakes deployments scaled to zero."""
+
+    activation_timeout_seconds: float = Field(default=120.0, gt=0)
+    """How long a request waits for a deployment without a ready instance (scaled to zero,
+    or starting) to get one before it is answered 503."""
+
+    upstream_timeout_seconds: float = Field(default=60.0, gt=0)
+    """How long a model server gets to answer one request (connecting included) before
+    the caller gets 504."""
+
+    connect_timeout_seconds: float = Field(default=2.0, gt=0)
+    """How long connecting to a model server may take; an instance that does not accept
+    the connection in time is skipped and the request goes to another one."""
+
+    unreachable_seconds: float = Field(default=5.0, ge=0)
+    """How long an instance that refused a connection is passed over (unless no other
+    one is left), until the scheduler's health checks take it out of the routes."""
+
+    max_body_bytes: int = Field(default=32 * 1024 * 1024, ge=1)
+    """Largest request body accepted (default 32 MiB, the model server's own limit);
+    larger ones get 413."""
+
+    upstream_connections_per_host: int = Field(default=512, ge=1)
+    """At most this many connections to one model server instance (kept alive and
+    reused); further requests wait for a free one."""
+
+    load_report_interval_seconds: float = Field(default=1.0, gt=0)
+    """How often the in-flight load per deployment is published on NATS
+    (``shipyard.load.gateway``) for the scheduler's autoscaler."""
+
+    gateway_id: str = ""
+    """The id of this gateway process in load reports. Empty: ``<hostname>-<pid>-<random>``
+    (unique per process, which is what the autoscaler needs to sum over gateways)."""

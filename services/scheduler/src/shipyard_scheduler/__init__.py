@@ -1,0 +1,1 @@
+"""The scheduler service: deployments, their revisions and instances."""

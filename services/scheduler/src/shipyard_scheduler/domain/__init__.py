@@ -1,0 +1,6 @@
+"""The scheduler's domain: deployments and instances, and their events."""
+
+from shipyard_scheduler.domain.aggregates import Deployment, Instance, InstanceState, Status
+from shipyard_scheduler.domain.events import SCHEDULER_EVENTS, Spec
+
+__all__ = ["SCHEDULER_EVENTS", "Deployment", "Instance", "InstanceState", "Spec", "Status"]

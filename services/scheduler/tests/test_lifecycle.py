@@ -1,0 +1,245 @@
+"""Deployments end to end on real PostgreSQL, NATS, quota, imagebuild and model server
+processes (the local backend)."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+
+import grpc
+import pytest
+
+from shipyard.quota.v1 import quota_pb2 as qp
+from shipyard.quota.v1 import quota_pb2_grpc
+from shipyard.scheduler.v1 import scheduler_pb2 as pb
+from shipyard.scheduler.v1 import scheduler_pb2_grpc
+from shipyard_testing import wait_for
+
+from .conftest import Stack, md
+
+DEPLOYED = pb.DEPLOYMENT_STATUS_DEPLOYED
+
+
+async def _status(
+    stub: scheduler_pb2_grpc.SchedulerServiceStub, name: str, want: int, deadline: float = 60
+) -> pb.Deployment:
+    async def check() -> pb.Deployment | None:
+        d = await stub.GetDeployment(pb.DeploymentRef(name=name), metadata=md("ana"))
+        return d if d.status == want else None
+
+    return await wait_for(
+        check, timeout=deadline, interval=0.1, message=f"{name} never got status {want}"
+    )
+
+
+def _predict(address: str, payload: object) -> dict[str, object]:
+    req = urllib.request.Request(
+        f"http://{address}/predict",
+        data=json.dumps(payload).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(req, timeout=10) as resp:  # noqa: S310 - a local test server
+        return json.loads(resp.read())
+
+
+async def _used_instances(stack: Stack, want: int, group: str = "team-a") -> int:
+    """The group's used instances once they equal ``want`` (quota's usage is a projection)."""
+
+    async def used() -> bool:
+        async with grpc.aio.insecure_channel(stack.quota.address) as ch:
+            usage = await quota_pb2_grpc.QuotaServiceStub(ch).GetGroupUsage(
+                qp.GetGroupUsageRequest(group=group), metadata=md("admin")
+            )
+            return usage.used.instances == want
+
+    await wait_for(used, timeout=10, interval=0.05, message=f"quota never showed {want} used")
+    return want
+
+
+async def test_create_serves_then_stop_start_delete(stack: Stack) -> None:
+    async with stack.channel() as ch:
+        stub = stack.stub(ch)
+        created = await stub.CreateDeployment(
+            pb.CreateDeploymentRequest(
+                name="echo-life",
+                spec=pb.DeploymentSpec(
+                    image=stack.images["v1"],
+                    instance_type="cpu.small",
+                    scaling=pb.Scaling(min_replicas=2, max_replicas=2),
+                    description="an echo",
+                    metadata={"team": "a"},
+                ),
+                readme="# Echo",
+            ),
+            metadata=md("ana"),
+        )
+        assert created.group == "team-a" and created.revision == 1
+        assert created.status == pb.DEPLOYMENT_STATUS_DEPLOYING
+        assert created.endpoint.endswith("/deployments/echo-life/predict")
+        await _used_instances(stack, 2)
+
+        deployed = await _status(stub, "echo-life", DEPLOYED)
+        assert deployed.ready_replicas == 2
+        instances = (
+            await stub.ListInstances(pb.ListInstancesRequest(name="echo-life"), metadata=md("ana"))
+        ).instances
+        ready = [i for i in instances if i.status == pb.INSTANCE_STATUS_READY]
+        assert len(ready) == 2 and all(i.backend == "local" for i in ready)
+        assert _predict(ready[0].address, [1, 2]) == {"version": "v1", "echo": [1, 2]}
+
+        # Bob (team-b) sees nothing of it and cannot touch it.
+        for call in (stub.GetDeployment, stub.StopDeployment, stub.DeleteDeployment):
+            with pytest.raises(grpc.aio.AioRpcError) as hidden:
+                await call(pb.DeploymentRef(name="echo-life"), metadata=md("bob"))
+            assert hidden.value.code() == grpc.StatusCode.NOT_FOUND
+        listed = await stub.ListDeployments(pb.ListDeploymentsRequest(), metadata=md("bob"))
+        assert [d.name for d in listed.deployments] == []
+
+        stopped = await stub.StopDeployment(pb.DeploymentRef(name="echo-life"), metadata=md("ana"))
+        assert stopped.status == pb.DEPLOYMENT_STATUS_STOPPED
+        await _used_instances(stack, 0)
+
+        async def all_terminated() -> bool:
+            got = await stub.ListInstances(
+                pb.ListInstancesRequest(name="echo-life"), metadata=md("ana")
+            )
+            return all(i.status == pb.INSTANCE_STATUS_TERMINATED for i in got.instances)
+
+        await wait_for(all_terminated, timeout=30, message="instances kept running after stop")
+
+        await stub.StartDeployment(pb.DeploymentRef(name="echo-life"), metadata=md("ana"))
+        await _used_instances(stack, 2)
+        await _status(stub, "echo-life", DEPLOYED)
+
+        await stub.DeleteDeployment(pb.DeploymentRef(name="echo-life"), metadata=md("ana"))
+        await _used_instances(stack, 0)
+        with pytest.raises(grpc.aio.AioRpcError) as gone:
+            await stub.GetDeployment(pb.DeploymentRef(name="echo-life"), metadata=md("ana"))
+        assert gone.value.code() == grpc.StatusCode.NOT_FOUND
+        history = await stub.GetHistory(pb.DeploymentRef(name="echo-life"), metadata=md("ana"))
+        assert [e.action for e in history.entries] == ["delete", "start", "stop", "create"]
+        assert history.entries[-1].actor == "ana" and history.entries[-1].image.version >= 1
+        assert history.entries[2].stopped and not history.entries[1].stopped
+        assert history.entries[-1].metadata == {"team": "a"}
+        await wait_for(all_terminated, timeout=30, message="instances kept running after delete")
+
+
+async def test_quota_refusal_leaves_nothing_behind(stack: Stack) -> None:
+    async with stack.channel() as ch:
+        stub = stack.stub(ch)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.CreateDeployment(
+                pb.CreateDeploymentRequest(
+                    name="too-big",
+                    spec=pb.DeploymentSpec(
+                        image=stack.images["v1"],
+                        instance_type="cpu.small",
+                        scaling=pb.Scaling(min_replicas=1, max_replicas=9),
+                    ),
+                ),
+                metadata=md("ana"),
+            )
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "team-a" in (refused.value.details() or "")
+        with pytest.raises(grpc.aio.AioRpcError) as missing:
+            await stub.GetDeployment(pb.DeploymentRef(name="too-big"), metadata=md("ana"))
+        assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+        await _used_instances(stack, 0)
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"name": "Bad_Name"}, "name"),
+        ({"instance_type": "gpu.huge"}, "instance_type"),
+        ({"image": "nope:1"}, "image"),
+        ({"scaling": pb.Scaling(min_replicas=3, max_replicas=1)}, "min_replicas"),
+    ],
+)
+async def test_bad_input_names_the_field(
+    stack: Stack, change: dict[str, object], field: str
+) -> None:
+    spec = {"image": stack.images["v1"], "instance_type": "cpu.small"}
+    name = str(change.pop("name", "ok-name"))
+    spec.update(change)  # type: ignore[arg-type]
+    async with stack.channel() as ch:
+        with pytest.raises(grpc.aio.AioRpcError) as bad:
+            await stack.stub(ch).CreateDeployment(
+                pb.CreateDeploymentRequest(name=name, spec=pb.DeploymentSpec(**spec)),  # type: ignore[arg-type]
+                metadata=md("ana"),
+            )
+    assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (bad.value.details() or "").startswith(field), bad.value.details()
+
+
+async def test_a_crashing_revision_fails_with_its_log_and_the_old_one_keeps_serving(
+    stack: Stack,
+) -> None:
+    async with stack.channel() as ch:
+        stub = stack.stub(ch)
+        await stub.CreateDeployment(
+            pb.CreateDeploymentRequest(
+                name="echo-crash",
+                spec=pb.DeploymentSpec(image=stack.images["v1"], instance_type="cpu.small"),
+            ),
+            metadata=md("ana"),
+        )
+        await _status(stub, "echo-crash", DEPLOYED)
+        updated = await stub.UpdateDeployment(
+            pb.UpdateDeploymentRequest(
+                name="echo-crash", image=stack.images["crash"], message="try crashy"
+            ),
+            metadata=md("ana"),
+        )
+        assert updated.revision == 2 and updated.active_revision == 1
+        failed = await _status(stub, "echo-crash", pb.DEPLOYMENT_STATUS_FAILED)
+        assert "expected 4 features, got 3" in failed.message
+        assert "revision 1 still serves" in failed.message
+        assert failed.active_revision == 1 and failed.ready_replicas == 1
+        history = await stub.GetHistory(pb.DeploymentRef(name="echo-crash"), metadata=md("ana"))
+        assert history.entries[0].action == "update" and history.entries[0].message == "try crashy"
+        await stub.DeleteDeployment(pb.DeploymentRef(name="echo-crash"), metadata=md("ana"))
+
+
+async def test_image_usage_follows_deployments_and_guards_delete(stack: Stack) -> None:
+    from shipyard.imagebuild.v1 import imagebuild_pb2 as ib
+    from shipyard.imagebuild.v1 import imagebuild_pb2_grpc
+
+    v1, v2 = stack.images["v1"], stack.images["v2"]
+    async with stack.channel() as ch, grpc.aio.insecure_channel(stack.imagebuild.address) as ich:
+        stub, images = stack.stub(ch), imagebuild_pb2_grpc.ImageBuildServiceStub(ich)
+
+        async def users(image: str) -> list[str]:
+            got = await images.GetImageUsage(
+                ib.GetImageUsageRequest(image=image), metadata=md("ana")
+            )
+            return list(got.deployments)
+
+        await stub.CreateDeployment(
+            pb.CreateDeploymentRequest(
+                name="echo-usage", spec=pb.DeploymentSpec(image=v1, instance_type="cpu.small")
+            ),
+            metadata=md("ana"),
+        )
+        await wait_for(lambda: _eq(users(v1), ["echo-usage"]), timeout=10, message="usage of v1")
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await images.DeleteImage(ib.DeleteImageRequest(image=v1), metadata=md("ana"))
+        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "echo-usage" in (refused.value.details() or "")
+
+        await stub.UpdateDeployment(
+            pb.UpdateDeploymentRequest(name="echo-usage", image=v2), metadata=md("ana")
+        )
+        await _status(stub, "echo-usage", DEPLOYED)
+        await wait_for(
+            lambda: _eq(users(v1), []), timeout=10, message="v1 still in use after rollout"
+        )
+        assert await users(v2) == ["echo-usage"]
+        await stub.DeleteDeployment(pb.DeploymentRef(name="echo-usage"), metadata=md("ana"))
+        await wait_for(
+            lambda: _eq(users(v2), []), timeout=10, message="v2 still in use after delete"
+        )
+
+
+async def _eq(got: object, want: object) -> bool:
+    return await got == want  # type: ignore[misc]
