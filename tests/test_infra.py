@@ -26,14 +26,18 @@ def _docs(path: Path) -> list[dict[str, object]]:
 
 def test_k8s_manifests_cover_every_service_with_probes_and_ports() -> None:
     kustomization = yaml.safe_load((ROOT / "infra/k8s/kustomization.yaml").read_text())
-    for service in ("keys", "quota", "imagebuild"):
+    for service in ("keys", "quota", "imagebuild", "scheduler", "gateway"):
         assert f"{service}.yaml" in kustomization["resources"]
         deployment, svc = _docs(ROOT / f"infra/k8s/{service}.yaml")
         assert deployment["kind"] == "Deployment" and svc["kind"] == "Service"
         container = deployment["spec"]["template"]["spec"]["containers"][0]  # type: ignore[index]
         port = DEFAULT_PORTS[service]
         assert container["ports"][0]["containerPort"] == port
-        assert container["readinessProbe"]["grpc"]["port"] == port
+        probe = container["readinessProbe"]
+        if service == "gateway":  # ready once it has the routing table
+            assert probe["httpGet"]["path"] == "/v2/health/ready"
+        else:
+            assert probe["grpc"]["port"] == port
         assert container["command"] == ["python", "-m", f"shipyard_{service}"]
         env = {e["name"]: e for e in container["env"]}
         assert env["SHIPYARD_GRPC_PORT"]["value"] == str(port)
@@ -42,7 +46,7 @@ def test_k8s_manifests_cover_every_service_with_probes_and_ports() -> None:
 
 def test_compose_runs_every_service_on_its_port() -> None:
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
-    for service in ("keys", "quota", "imagebuild"):
+    for service in ("keys", "quota", "imagebuild", "scheduler", "gateway"):
         spec = compose["services"][service]
         assert spec["command"] == ["python", "-m", f"shipyard_{service}"]
         assert spec["environment"]["SHIPYARD_GRPC_PORT"] == str(DEFAULT_PORTS[service])

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from shipyard_core.embedded import free_port
@@ -34,6 +35,9 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
             "SHIPYARD_KEYS_PORT": str(free_port()),
             "SHIPYARD_QUOTA_PORT": str(free_port()),
             "SHIPYARD_IMAGEBUILD_PORT": str(free_port()),
+            "SHIPYARD_SCHEDULER_PORT": str(free_port()),
+            "SHIPYARD_GATEWAY_PORT": str(free_port()),
+            "SHIPYARD_GATEWAY_HTTP_PORT": str(free_port()),
             "SHIPYARD_UP_TIMEOUT": "90",
         }
     )
@@ -49,6 +53,14 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
         os.environ.clear()
         os.environ.update(saved)
+
+
+def _alive(pid: int) -> bool:
+    # A zombie (exited, not yet reaped by whoever adopted it) is not alive.
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def admin_token(home: Path) -> str:
@@ -183,10 +195,91 @@ def test_first_session(home: Path) -> None:
     shutil.rmtree(not_a_model)
     assert "serve.py" in broken
 
+    # Bob deploys it and predicts through the gateway; carol (team-a) cannot touch it.
+    created = sy(
+        home,
+        "deploy",
+        "create",
+        "iris-bob",
+        "--image",
+        "iris:1",
+        "--instance-type",
+        "cpu.small",
+        "--replicas",
+        "1",
+        "--wait",
+        token=bob,
+    )
+    assert created["status"] == "deployed" and created["ready_replicas"] == 1, created
+    answer = sy(home, "predict", "iris-bob", "--data", "[[5.1, 3.5, 1.4, 0.2]]", token=bob)
+    assert "setosa" in json.dumps(answer), answer
+    assert "does not exist" in sy(home, "deploy", "show", "iris-bob", token=carol, ok=False)
+    refused = sy(
+        home, "predict", "iris-bob", "--data", "[[5.1, 3.5, 1.4, 0.2]]", token=carol, ok=False
+    )
+    assert "may not call deployment 'iris-bob'" in refused and "team-b" not in refused
+    assert sy(home, "quota", "show", "team-b", token=bob)["used"]["instances"] == 1
+    refused = sy(
+        home,
+        "deploy",
+        "create",
+        "iris-two",
+        "--image",
+        "iris:1",
+        "--instance-type",
+        "cpu.small",
+        "--replicas",
+        "1",
+        token=bob,
+        ok=False,
+    )
+    assert "team-b" in refused and "free" in refused, refused
+    assert "image iris:1 is used by deployment(s) iris-bob" in sy(
+        home, "image", "delete", "iris:1", "--yes", token=bob, ok=False
+    )
+
+    # kill -9 of the scheduler: the model keeps serving, the supervisor restarts the
+    # scheduler, which adopts the running instance instead of starting another.
+    before = sy(home, "deploy", "instances", "iris-bob", token=bob)
+    state = json.loads((home / "run" / "state.json").read_text())
+    scheduler = next(c for c in state["components"] if c["name"] == "scheduler")
+    os.kill(scheduler["pid"], 9)
+    assert sy(home, "predict", "iris-bob", "--data", "[5.1, 3.5, 1.4, 0.2]", token=bob)
+    wait_for_sync(
+        lambda: sy(home, "deploy", "show", "iris-bob", token=bob)["status"] == "deployed",
+        timeout=60,
+        interval=0.2,
+        message="the scheduler did not come back",
+        ignore=(AssertionError,),  # unreachable while the supervisor restarts it
+    )
+    after = sy(home, "deploy", "instances", "iris-bob", token=bob)
+    assert [i["instance_id"] for i in after if i["status"] == "ready"] == [
+        i["instance_id"] for i in before if i["status"] == "ready"
+    ]
+
+    sy(home, "deploy", "stop", "iris-bob", token=bob)
+    assert sy(home, "quota", "show", "team-b", token=bob)["used"]["instances"] == 0
+    history = sy(home, "deploy", "history", "iris-bob", token=bob)
+    assert [h["action"] for h in history][:2] == ["stop", "create"]
+
     # down, then up: every event and read model is still there.
+    quota_events = len(sy(home, "events", "list", "--service", "quota")["events"])
     down(home)
     up(home)
     again = sy(home, "quota", "show", "team-a")
     assert again["used"]["cpu"] == 2 and again["limits"]["cpu"] == 2
-    assert len(sy(home, "events", "list", "--service", "quota")["events"]) == len(types)
+    assert len(sy(home, "events", "list", "--service", "quota")["events"]) == quota_events
     assert "unknown or revoked token" in sy(home, "users", "whoami", token=ana, ok=False)
+    stopped = sy(home, "deploy", "show", "iris-bob", token=bob)
+    assert stopped["status"] == "stopped"
+
+    # `down` stops model servers too (they outlive a scheduler crash, not a `down`).
+    sy(home, "deploy", "start", "iris-bob", "--wait", token=bob)
+    states = list((home / "runtime" / "instances").glob("*.json"))
+    pids = [json.loads(p.read_text())["pid"] for p in states]
+    assert pids and all(_alive(pid) for pid in pids)
+    down(home)
+    assert not any(_alive(pid) for pid in pids)
+    up(home)
+    sy(home, "deploy", "delete", "iris-bob", "--yes", token=bob)
+    assert sy(home, "deploy", "list", token=bob) == []

@@ -247,12 +247,16 @@ def test_real_services(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SHIPYARD_SERVICES", ",".join(names))
     for name in names:
         monkeypatch.setenv(f"SHIPYARD_{name.upper()}_PORT", str(free_port()))
+    monkeypatch.setenv("SHIPYARD_GATEWAY_HTTP_PORT", str(free_port()))
     up(home)
     statuses = by_name(status(home))
     assert list(statuses) == ["supervisor", "nats", "postgres", *names]
     assert all(s.healthy for s in statuses.values()), statuses
     config = json.loads((home / "config.json").read_text())
-    assert set(config["endpoints"]) == set(names)
+    # The gateway also has its REST data plane's URL.
+    assert set(config["endpoints"]) == set(names) | (
+        {"gateway_http"} & {f"{n}_http" for n in names}
+    )
     if "keys" in names:
         assert config["token"].startswith("sy_")
     down(home)

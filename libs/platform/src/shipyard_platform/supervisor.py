@@ -737,15 +737,20 @@ class Supervisor:
             if service.name != "scheduler" or service.spec.argv is not None:
                 continue
             try:
-                subprocess.run(
+                done = subprocess.run(
                     [*service.spec.command(), "stop-local-instances"],
                     env=service._env,
                     timeout=60,
                     capture_output=True,
+                    text=True,
                     check=False,
                 )
             except (OSError, subprocess.TimeoutExpired) as exc:
                 self._log(f"stopping model servers failed: {exc}")
+                continue
+            if done.returncode != 0:
+                tail = done.stderr.strip().splitlines()[-1:] or ["no output"]
+                self._log(f"stopping model servers failed ({done.returncode}): {tail[0]}")
 
 
 def internal_token(home: Path) -> str:

@@ -79,12 +79,13 @@ class AccessControl:
             if credentials is None:
                 raise Unauthenticated(
                     f"deployment {route.deployment!r} is private: send `Authorization: Bearer "
-                    f"<token>` with the token of a member of group {route.group!r}"
+                    "<token>` with the token of a member of its group"
                 )
             principal = await self.authenticator.authenticate(credentials.secret)
         if not principal.can_see(route.group):
             raise PermissionDenied(
-                f"user {principal.user!r} may not call deployment {route.deployment!r}: it "
-                f"belongs to group {route.group!r}; ask an admin to add you to that group"
+                # Which group owns it is not the caller's business.
+                f"user {principal.user!r} may not call deployment {route.deployment!r}: "
+                "only members of its group may; ask its owners for access"
             )
         return principal

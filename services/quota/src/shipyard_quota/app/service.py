@@ -150,6 +150,8 @@ class QuotaApp:
             stored = await self.groups.save(quota)
             if stored:
                 reservation = replace(reservation, reserved_at=stored[-1].recorded_at)
+                # Read-your-writes: usage shown right after (by `deploy create`) counts it.
+                await self._visible(stored)
             return reservation
 
         return await retry_on_conflict(command)
@@ -164,7 +166,7 @@ class QuotaApp:
         async def command() -> bool:
             quota = await self.groups.load(group)
             released = quota.release(reservation_id)
-            await self.groups.save(quota)
+            await self._visible(await self.groups.save(quota))
             return released
 
         return await retry_on_conflict(command)
