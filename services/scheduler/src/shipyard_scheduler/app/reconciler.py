@@ -155,7 +155,7 @@ class Reconciler:
         wanted = {r["name"]: r for r in rows}
         specs = await self._specs(wanted)
         observed = await self.backend.observe()
-        await self._record(observed, wanted)
+        await self._record(observed)
 
         by_revision: dict[tuple[str, int], list[ObservedInstance]] = defaultdict(list)
         for inst in observed:
@@ -287,9 +287,7 @@ class Reconciler:
 
         await retry_on_conflict(command)
 
-    async def _record(
-        self, observed: list[ObservedInstance], wanted: dict[str, asyncpg.Record]
-    ) -> None:
+    async def _record(self, observed: list[ObservedInstance]) -> None:
         """Turns what the backend sees into instance events."""
         seen = set()
         changed: list[Instance] = []
@@ -314,10 +312,9 @@ class Reconciler:
             if iid in seen:
                 continue
             inst = self.instances.pop(iid)
-            reason = self._removing.pop(iid, "")
-            if not reason:
-                reason = "scaled down" if inst_deployment_live(iid, wanted) else "gone"
-            inst.terminated(reason)
+            # Not removed by us: it vanished (killed outside Shipyard, `shipyard down`,
+            # a node lost).
+            inst.terminated(self._removing.pop(iid, "") or "gone: no longer running")
             if inst.pending:
                 changed.append(inst)
         for inst in changed:
@@ -326,8 +323,3 @@ class Reconciler:
             except ConcurrencyError:
                 # Only the leader writes instances; a conflict means a former leader did.
                 self.instances[inst.id] = await self.instance_repo.load(inst.id)
-
-
-def inst_deployment_live(instance_id: str, wanted: dict[str, asyncpg.Record]) -> bool:
-    """Whether the instance's deployment (its id's prefix) still runs."""
-    return any(instance_id.startswith(f"{name}-r") for name in wanted)
