@@ -6,7 +6,7 @@ import argparse
 import asyncio
 import importlib
 
-BENCHES = ["eventstore", "imagebuild"]
+BENCHES = ["eventstore", "imagebuild", "deploy"]
 
 
 def main() -> None:

@@ -30,6 +30,8 @@ class Stack:
     token: str = ""
     addresses: dict[str, str] = field(default_factory=dict)
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    http_port: int = 0
+    """The gateway's REST port (when the gateway runs)."""
 
     @property
     def metadata(self) -> tuple[tuple[str, str], ...]:
@@ -56,7 +58,17 @@ async def running(services: dict[str, dict[str, str]]) -> AsyncIterator[Stack]:
         )
         try:
             ports = {name: free_port() for name in ("shipyard_keys", *services)}
+            stack.http_port = free_port()
+            # Every service finds every other one, as under `shipyard up`.
+            peers = {
+                f"SHIPYARD_{m.removeprefix('shipyard_').upper()}_ADDR": f"127.0.0.1:{port}"
+                for m, port in ports.items()
+            }
             env = {
+                **peers,
+                "SHIPYARD_INTERNAL_TOKEN": "bench-internal-token",
+                "SHIPYARD_HTTP_PORT": str(stack.http_port),
+                "SHIPYARD_GATEWAY_URL": f"http://127.0.0.1:{stack.http_port}",
                 **os.environ,
                 "SHIPYARD_DATABASE_URL": stack.pg.url,
                 "SHIPYARD_NATS_URL": stack.nats.url,
@@ -91,5 +103,12 @@ async def running(services: dict[str, dict[str, str]]) -> AsyncIterator[Stack]:
                 p.terminate()
             for p in stack.procs.values():
                 p.wait(30)
+            if "shipyard_scheduler" in stack.procs:  # its model servers outlive it on purpose
+                subprocess.run(
+                    [sys.executable, "-m", "shipyard_scheduler", "stop-local-instances"],
+                    env={**env, "SHIPYARD_GRPC_PORT": "0"},
+                    capture_output=True,
+                    check=False,
+                )
             stack.nats.stop()
             stack.pg.stop()

@@ -36,14 +36,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import urllib3.exceptions
 from kubernetes import client as k8s
-from kubernetes.client.exceptions import ApiException
 
-from shipyard_core import validation
+from shipyard_core import kube, validation
 from shipyard_core.errors import (
     AlreadyExists,
-    FailedPrecondition,
     InvalidArgument,
     NotFound,
     ShipyardError,
@@ -569,43 +566,14 @@ def job_status(status: Any) -> BuildStatus:
 # --------------------------------------------------------------------------- runner
 
 
-def _api_message(exc: ApiException) -> str:
-    """The API server's own message (from its Status body) or the HTTP reason."""
-    try:
-        body = json.loads(exc.body or "")
-    except (TypeError, ValueError):
-        body = None
-    if isinstance(body, dict) and isinstance(body.get("message"), str):
-        return str(body["message"])
-    return f"HTTP {exc.status} {exc.reason or ''}".strip()
-
-
 def _call(doing: str, fn: Callable[..., Any], /, **kwargs: Any) -> Any:
-    """Calls the Kubernetes API, turning its failures into Shipyard errors: 404 is
-    ``NotFound``, 409 ``AlreadyExists`` (callers catch those two), refusals and rejected
-    objects ``FailedPrecondition`` (the cluster's configuration, not the caller, must
-    change), an unreachable or overloaded API server ``Unavailable``."""
-    try:
-        return fn(**kwargs)
-    except ApiException as exc:
-        status, message = exc.status or 0, _api_message(exc)
-        error: ShipyardError
-        if status == 404:
-            error = NotFound(f"{doing}: {message}")
-        elif status == 409:
-            error = AlreadyExists(f"{doing}: {message}")
-        elif status in (401, 403):
-            error = FailedPrecondition(
-                f"the cluster refused {doing}: {message} (the imagebuild service account "
-                "needs the Role in infra/k8s/imagebuild-rbac.yaml)"
-            )
-        elif status == 429 or status >= 500 or status == 0:
-            error = Unavailable(f"the Kubernetes API failed {doing}: {message}")
-        else:
-            error = FailedPrecondition(f"the cluster rejected {doing}: {message}")
-        raise error from exc
-    except urllib3.exceptions.HTTPError as exc:
-        raise Unavailable(f"cannot reach the Kubernetes API for {doing}: {exc}") from exc
+    """:func:`shipyard_core.kube.call` with this adapter's RBAC hint."""
+    return kube.call(
+        doing,
+        fn,
+        rbac_hint="the imagebuild service account needs the Role in infra/k8s/imagebuild-rbac.yaml",
+        **kwargs,
+    )
 
 
 class KubernetesBuildRunner:

@@ -36,11 +36,10 @@ from kubernetes import config as k8s_config
 from kubernetes.client.exceptions import ApiException
 from kubernetes.config.config_exception import ConfigException
 
+from shipyard_core import kube
 from shipyard_core.errors import (
-    AlreadyExists,
     FailedPrecondition,
     NotFound,
-    ShipyardError,
     Unavailable,
 )
 from shipyard_scheduler.adapters.backend import InstancePhase, ObservedInstance, RevisionSpec
@@ -92,43 +91,14 @@ def load_api_client(context: str | None = None, config_file: str | None = None) 
 # --------------------------------------------------------------------------- errors
 
 
-def _api_message(exc: ApiException) -> str:
-    """The API server's own message (from its Status body) or the HTTP reason."""
-    try:
-        body = json.loads(exc.body or "")
-    except (TypeError, ValueError):
-        body = None
-    if isinstance(body, dict) and isinstance(body.get("message"), str):
-        return str(body["message"])
-    return f"HTTP {exc.status} {exc.reason or ''}".strip()
-
-
 def _call(doing: str, fn: Callable[..., Any], /, **kwargs: Any) -> Any:
-    """Calls the Kubernetes API, turning its failures into Shipyard errors: 404 is
-    ``NotFound`` and 409 ``AlreadyExists`` (callers catch those), refusals and rejected
-    objects ``FailedPrecondition`` (the cluster's configuration must change), an
-    unreachable, slow or overloaded API server ``Unavailable`` (the next pass retries)."""
-    try:
-        return fn(**kwargs)
-    except ApiException as exc:
-        status, message = exc.status or 0, _api_message(exc)
-        error: ShipyardError
-        if status == 404:
-            error = NotFound(f"{doing}: {message}")
-        elif status == 409:
-            error = AlreadyExists(f"{doing}: {message}")
-        elif status in (401, 403):
-            error = FailedPrecondition(
-                f"the cluster refused {doing}: {message} (the scheduler's service account "
-                f"needs the Role in {RBAC_FILE})"
-            )
-        elif status == 429 or status >= 500 or status == 0:
-            error = Unavailable(f"the Kubernetes API failed {doing}: {message}")
-        else:
-            error = FailedPrecondition(f"the cluster rejected {doing}: {message}")
-        raise error from exc
-    except urllib3.exceptions.HTTPError as exc:
-        raise Unavailable(f"cannot reach the Kubernetes API for {doing}: {exc}") from exc
+    """:func:`shipyard_core.kube.call` with this adapter's RBAC hint."""
+    return kube.call(
+        doing,
+        fn,
+        rbac_hint=f"the scheduler's service account needs the Role in {RBAC_FILE}",
+        **kwargs,
+    )
 
 
 def _request(doing: str, fn: Callable[..., Any], /, **kwargs: Any) -> bytes:
