@@ -1,21 +1,29 @@
 """A real in-process grpc.aio server with small fake servicers, to test the client's own
 work: status codes to exceptions, the token in metadata, protobuf to dataclasses, and the
-CLI's output. The services' behaviour is tested end to end elsewhere."""
+CLI's output. The services' behaviour is tested end to end elsewhere.
+
+Also the helpers every test module shares (import them with ``from .conftest import``):
+a grpc.aio server for a module's own fake servicer, a home's ``config.json``, calling the
+client and the CLI off the event loop, and the checks of the CLI's output."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
+from click.testing import CliRunner, Result
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from shipyard.cli.main import cli
 from shipyard.client.events import EVENT_SOURCED_SERVICES
 from shipyard.common.v1 import events_pb2 as ev_pb
 from shipyard.common.v1 import events_pb2_grpc as ev_grpc
@@ -302,19 +310,33 @@ def free_port() -> int:
         return port
 
 
-@pytest.fixture(scope="session")
-async def fake_server() -> AsyncIterator[FakeServer]:
-    calls = Calls()
+# ``(add_XServicer_to_server, servicer)``: what ``serving`` puts on its server.
+Servicer = tuple[Callable[[Any, grpc.aio.Server], None], object]
+
+
+@contextlib.asynccontextmanager
+async def serving(*servicers: Servicer) -> AsyncIterator[str]:
+    """A grpc.aio server with the servicers on a free local port; yields its address."""
     server = grpc.aio.server()
-    q_grpc.add_QuotaServiceServicer_to_server(FakeQuota(calls), server)
-    id_grpc.add_IdentityServiceServicer_to_server(FakeIdentity(calls), server)
-    ev_grpc.add_EventAdminServicer_to_server(FakeEventAdmin(calls), server)
+    for add, servicer in servicers:
+        add(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:
-        yield FakeServer(address=f"127.0.0.1:{port}", calls=calls)
+        yield f"127.0.0.1:{port}"
     finally:
         await server.stop(None)
+
+
+@pytest.fixture(scope="session")
+async def fake_server() -> AsyncIterator[FakeServer]:
+    calls = Calls()
+    async with serving(
+        (q_grpc.add_QuotaServiceServicer_to_server, FakeQuota(calls)),
+        (id_grpc.add_IdentityServiceServicer_to_server, FakeIdentity(calls)),
+        (ev_grpc.add_EventAdminServicer_to_server, FakeEventAdmin(calls)),
+    ) as address:
+        yield FakeServer(address=address, calls=calls)
 
 
 @pytest.fixture(autouse=True)
@@ -325,12 +347,17 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
             monkeypatch.delenv(name)
 
 
+def write_config(path: Path, token: str | None, endpoints: dict[str, str] | None = None) -> Path:
+    """A Shipyard home (made if need be) whose ``config.json`` holds ``token`` and
+    ``endpoints``; returns the home."""
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps({"token": token, "endpoints": endpoints or {}}))
+    return path
+
+
 def write_home(path: Path, address: str, token: str | None) -> Path:
     """A Shipyard home whose config points every service at ``address``."""
-    path.mkdir(parents=True, exist_ok=True)
-    endpoints = {name: address for name in EVENT_SOURCED_SERVICES}
-    (path / "config.json").write_text(json.dumps({"token": token, "endpoints": endpoints}))
-    return path
+    return write_config(path, token, {name: address for name in EVENT_SOURCED_SERVICES})
 
 
 @pytest.fixture
@@ -367,3 +394,48 @@ def unused_port() -> int:
 def tokens() -> dict[str, str]:
     """The tokens the fake servers know: ``admin`` and ``user`` (ana, member of team-a)."""
     return {"admin": ADMIN_TOKEN, "user": USER_TOKEN}
+
+
+async def run(func: Any, *args: Any, **kwargs: Any) -> Any:
+    """The client blocks; the fake server lives on this event loop, so call off it."""
+    return await asyncio.to_thread(func, *args, **kwargs)
+
+
+def invoke(home: Path | None, *args: str, input: str | None = None, env: Any = None) -> Result:
+    """Runs the CLI with ``--home`` (when given) the way a shell would."""
+    argv = ["--home", str(home), *args] if home is not None else list(args)
+    return CliRunner().invoke(
+        cli, argv, prog_name="shipyard", catch_exceptions=False, input=input, env=env
+    )
+
+
+async def shipyard(
+    home: Path | None, *args: str, input: str | None = None, env: Any = None
+) -> Result:
+    """``invoke`` off the event loop that serves the fake server."""
+    return await asyncio.to_thread(invoke, home, *args, input=input, env=env)
+
+
+def assert_one_line_error(result: Result, exit_code: int = 1) -> str:
+    """The one ``error: ...`` line a failed command prints on stderr (and no traceback)."""
+    assert result.exit_code == exit_code, (result.stdout, result.stderr)
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ")
+    assert "Traceback" not in result.output
+    return lines[0]
+
+
+async def assert_json_output(home: Path, *args: str) -> Any:
+    """Runs a command with ``--json``: it succeeds and prints valid JSON (returned parsed)."""
+    result = await shipyard(home, *args, "--json")
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+async def assert_text_output(home: Path, *args: str) -> str:
+    """Runs a command without ``--json``: it succeeds and prints something (returned)."""
+    result = await shipyard(home, *args)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip()
+    return result.stdout

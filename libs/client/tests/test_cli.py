@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sys
 import types
@@ -11,32 +10,17 @@ from typing import Any
 
 import click
 import pytest
-from click.testing import CliRunner, Result
 
 from shipyard.cli import main as cli_main
-from shipyard.cli.main import cli
 from shipyard.client.events import EVENT_SOURCED_SERVICES
 
-
-def invoke(home: Path | None, *args: str) -> Result:
-    """Runs the CLI with ``--home`` (when given) the way a shell would."""
-    argv = ["--home", str(home), *args] if home is not None else list(args)
-    return CliRunner().invoke(cli, argv, prog_name="shipyard", catch_exceptions=False)
-
-
-async def shipyard(home: Path | None, *args: str) -> Result:
-    """``invoke`` off the event loop that serves the fake server."""
-    return await asyncio.to_thread(invoke, home, *args)
-
-
-def assert_one_line_error(result: Result, exit_code: int = 1) -> str:
-    assert result.exit_code == exit_code, (result.stdout, result.stderr)
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error: ")
-    assert "Traceback" not in result.output
-    return lines[0]
-
+from .conftest import (
+    assert_json_output,
+    assert_one_line_error,
+    assert_text_output,
+    shipyard,
+    write_config,
+)
 
 JSON_COMMANDS = [
     ["quota", "show", "team-a"],
@@ -61,18 +45,14 @@ JSON_COMMANDS = [
 
 @pytest.mark.parametrize("args", JSON_COMMANDS, ids=lambda a: " ".join(a[:2]))
 async def test_json_output_is_valid_json(home: Path, args: list[str]) -> None:
-    result = await shipyard(home, *args, "--json")
-    assert result.exit_code == 0, result.output
-    json.loads(result.stdout)
+    await assert_json_output(home, *args)
 
 
 @pytest.mark.parametrize("args", JSON_COMMANDS, ids=lambda a: " ".join(a[:2]))
 async def test_text_output_works(home: Path, args: list[str]) -> None:
     if args[:2] == ["users", "create"]:
         args = [*args[:2], "dee-text", *args[3:]]
-    result = await shipyard(home, *args)
-    assert result.exit_code == 0, result.output
-    assert result.stdout.strip()
+    await assert_text_output(home, *args)
 
 
 async def test_quota_show_prints_limits_used_free(home: Path) -> None:
@@ -238,9 +218,7 @@ async def test_lag_shows_reachable_services_and_fails_for_the_rest(
     tmp_path: Path, fake_server: Any, unused_port: int, tokens: Any
 ) -> None:
     endpoints = {"quota": fake_server.address, "keys": f"127.0.0.1:{unused_port}"}
-    (tmp_path / "config.json").write_text(
-        json.dumps({"token": tokens["admin"], "endpoints": endpoints})
-    )
+    write_config(tmp_path, tokens["admin"], endpoints)
     result = await shipyard(tmp_path, "events", "lag", "--json")
     line = assert_one_line_error(result)
     assert "cannot reach the keys service" in line

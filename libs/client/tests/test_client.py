@@ -3,7 +3,6 @@ dataclass conversion."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 from datetime import UTC, datetime
 from pathlib import Path
@@ -35,10 +34,7 @@ from shipyard.client import (
 )
 from shipyard.client.errors import from_rpc_error
 
-
-async def run(func: Any, *args: Any, **kwargs: Any) -> Any:
-    """The client blocks; the fake server lives on this event loop, so call off it."""
-    return await asyncio.to_thread(func, *args, **kwargs)
+from .conftest import run
 
 
 async def test_calls_carry_the_configured_token(home: Path, fake_server: Any, tokens: Any) -> None:

@@ -6,7 +6,6 @@ dataclasses, waiting, and the output. The real scheduler is tested end to end el
 
 from __future__ import annotations
 
-import asyncio
 import json
 import threading
 from collections.abc import AsyncIterator, Iterator
@@ -17,11 +16,9 @@ from typing import Any
 
 import grpc
 import pytest
-from click.testing import CliRunner, Result
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from shipyard.cli.deploy_cmds import curl_example
-from shipyard.cli.main import cli
 from shipyard.client import (
     Client,
     DeadlineExceeded,
@@ -39,6 +36,16 @@ from shipyard.client.config import ClientConfig
 from shipyard.client.deployments import replica_range
 from shipyard.scheduler.v1 import scheduler_pb2 as pb
 from shipyard.scheduler.v1 import scheduler_pb2_grpc as pb_grpc
+
+from .conftest import (
+    assert_json_output,
+    assert_one_line_error,
+    assert_text_output,
+    run,
+    serving,
+    shipyard,
+    write_config,
+)
 
 TOKEN = "sy_admin_secret"
 T0 = 1_700_000_000
@@ -463,14 +470,8 @@ class Fake:
 @pytest.fixture(scope="module")
 async def scheduler_server() -> AsyncIterator[tuple[FakeScheduler, str]]:
     servicer = FakeScheduler()
-    server = grpc.aio.server()
-    pb_grpc.add_SchedulerServiceServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
-        yield servicer, f"127.0.0.1:{port}"
-    finally:
-        await server.stop(None)
+    async with serving((pb_grpc.add_SchedulerServiceServicer_to_server, servicer)) as address:
+        yield servicer, address
 
 
 @pytest.fixture
@@ -479,41 +480,9 @@ def fake(scheduler_server: tuple[FakeScheduler, str], gateway: Gateway, tmp_path
     servicer, address = scheduler_server
     servicer.reset()
     gateway.seen.clear()
-    home = tmp_path / "home"
-    home.mkdir()
     endpoints = {"scheduler": address, "gateway_http": gateway.url + "/"}
-    (home / "config.json").write_text(json.dumps({"token": TOKEN, "endpoints": endpoints}))
+    home = write_config(tmp_path / "home", TOKEN, endpoints)
     return Fake(servicer, address, home, gateway)
-
-
-async def run(func: Any, *args: Any, **kwargs: Any) -> Any:
-    """The client blocks; the fake server lives on this event loop, so call off it."""
-    return await asyncio.to_thread(func, *args, **kwargs)
-
-
-def invoke(home: Path, *args: str, input: str | None = None, env: Any = None) -> Result:
-    return CliRunner().invoke(
-        cli,
-        ["--home", str(home), *args],
-        prog_name="shipyard",
-        catch_exceptions=False,
-        input=input,
-        env=env,
-    )
-
-
-async def shipyard(home: Path, *args: str, input: str | None = None, env: Any = None) -> Result:
-    """``shipyard`` off the event loop that serves the fake server."""
-    return await asyncio.to_thread(invoke, home, *args, input=input, env=env)
-
-
-def assert_one_line_error(result: Result, exit_code: int = 1) -> str:
-    assert result.exit_code == exit_code, (result.stdout, result.stderr)
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error: ")
-    assert "Traceback" not in result.output
-    return lines[0]
 
 
 @pytest.fixture(autouse=True)
@@ -998,16 +967,12 @@ JSON_COMMANDS = [
 
 @pytest.mark.parametrize("args", JSON_COMMANDS, ids=lambda a: " ".join(a[:2]))
 async def test_json_output_is_valid_json(fake: Fake, args: list[str]) -> None:
-    result = await shipyard(fake.home, *args, "--json")
-    assert result.exit_code == 0, result.output
-    json.loads(result.stdout)
+    await assert_json_output(fake.home, *args)
 
 
 @pytest.mark.parametrize("args", JSON_COMMANDS, ids=lambda a: " ".join(a[:2]))
 async def test_text_output_works(fake: Fake, args: list[str]) -> None:
-    result = await shipyard(fake.home, *args)
-    assert result.exit_code == 0, result.output
-    assert result.stdout.strip()
+    await assert_text_output(fake.home, *args)
 
 
 async def test_not_found_is_one_line(fake: Fake) -> None:
@@ -1017,9 +982,7 @@ async def test_not_found_is_one_line(fake: Fake) -> None:
 
 
 async def test_unreachable_scheduler_is_one_line(tmp_path: Path, unused_port: int) -> None:
-    (tmp_path / "config.json").write_text(
-        json.dumps({"token": TOKEN, "endpoints": {"scheduler": f"127.0.0.1:{unused_port}"}})
-    )
+    write_config(tmp_path, TOKEN, {"scheduler": f"127.0.0.1:{unused_port}"})
     line = assert_one_line_error(await shipyard(tmp_path, "deploy", "list"))
     assert f"cannot reach the scheduler service at 127.0.0.1:{unused_port}" in line
 
@@ -1119,9 +1082,7 @@ async def test_cli_predict_error_is_one_line(fake: Fake) -> None:
 async def test_cli_predict_gateway_from_env_and_flag(
     fake: Fake, gateway: Gateway, tmp_path: Path, unused_port: int
 ) -> None:
-    home = tmp_path / "bare"
-    home.mkdir()
-    (home / "config.json").write_text(json.dumps({"token": TOKEN}))
+    home = write_config(tmp_path / "bare", TOKEN)
     # Default: 127.0.0.1:8080 (unlikely to be our stand-in); the flag and env win.
     via_env = await shipyard(
         home, "predict", "iris-prod", "--data", '{"instances": [1]}',

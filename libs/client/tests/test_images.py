@@ -17,10 +17,8 @@ from typing import Any
 
 import grpc
 import pytest
-from click.testing import CliRunner, Result
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from shipyard.cli.main import cli
 from shipyard.client import (
     Build,
     BuildFailed,
@@ -35,6 +33,16 @@ from shipyard.client import (
 from shipyard.client.images import CHUNK_SIZE, pack_folder, split_image
 from shipyard.imagebuild.v1 import imagebuild_pb2 as pb
 from shipyard.imagebuild.v1 import imagebuild_pb2_grpc as pb_grpc
+
+from .conftest import (
+    assert_json_output,
+    assert_one_line_error,
+    assert_text_output,
+    run,
+    serving,
+    shipyard,
+    write_config,
+)
 
 TOKEN = "sy_admin_secret"
 QUEUED = Timestamp(seconds=1_700_000_000)
@@ -307,14 +315,8 @@ class Fake:
 @pytest.fixture(scope="module")
 async def image_server() -> AsyncIterator[tuple[FakeImageBuild, str]]:
     servicer = FakeImageBuild()
-    server = grpc.aio.server()
-    pb_grpc.add_ImageBuildServiceServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
-        yield servicer, f"127.0.0.1:{port}"
-    finally:
-        await server.stop(None)
+    async with serving((pb_grpc.add_ImageBuildServiceServicer_to_server, servicer)) as address:
+        yield servicer, address
 
 
 @pytest.fixture
@@ -322,11 +324,7 @@ def fake(image_server: tuple[FakeImageBuild, str], tmp_path: Path) -> Fake:
     """The fake service, reset, and a Shipyard home pointing the imagebuild service at it."""
     servicer, address = image_server
     servicer.reset()
-    home = tmp_path / "home"
-    home.mkdir()
-    (home / "config.json").write_text(
-        json.dumps({"token": TOKEN, "endpoints": {"imagebuild": address}})
-    )
+    home = write_config(tmp_path / "home", TOKEN, {"imagebuild": address})
     return Fake(servicer, address, home)
 
 
@@ -366,36 +364,6 @@ EXPECTED_FILES = {
     "data/nested/labels.txt",
     "more/labels.txt",
 }
-
-
-async def run(func: Any, *args: Any, **kwargs: Any) -> Any:
-    """The client blocks; the fake server lives on this event loop, so call off it."""
-    return await asyncio.to_thread(func, *args, **kwargs)
-
-
-def invoke(home: Path, *args: str, input: str | None = None, env: Any = None) -> Result:
-    return CliRunner().invoke(
-        cli,
-        ["--home", str(home), *args],
-        prog_name="shipyard",
-        catch_exceptions=False,
-        input=input,
-        env=env,
-    )
-
-
-async def shipyard(home: Path, *args: str, input: str | None = None, env: Any = None) -> Result:
-    """``shipyard`` off the event loop that serves the fake server."""
-    return await asyncio.to_thread(invoke, home, *args, input=input, env=env)
-
-
-def assert_one_line_error(result: Result, exit_code: int = 1) -> str:
-    assert result.exit_code == exit_code, (result.stdout, result.stderr)
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error: ")
-    assert "Traceback" not in result.output
-    return lines[0]
 
 
 # The upload.
@@ -689,16 +657,12 @@ JSON_COMMANDS = [
 
 @pytest.mark.parametrize("args", JSON_COMMANDS, ids=lambda a: " ".join(a[:3]))
 async def test_json_output_is_valid_json(fake: Fake, args: list[str]) -> None:
-    result = await shipyard(fake.home, *args, "--json")
-    assert result.exit_code == 0, result.output
-    json.loads(result.stdout)
+    await assert_json_output(fake.home, *args)
 
 
 @pytest.mark.parametrize("args", JSON_COMMANDS, ids=lambda a: " ".join(a[:3]))
 async def test_text_output_works(fake: Fake, args: list[str]) -> None:
-    result = await shipyard(fake.home, *args)
-    assert result.exit_code == 0, result.output
-    assert result.stdout.strip()
+    await assert_text_output(fake.home, *args)
 
 
 async def test_list_and_show_text(fake: Fake) -> None:
@@ -799,9 +763,7 @@ async def test_unreachable_service_is_one_line(
     tmp_path: Path, model: Path, unused_port: int
 ) -> None:
     port = unused_port
-    (tmp_path / "config.json").write_text(
-        json.dumps({"token": TOKEN, "endpoints": {"imagebuild": f"127.0.0.1:{port}"}})
-    )
+    write_config(tmp_path, TOKEN, {"imagebuild": f"127.0.0.1:{port}"})
     for args in (["image", "list"], ["image", "build", str(model), "--name", "iris", "--json"]):
         line = assert_one_line_error(await shipyard(tmp_path, *args))
         assert f"cannot reach the imagebuild service at 127.0.0.1:{port}" in line

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import click
 
-from shipyard.client import Client, ShipyardClientError
+from shipyard.client import Client, DeploymentReadme, Readme, ShipyardClientError
 from shipyard.client._convert import plain
 
 # Exit codes: 1 for a failed call or operation, 2 for a bad command line (click's own
@@ -26,6 +26,9 @@ EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+# How wide a free-text cell (a reason, a message) may be in a table row.
+CELL_WIDTH = 60
 
 
 @dataclass
@@ -67,6 +70,24 @@ def print_json_line(data: Any) -> None:
     click.echo(json.dumps(plain(data), ensure_ascii=False, separators=(",", ":")))
 
 
+def markdown_file_option(*param_decls: str, help: str) -> Callable[[F], F]:
+    """An option taking a Markdown FILE (``-`` reads stdin), passed as an open text file
+    or ``None`` when not given."""
+    return click.option(
+        *param_decls,
+        type=click.File("r", encoding="utf-8"),
+        default=None,
+        metavar="FILE",
+        help=help,
+    )
+
+
+# ``readme --set FILE``: the same option on every command that shows and replaces a readme.
+readme_set_option = markdown_file_option(
+    "--set", "source", help="Replace the readme with FILE's Markdown (- reads stdin)."
+)
+
+
 def num(value: float | int) -> str:
     """A number without noise: ``4.0`` → ``4``, ``0.5`` → ``0.5``."""
     return f"{value:g}"
@@ -82,6 +103,12 @@ def when(value: datetime | None) -> str:
 def yes_no(value: bool) -> str:
     """``yes`` / ``no``."""
     return "yes" if value else "no"
+
+
+def cut(text: str, width: int = CELL_WIDTH) -> str:
+    """Text on one line, cut to ``width`` (ending in ``…`` when cut) so a row stays readable."""
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def print_table(headers: Sequence[str], rows: Iterable[Sequence[Any]], *, empty: str) -> None:
@@ -101,6 +128,27 @@ def print_fields(pairs: Sequence[tuple[str, Any]]) -> None:
     width = max((len(k) for k, _ in pairs), default=0) + 1
     for key, value in pairs:
         click.echo(f"{(key + ':').ljust(width)} {value}")
+
+
+def print_readme(readme: Readme | DeploymentReadme, *, as_json: bool, missing: str) -> None:
+    """Prints a readme's Markdown as is (its JSON with ``as_json``); notes ``missing`` on
+    stderr when it is empty."""
+    if as_json:
+        print_json(readme)
+    elif readme.markdown:
+        click.echo(readme.markdown, nl=not readme.markdown.endswith("\n"))
+    else:
+        note(missing)
+
+
+def confirm_delete(prompt: str, *, yes: bool, as_json: bool) -> None:
+    """Asks ``prompt`` on stderr unless ``--yes``; aborts on no. ``--json`` without
+    ``--yes`` is a usage error: a script has no one to answer."""
+    if yes:
+        return
+    if as_json:
+        raise click.UsageError("--json needs --yes: there is no one to confirm the delete")
+    click.confirm(prompt, abort=True, err=True)
 
 
 def warn(message: str) -> None:

@@ -12,12 +12,17 @@ from typing import IO, Any, TypeVar
 import click
 
 from shipyard.cli._output import (
+    confirm_delete,
+    cut,
     get_client,
     json_option,
+    markdown_file_option,
     note,
     print_fields,
     print_json,
+    print_readme,
     print_table,
+    readme_set_option,
     when,
 )
 from shipyard.client import (
@@ -30,17 +35,11 @@ from shipyard.client.deployments import DEFAULT_WAIT_TIMEOUT, MAX_INSTANCES
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-_MESSAGE_WIDTH = 60
 # What `deploy update` can change; without any of them there is nothing to do.
 _UPDATE_FLAGS = (
     "--image, --instance-type, --replicas, --min/--max, --target-inflight, "
     "--public/--private, --description, --meta, --clear-meta"
 )
-
-
-def _cut(text: str, width: int = _MESSAGE_WIDTH) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def _scale(low: int, high: int) -> str:
@@ -154,7 +153,7 @@ _meta_option = click.option(
 
 
 def _progress(d: DeploymentView) -> None:
-    message = f" ({_cut(d.message)})" if d.message else ""
+    message = f" ({cut(d.message)})" if d.message else ""
     note(f"{d.name}: {d.status}, {_ready(d)} ready{message}")
 
 
@@ -201,13 +200,8 @@ def deploy() -> None:
 @click.option("--public", is_flag=True, help="Answer predictions without a key.")
 @click.option("--description", default="", help="What it is for.")
 @_meta_option
-@click.option(
-    "--readme",
-    "readme_file",
-    type=click.File("r", encoding="utf-8"),
-    default=None,
-    metavar="FILE",
-    help="The readme (Markdown) from FILE (- reads stdin).",
+@markdown_file_option(
+    "--readme", "readme_file", help="The readme (Markdown) from FILE (- reads stdin)."
 )
 @_wait_options
 @json_option
@@ -400,12 +394,9 @@ def start(ctx: click.Context, name: str, wait: bool, timeout: float, as_json: bo
 @click.pass_context
 def delete(ctx: click.Context, name: str, yes: bool, as_json: bool) -> None:
     """Delete NAME: stop it and remove it. Its history and instances stay readable."""
-    if not yes:
-        if as_json:
-            raise click.UsageError("--json needs --yes: there is no one to confirm the delete")
-        click.confirm(
-            f"Delete deployment {name}? Its endpoint stops answering", abort=True, err=True
-        )
+    confirm_delete(
+        f"Delete deployment {name}? Its endpoint stops answering", yes=yes, as_json=as_json
+    )
     get_client(ctx).deployments.delete(name)
     if as_json:
         print_json({"name": name, "deleted": True})
@@ -556,7 +547,7 @@ def history(ctx: click.Context, name: str, as_json: bool) -> None:
                 e.instance_type or "-",
                 _scale(e.min_replicas, e.max_replicas),
                 e.access,
-                _cut(e.message) or "-",
+                cut(e.message) or "-",
             ]
             for e in entries
         ),
@@ -593,7 +584,7 @@ def instances(ctx: click.Context, name: str, limit: int, as_json: bool) -> None:
                 i.restarts,
                 when(i.created_at),
                 when(i.ended_at),
-                _cut(i.message) or "-",
+                cut(i.message) or "-",
             ]
             for i in found
         ),
@@ -603,14 +594,7 @@ def instances(ctx: click.Context, name: str, limit: int, as_json: bool) -> None:
 
 @deploy.command("readme")
 @click.argument("name")
-@click.option(
-    "--set",
-    "source",
-    type=click.File("r", encoding="utf-8"),
-    default=None,
-    metavar="FILE",
-    help="Replace the readme with FILE's Markdown (- reads stdin).",
-)
+@readme_set_option
 @json_option
 @click.pass_context
 def readme(ctx: click.Context, name: str, source: IO[str] | None, as_json: bool) -> None:
@@ -618,12 +602,8 @@ def readme(ctx: click.Context, name: str, source: IO[str] | None, as_json: bool)
     deployments = get_client(ctx).deployments
     if source is None:
         current = deployments.get_readme(name)
-        if as_json:
-            print_json(current)
-        elif current.markdown:
-            click.echo(current.markdown, nl=not current.markdown.endswith("\n"))
-        else:
-            note(f"{current.name or name} has no readme (add one with --set FILE)")
+        missing = f"{current.name or name} has no readme (add one with --set FILE)"
+        print_readme(current, as_json=as_json, missing=missing)
         return
     markdown = source.read()
     saved = deployments.set_readme(name, markdown)

@@ -9,6 +9,7 @@ from typing import Any
 import click
 
 from shipyard.cli._output import (
+    cut,
     fail,
     get_client,
     json_option,
@@ -39,8 +40,7 @@ _PAYLOAD_WIDTH = 80
 def _compact(value: Any, width: int = _PAYLOAD_WIDTH) -> str:
     """A payload on one line, cut to ``width`` so a table row stays readable."""
     text = value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
-    text = " ".join(text.split())
-    return text if len(text) <= width else text[: width - 1] + "…"
+    return cut(text, width)
 
 
 @click.group()

@@ -9,6 +9,8 @@ from typing import IO
 import click
 
 from shipyard.cli._output import (
+    confirm_delete,
+    cut,
     fail,
     get_client,
     json_option,
@@ -16,7 +18,9 @@ from shipyard.cli._output import (
     print_fields,
     print_json,
     print_json_line,
+    print_readme,
     print_table,
+    readme_set_option,
     when,
     yes_no,
 )
@@ -29,7 +33,6 @@ from shipyard.client import (
 )
 from shipyard.client.images import split_image
 
-_REASON_WIDTH = 60
 # After a build succeeds its image can take a moment to show in the catalog (a projection).
 _CATALOG_RETRIES = (0.2, 0.5, 1.0, 1.5)
 
@@ -65,11 +68,6 @@ def _short_digest(digest: str) -> str:
 
 def _seconds(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f} s"
-
-
-def _cut(text: str, width: int = _REASON_WIDTH) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def _ref(build: Build) -> str:
@@ -297,7 +295,7 @@ def builds(
                 when(b.queued_at),
                 _seconds(b.seconds),
                 b.requested_by or "-",
-                _cut(b.reason) or "-",
+                cut(b.reason) or "-",
             ]
             for b in found
         ),
@@ -329,14 +327,7 @@ def usage(ctx: click.Context, ref: str, group: str | None, as_json: bool) -> Non
 @image.command("readme")
 @click.argument("ref", metavar="IMAGE")
 @_group_option
-@click.option(
-    "--set",
-    "source",
-    type=click.File("r", encoding="utf-8"),
-    default=None,
-    metavar="FILE",
-    help="Replace the readme with FILE's Markdown (- reads stdin).",
-)
+@readme_set_option
 @click.option("--edit", is_flag=True, help="Edit the readme in $EDITOR, then save it.")
 @json_option
 @click.pass_context
@@ -358,12 +349,8 @@ def readme(
     images = get_client(ctx).images
     if source is None and not edit:
         current = images.get_readme(ref, group=group)
-        if as_json:
-            print_json(current)
-        elif current.markdown:
-            click.echo(current.markdown, nl=not current.markdown.endswith("\n"))
-        else:
-            note(f"{current.image or ref} has no readme (add one with --set FILE or --edit)")
+        missing = f"{current.image or ref} has no readme (add one with --set FILE or --edit)"
+        print_readme(current, as_json=as_json, missing=missing)
         return
     if source is not None:
         markdown = source.read()
@@ -395,11 +382,8 @@ def delete(ctx: click.Context, ref: str, group: str | None, yes: bool, as_json: 
     _, version = split_image(ref)
     if version is None:
         raise click.UsageError(f"IMAGE must be NAME:VERSION (e.g. {ref}:1), not just a name")
-    if not yes:
-        if as_json:
-            raise click.UsageError("--json needs --yes: there is no one to confirm the delete")
-        where = f" in group {group}" if group else ""
-        click.confirm(f"Delete image {ref}{where}? This cannot be undone", abort=True, err=True)
+    where = f" in group {group}" if group else ""
+    confirm_delete(f"Delete image {ref}{where}? This cannot be undone", yes=yes, as_json=as_json)
     get_client(ctx).images.delete(ref, group=group)
     if as_json:
         print_json({"image": ref, "group": group, "deleted": True})

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 
@@ -13,6 +13,8 @@ from shipyard.client.config import ClientConfig
 from shipyard.client.errors import ConfigError, from_rpc_error
 
 DEFAULT_TIMEOUT = 30.0
+
+StubT = TypeVar("StubT")
 
 # Keepalive lets a notebook that sat idle for an hour notice a dead connection on the next
 # call instead of hanging until the deadline; message size matches the servers' default.
@@ -36,7 +38,7 @@ class Transport:
         self._token = token
         self.timeout = timeout
         self._channels: dict[str, grpc.Channel] = {}
-        self._stubs: dict[tuple[str, type[Any]], Any] = {}
+        self._stubs: dict[tuple[str, Callable[[grpc.Channel], Any]], Any] = {}
         self._lock = threading.Lock()
 
     @property
@@ -54,11 +56,11 @@ class Transport:
                 "or add it to the endpoints in config.json"
             ) from None
 
-    def stub(self, service: str, stub_class: type[Any]) -> Any:
-        """The (cached) stub of ``stub_class`` on the service's channel."""
+    def stub(self, service: str, stub_class: Callable[[grpc.Channel], StubT]) -> StubT:
+        """The (cached) stub of ``stub_class`` on the service's channel, typed as that class."""
         key = (service, stub_class)
         with self._lock:
-            stub = self._stubs.get(key)
+            stub: StubT | None = self._stubs.get(key)
             if stub is None:
                 address = self.address(service)
                 channel = self._channels.get(address)

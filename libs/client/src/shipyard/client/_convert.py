@@ -3,10 +3,22 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
+
+
+def enum_name(name_of: Callable[[Any], str], value: int, prefix: str) -> str:
+    """A protobuf enum value as a lowercase word without its prefix
+    (``DEPLOYMENT_STATUS_DEPLOYED`` → ``"deployed"``); ``"unspecified"`` for values this
+    client does not know (a newer server). ``name_of`` is the enum's ``Name``."""
+    try:
+        name = name_of(value)
+    except ValueError:
+        return "unspecified"
+    return name.removeprefix(prefix).lower()
 
 
 def to_datetime(ts: Timestamp) -> datetime | None:

@@ -28,7 +28,7 @@ from datetime import datetime
 from typing import Any
 
 from shipyard.client._channel import Transport
-from shipyard.client._convert import PlainData, to_datetime
+from shipyard.client._convert import PlainData, enum_name, to_datetime
 from shipyard.client.config import ClientConfig, load_config
 from shipyard.client.errors import (
     ConfigError,
@@ -74,22 +74,12 @@ DEFAULT_PREDICT_TIMEOUT = 60.0
 _ERROR_BODY_CHARS = 300
 
 
-def _enum_name(name_of: Callable[[Any], str], value: int, prefix: str) -> str:
-    """``DEPLOYMENT_STATUS_DEPLOYED`` → ``"deployed"``; ``"unspecified"`` for values this
-    client does not know (a newer server)."""
-    try:
-        name = name_of(value)
-    except ValueError:
-        return "unspecified"
-    return name.removeprefix(prefix).lower()
-
-
 def _status(value: int) -> str:
-    return _enum_name(pb.DeploymentStatus.Name, value, "DEPLOYMENT_STATUS_")
+    return enum_name(pb.DeploymentStatus.Name, value, "DEPLOYMENT_STATUS_")
 
 
 def _instance_status(value: int) -> str:
-    return _enum_name(pb.InstanceStatus.Name, value, "INSTANCE_STATUS_")
+    return enum_name(pb.InstanceStatus.Name, value, "INSTANCE_STATUS_")
 
 
 def _access(value: int) -> str:
@@ -103,11 +93,14 @@ def status_value(status: str) -> pb.DeploymentStatus.ValueType:
     if not status:
         return pb.DEPLOYMENT_STATUS_UNSPECIFIED
     if status.lower() not in DEPLOYMENT_STATUSES:
-        raise InvalidArgument(
-            f"status {status!r}: expected one of {', '.join(DEPLOYMENT_STATUSES)}",
-            service=SERVICE,
-        )
+        raise _unknown_status(status)
     return pb.DeploymentStatus.Value(f"DEPLOYMENT_STATUS_{status.upper()}")
+
+
+def _unknown_status(status: str) -> InvalidArgument:
+    return InvalidArgument(
+        f"status {status!r}: expected one of {', '.join(DEPLOYMENT_STATUSES)}", service=SERVICE
+    )
 
 
 def _image_ref(msg: pb.ImageRef) -> str:
@@ -418,30 +411,29 @@ def predict(
     except urllib.error.HTTPError as err:
         raise _http_error(err, deployment, has_token=bool(token)) from None
     except TimeoutError:
-        raise DeadlineExceeded(
-            f"the gateway at {gateway_url} did not answer the prediction for {deployment} "
-            f"within {timeout:g}s",
-            service=GATEWAY,
-            method="predict",
-        ) from None
+        raise _gateway_timeout(gateway_url, deployment, timeout) from None
     except urllib.error.URLError as err:
         if isinstance(err.reason, TimeoutError):
-            raise DeadlineExceeded(
-                f"the gateway at {gateway_url} did not answer the prediction for "
-                f"{deployment} within {timeout:g}s",
-                service=GATEWAY,
-                method="predict",
-            ) from None
-        raise Unavailable(
-            f"cannot reach the gateway at {gateway_url}: {err.reason}",
-            service=GATEWAY,
-            method="predict",
-        ) from None
+            raise _gateway_timeout(gateway_url, deployment, timeout) from None
+        raise _gateway_unreachable(gateway_url, err.reason) from None
     except OSError as err:
-        raise Unavailable(
-            f"cannot reach the gateway at {gateway_url}: {err}", service=GATEWAY, method="predict"
-        ) from None
+        raise _gateway_unreachable(gateway_url, err) from None
     return _decode(data, content_type)
+
+
+def _gateway_timeout(gateway_url: str, deployment: str, timeout: float) -> DeadlineExceeded:
+    return DeadlineExceeded(
+        f"the gateway at {gateway_url} did not answer the prediction for {deployment} "
+        f"within {timeout:g}s",
+        service=GATEWAY,
+        method="predict",
+    )
+
+
+def _gateway_unreachable(gateway_url: str, reason: object) -> Unavailable:
+    return Unavailable(
+        f"cannot reach the gateway at {gateway_url}: {reason}", service=GATEWAY, method="predict"
+    )
 
 
 def _opener(url: str) -> urllib.request.OpenerDirector:
@@ -524,10 +516,7 @@ class DeploymentsClient:
         self._config = config or ClientConfig()
 
     def _stub(self) -> pb_grpc.SchedulerServiceStub:
-        stub: pb_grpc.SchedulerServiceStub = self._transport.stub(
-            SERVICE, pb_grpc.SchedulerServiceStub
-        )
-        return stub
+        return self._transport.stub(SERVICE, pb_grpc.SchedulerServiceStub)
 
     def _deployment(self, method: str, request: Any) -> DeploymentView:
         reply: pb.Deployment = self._transport.call(
@@ -786,10 +775,7 @@ class DeploymentsClient:
         create) are taken for the read model catching up, not for the outcome.
         """
         if status not in DEPLOYMENT_STATUSES:
-            raise InvalidArgument(
-                f"status {status!r}: expected one of {', '.join(DEPLOYMENT_STATUSES)}",
-                service=SERVICE,
-            )
+            raise _unknown_status(status)
         started = time.monotonic()
         deadline = None if timeout is None else started + timeout
         pause = _FIRST_POLL

@@ -183,8 +183,7 @@ class EventsClient:
         self.service = service
 
     def _stub(self) -> pb_grpc.EventAdminStub:
-        stub: pb_grpc.EventAdminStub = self._transport.stub(self.service, pb_grpc.EventAdminStub)
-        return stub
+        return self._transport.stub(self.service, pb_grpc.EventAdminStub)
 
     def list_events(
         self, *, stream_id: str | None = None, after: int = 0, limit: int = 100

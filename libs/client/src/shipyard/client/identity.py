@@ -95,10 +95,7 @@ class IdentityClient:
         self._transport = transport
 
     def _stub(self) -> pb_grpc.IdentityServiceStub:
-        stub: pb_grpc.IdentityServiceStub = self._transport.stub(
-            SERVICE, pb_grpc.IdentityServiceStub
-        )
-        return stub
+        return self._transport.stub(SERVICE, pb_grpc.IdentityServiceStub)
 
     def create_user(
         self, name: str, *, admin: bool = False, groups: Iterable[str] = ()

@@ -23,7 +23,7 @@ from typing import IO
 import grpc
 
 from shipyard.client._channel import Transport
-from shipyard.client._convert import PlainData, to_datetime
+from shipyard.client._convert import PlainData, enum_name, to_datetime
 from shipyard.client.errors import (
     DeadlineExceeded,
     InvalidArgument,
@@ -61,11 +61,7 @@ _TAIL_CHARS = 400
 def _state(value: int) -> str:
     """``BUILD_STATE_QUEUED`` → ``"queued"`` (``"unspecified"`` for values this client
     does not know, e.g. from a newer server)."""
-    try:
-        name = pb.BuildState.Name(value)  # type: ignore[arg-type]
-    except ValueError:
-        return "unspecified"
-    return name.removeprefix("BUILD_STATE_").lower()
+    return enum_name(pb.BuildState.Name, value, "BUILD_STATE_")
 
 
 def _seconds(start: datetime | None, end: datetime | None) -> float | None:
@@ -474,10 +470,7 @@ class ImagesClient:
         self._transport = transport
 
     def _stub(self) -> pb_grpc.ImageBuildServiceStub:
-        stub: pb_grpc.ImageBuildServiceStub = self._transport.stub(
-            SERVICE, pb_grpc.ImageBuildServiceStub
-        )
-        return stub
+        return self._transport.stub(SERVICE, pb_grpc.ImageBuildServiceStub)
 
     def _error(self, err: grpc.RpcError, method: str, timeout: float | None) -> ShipyardClientError:
         return from_rpc_error(

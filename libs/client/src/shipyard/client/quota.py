@@ -113,8 +113,7 @@ class QuotaClient:
         self._transport = transport
 
     def _stub(self) -> pb_grpc.QuotaServiceStub:
-        stub: pb_grpc.QuotaServiceStub = self._transport.stub(SERVICE, pb_grpc.QuotaServiceStub)
-        return stub
+        return self._transport.stub(SERVICE, pb_grpc.QuotaServiceStub)
 
     def set_instance_type(
         self,
