@@ -14,6 +14,9 @@ log = logging.getLogger(__name__)
 
 EVENTS_STREAM = "EVENTS"
 DLQ_STREAM = "DLQ"
+METRICS_STREAM = "METRICS"
+METRICS_MAX_AGE_SECONDS = 3 * 24 * 3600.0
+"""Gateway request metrics are kept 3 days (as their projection)."""
 # Long enough to cover a relay that crashes after publishing and restarts; beyond it,
 # consumers still dedupe by (stream, version).
 DUPLICATE_WINDOW_SECONDS = 600.0
@@ -49,6 +52,15 @@ def stream_configs() -> list[StreamConfig]:
             retention=RetentionPolicy.LIMITS,
             discard=DiscardPolicy.OLD,
             description="Messages a consumer gave up on after its bounded deliveries.",
+        ),
+        StreamConfig(
+            name=METRICS_STREAM,
+            subjects=["metrics.>"],
+            storage=StorageType.FILE,
+            retention=RetentionPolicy.LIMITS,
+            max_age=METRICS_MAX_AGE_SECONDS,
+            duplicate_window=120.0,
+            description="Per-deployment request metrics, aggregated by each gateway.",
         ),
     ]
 
