@@ -4,12 +4,15 @@ binary as a person types it, groups confined to themselves, and data kept across
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -237,6 +240,36 @@ def test_first_session(home: Path) -> None:
     assert "image iris:1 is used by deployment(s) iris-bob" in sy(
         home, "image", "delete", "iris:1", "--yes", token=bob, ok=False
     )
+
+    # A client system gets a key (Basic auth, as `curl -u`); revoking it locks it out
+    # within a second. The REST facade shows bob his deployment.
+    gateway = json.loads((home / "config.json").read_text())["endpoints"]["gateway_http"]
+    key = sy(home, "keys", "create", "iris-bob", "--client", "crm", token=bob)
+    secret = key["secret"]
+    assert secret.startswith("sk_") and key["key"]["client"] == "crm"
+
+    def call_as_crm() -> int:
+        basic = base64.b64encode(f"crm:{secret}".encode()).decode()
+        req = urllib.request.Request(
+            f"{gateway}/deployments/iris-bob/predict",
+            data=b"[[5.1, 3.5, 1.4, 0.2]]",
+            headers={"Authorization": f"Basic {basic}", "Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                return int(resp.status)
+        except urllib.error.HTTPError as err:
+            return int(err.code)
+
+    assert call_as_crm() == 200
+    listed = urllib.request.Request(
+        f"{gateway}/api/v1/deployments", headers={"Authorization": f"Bearer {bob}"}
+    )
+    with urllib.request.urlopen(listed, timeout=30) as resp:
+        names = [d["name"] for d in json.loads(resp.read())["deployments"]]
+    assert names == ["iris-bob"]
+    sy(home, "keys", "revoke", "iris-bob", "crm", token=bob)
+    wait_for_sync(lambda: call_as_crm() == 401, timeout=5, message="a revoked key still works")
 
     # kill -9 of the scheduler: the model keeps serving, the supervisor restarts the
     # scheduler, which adopts the running instance instead of starting another.

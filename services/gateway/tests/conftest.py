@@ -6,8 +6,14 @@
 - ``scheduler``: a stand-in ``SchedulerService`` (real grpc.aio server) whose
   ``WatchRoutes`` streams what the test pushes and whose ``Activate`` records its calls.
   The real scheduler is tested end to end in tests/.
+- ``echo``: a real ``shipyard-runtime`` serving a tiny model folder written by the test
+  (session scope) whose ``predict`` answers with the ``X-Forwarded-User`` it was given and
+  can be held on a gate file (a slow model, for the concurrency limit).
+- ``keys``: a stand-in ``ClientKeyService`` (real grpc.aio server) whose
+  ``VerifyClientKey`` answers from a table the test fills, and flips to UNAUTHENTICATED
+  when the test revokes a key.
 - ``make_gateway``: builds and starts gateways (ports 0, the test's real NATS, the
-  stand-in scheduler, a StaticAuthenticator), stopped after the test.
+  stand-in scheduler and keys service, a StaticAuthenticator), stopped after the test.
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ import aiohttp
 import grpc
 import pytest
 
+from shipyard.keys.v1 import client_keys_pb2 as kpb
+from shipyard.keys.v1 import client_keys_pb2_grpc
 from shipyard.scheduler.v1 import scheduler_pb2 as pb
 from shipyard.scheduler.v1 import scheduler_pb2_grpc
 from shipyard_core.auth import Principal
@@ -62,8 +70,11 @@ class ModelServer:
         return self.log_path.read_text(errors="replace").count("POST /predict ")
 
 
-def _start_model_server(log_path: Path) -> ModelServer:
+def _start_model_server(log_path: Path, model_dir: Path = IRIS, name: str = "") -> ModelServer:
     log = open(log_path, "wb")  # noqa: SIM115 - the child holds it; closed below
+    # The local backend names the model after the deployment; a test that calls the OIP
+    # or KServe routes of deployment D needs a server whose model is called D.
+    naming = ["--name", name] if name else []
     try:
         proc = subprocess.Popen(
             [
@@ -72,12 +83,13 @@ def _start_model_server(log_path: Path) -> ModelServer:
                 "shipyard_runtime",
                 "serve",
                 "--model-dir",
-                str(IRIS),
+                str(model_dir),
                 "--port",
                 "0",
                 "--workers",
                 "1",
                 "--access-log",
+                *naming,
             ],
             stdout=subprocess.PIPE,
             stderr=log,
@@ -108,27 +120,70 @@ def _read_ready_line(server: ModelServer, deadline: float) -> None:
     server.address = line.split(" on ", 1)[1].split()[0]
 
 
+def _stop_model_servers(servers: list[ModelServer]) -> None:
+    for server in servers:
+        server.proc.terminate()
+    for server in servers:
+        try:
+            server.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            server.proc.kill()
+            server.proc.wait()
+        if server.proc.stdout is not None:
+            server.proc.stdout.close()
+
+
 @pytest.fixture(scope="session")
 def iris(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[ModelServer]]:
-    """Two iris model servers (started in parallel), stopped after the session."""
+    """Two iris model servers (started in parallel) whose model is named ``iris``, stopped
+    after the session."""
     folder = tmp_path_factory.mktemp("model-servers")
-    servers = [_start_model_server(folder / f"iris-{i}.log") for i in range(2)]
+    servers = [_start_model_server(folder / f"iris-{i}.log", name="iris") for i in range(2)]
     try:
         deadline = time.monotonic() + START_TIMEOUT
         for server in servers:
             _read_ready_line(server, deadline)
         yield servers
     finally:
-        for server in servers:
-            server.proc.terminate()
-        for server in servers:
-            try:
-                server.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                server.proc.kill()
-                server.proc.wait()
-            if server.proc.stdout is not None:
-                server.proc.stdout.close()
+        _stop_model_servers(servers)
+
+
+ECHO_SERVE = """\
+import os
+import time
+
+
+def load(model_dir):
+    return None
+
+
+def predict(model, payload, context):
+    # {"wait_for": PATH} holds the request until the test creates PATH: a slow model
+    # whose end the test decides (bounded, so a failed test cannot hang the server).
+    gate = payload.get("wait_for") if isinstance(payload, dict) else None
+    if gate:
+        deadline = time.monotonic() + 60
+        while not os.path.exists(gate) and time.monotonic() < deadline:
+            time.sleep(0.002)
+    return {
+        "user": context["headers"].get("x-forwarded-user", ""),
+        "protocol": context["protocol"],
+    }
+"""
+
+
+@pytest.fixture(scope="session")
+def echo_model(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModelServer]:
+    """A model server whose model ``echo`` answers ``{"user": <X-Forwarded-User>,
+    "protocol": ...}`` and waits for the file named by ``{"wait_for": path}``."""
+    folder = tmp_path_factory.mktemp("echo-model")
+    (folder / "serve.py").write_text(ECHO_SERVE)
+    server = _start_model_server(folder.parent / "echo.log", folder, name="echo")
+    try:
+        _read_ready_line(server, time.monotonic() + START_TIMEOUT)
+        yield server
+    finally:
+        _stop_model_servers([server])
 
 
 def free_port_address() -> str:
@@ -152,6 +207,7 @@ def route(
     scaled_to_zero: bool = False,
     stopped: bool = False,
     revision: int = 1,
+    max_inflight: int = 0,
 ) -> pb.RouteUpdate:
     """A RouteUpdate for one deployment."""
     return pb.RouteUpdate(
@@ -162,6 +218,7 @@ def route(
         addresses=list(addresses),
         scaled_to_zero=scaled_to_zero,
         stopped=stopped,
+        max_inflight=max_inflight,
     )
 
 
@@ -224,6 +281,71 @@ async def scheduler() -> AsyncIterator[FakeScheduler]:
         await server.stop(0)
 
 
+# --- the stand-in keys service ------------------------------------------------------------
+
+
+@dataclass
+class ClientKey:
+    """One client key the stand-in knows."""
+
+    deployment: str
+    client: str
+    key_id: str
+    revoked: bool = False
+
+
+class FakeKeys(client_keys_pb2_grpc.ClientKeyServiceServicer):
+    """``VerifyClientKey`` from :attr:`keys` (secret → ClientKey), refusing revoked keys,
+    keys of another deployment and a Basic client name that is not the key's, like the
+    real service. Records every call; :attr:`gate`, when set, holds answers until it is
+    set (to make callers overlap)."""
+
+    def __init__(self) -> None:
+        self.keys: dict[str, ClientKey] = {}
+        self.calls: list[tuple[str, str]] = []
+        self.authorizations: list[str] = []
+        self.gate: asyncio.Event | None = None
+        self.address = ""
+
+    def add(self, secret: str, deployment: str, client: str) -> None:
+        """Creates a key."""
+        self.keys[secret] = ClientKey(deployment, client, f"ck_{client}")
+
+    async def VerifyClientKey(
+        self, request: kpb.VerifyClientKeyRequest, context: Any
+    ) -> kpb.VerifiedClientKey:
+        self.calls.append((request.deployment, request.client))
+        self.authorizations.append(dict(context.invocation_metadata()).get("authorization", ""))
+        if self.gate is not None:
+            await self.gate.wait()
+        key = self.keys.get(request.secret)
+        if key is None or key.deployment != request.deployment:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "unknown client key")
+        assert key is not None
+        if key.revoked:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "client key revoked")
+        if request.client and request.client != key.client:
+            await context.abort(
+                grpc.StatusCode.UNAUTHENTICATED, "the client name does not match the key"
+            )
+        return kpb.VerifiedClientKey(client=key.client, key_id=key.key_id)
+
+
+@pytest.fixture
+async def keys() -> AsyncIterator[FakeKeys]:
+    """A stand-in keys service (ClientKeyService) on a free port."""
+    fake = FakeKeys()
+    server = grpc.aio.server()
+    client_keys_pb2_grpc.add_ClientKeyServiceServicer_to_server(fake, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    fake.address = f"127.0.0.1:{port}"
+    try:
+        yield fake
+    finally:
+        await server.stop(0)
+
+
 # --- gateways -----------------------------------------------------------------------------
 
 MakeGateway = Callable[..., Awaitable[GatewayHost]]
@@ -231,7 +353,7 @@ MakeGateway = Callable[..., Awaitable[GatewayHost]]
 
 @pytest.fixture
 async def make_gateway(
-    nats_url: str, scheduler: FakeScheduler, tmp_path: Path
+    nats_url: str, scheduler: FakeScheduler, keys: FakeKeys, tmp_path: Path
 ) -> AsyncIterator[MakeGateway]:
     """``await make_gateway(**settings_overrides)``: a started gateway whose routing table
     is synced (``wait_synced=False`` skips that), stopped after the test."""
@@ -242,6 +364,7 @@ async def make_gateway(
             "grpc_port": 0,
             "http_port": 0,
             "scheduler_addr": scheduler.address,
+            "keys_addr": keys.address,
             "nats_url": nats_url,
             "internal_token": INTERNAL_TOKEN,
             "data_dir": tmp_path,

@@ -1,18 +1,20 @@
 """The transport-neutral prediction path: route, check access, wake, balance, forward.
 
-Transports (the REST app in :mod:`shipyard_gateway.http` today; the Open Inference
-Protocol gRPC server and the other REST shapes later) only turn their request into
-``(deployment, body, headers)`` and the :class:`UpstreamResponse` or the raised domain
-error back into their own shape; every decision is taken here, once:
+Transports (the REST protocols in :mod:`shipyard_gateway.http`, the Open Inference
+Protocol gRPC service in :mod:`shipyard_gateway.oip_grpc`) only turn their request into
+``(deployment, model server path, body, headers)`` and the :class:`UpstreamResponse` or
+the raised domain error back into their own shape; every decision is taken here, once:
 
 1. unknown deployment → NotFound;
 2. the access check (:class:`~shipyard_gateway.access.AccessControl`) → Unauthenticated /
-   PermissionDenied;
+   PermissionDenied; a version that is not the active revision → NotFound;
 3. stopped → DeploymentStopped (503);
-4. no ready instance (scaled to zero, or starting) → one ``Activate`` per deployment
+4. the deployment's concurrency limit at this gateway (``RouteUpdate.max_inflight``, else
+   ``settings.max_inflight_per_deployment``) reached → TooManyRequests (429);
+5. no ready instance (scaled to zero, or starting) → one ``Activate`` per deployment
    however many requests wait (single flight), then wait for an address, event-driven,
    up to ``activation_timeout_seconds`` → Unavailable;
-5. the least loaded ready instance (fewest requests in flight, ties round robin) gets the
+6. the least loaded ready instance (fewest requests in flight, ties round robin) gets the
    request; when it refuses the connection the next one does (and the refusing one is
    passed over for ``unreachable_seconds``). Nothing is retried once the
    request may have reached a model: a timeout is 504, a broken exchange 502, and the
@@ -23,7 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import uuid
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
@@ -34,9 +36,9 @@ from shipyard_core.auth import Principal
 from shipyard_core.errors import NotFound, ShipyardError, Unavailable
 from shipyard_core.telemetry import extract_context, inject_headers, tracer
 from shipyard_gateway.access import AccessControl
-from shipyard_gateway.errors import DeploymentStopped
+from shipyard_gateway.errors import DeploymentStopped, TooManyRequests
 from shipyard_gateway.load import LoadTracker
-from shipyard_gateway.routing import RoutingTable
+from shipyard_gateway.routing import Route, RoutingTable
 from shipyard_gateway.upstream import ConnectFailed, UpstreamClient
 
 __all__ = ["RAW_PREDICT_PATH", "Activator", "PredictHandler", "UpstreamResponse"]
@@ -54,6 +56,8 @@ _MAX_REQUEST_ID = 128
 
 # Trace context passed on when the gateway records no span of its own.
 _TRACE_HEADERS = ("traceparent", "tracestate")
+
+_JSON = "application/json"
 
 
 @dataclass(frozen=True)
@@ -82,6 +86,16 @@ def not_found(deployment: str) -> NotFound:
     return NotFound(f"deployment {deployment!r} does not exist; see `shipyard deploy list`")
 
 
+def _check_version(route: Route, version: str) -> None:
+    # A deployment's model version is its active revision: what `shipyard deploy show`
+    # lists, and what changes with every rollout.
+    if version != str(route.revision):
+        raise NotFound(
+            f"deployment {route.deployment!r} serves version {route.revision} (its active "
+            f"revision), not {version[:40]!r}; omit the version or ask for {route.revision}"
+        )
+
+
 class PredictHandler:
     """Serves predictions for every transport (see the module docstring)."""
 
@@ -95,6 +109,7 @@ class PredictHandler:
         *,
         activation_timeout: float,
         unreachable_seconds: float = 5.0,
+        max_inflight: int = 256,
     ) -> None:
         self.table = table
         self.access = access
@@ -103,9 +118,13 @@ class PredictHandler:
         self.load = load
         self.activation_timeout = activation_timeout
         self.unreachable_seconds = unreachable_seconds
+        self.max_inflight = max_inflight
+        """The concurrency limit of a deployment whose route sets none (0: unlimited)."""
         # One Activate call per deployment per wake-up, shared by every request waiting
-        # for it; dropped once a waiter saw the wake-up end (ready, or given up).
-        self._activations: dict[str, asyncio.Task[bool]] = {}
+        # for it; dropped once a waiter saw the wake-up end (ready, or given up), or when
+        # found older than the activation timeout (a wake-up nobody waited for, from a
+        # readiness probe).
+        self._activations: dict[str, tuple[asyncio.Task[bool], float]] = {}
 
     async def predict(
         self,
@@ -131,40 +150,87 @@ class PredictHandler:
         body: bytes,
         headers: Mapping[str, str],
         principal: Principal | None = None,
+        *,
+        method: str = "POST",
+        version: str = "",
     ) -> UpstreamResponse:
-        """Like :meth:`predict`, to any POST route ``path`` of the model server (the other
-        protocol shapes of the full gateway go through here)."""
-        headers = {key.lower(): value for key, value in headers.items()}
-        supplied = headers.get("x-request-id", "")
+        """Like :meth:`predict`, to any route ``path`` of the model server (the protocol
+        shapes, model metadata). ``headers`` must look names up case-insensitively (an
+        aiohttp ``CIMultiDictProxy``) or have lower-cased names (gRPC metadata).
+        ``version``, when given, must be the active revision (else NotFound)."""
+        supplied = headers.get("x-request-id") or ""
         # Bounded: it travels into the model server's logs and the caller's answer.
-        request_id = supplied if 0 < len(supplied) <= _MAX_REQUEST_ID else uuid.uuid4().hex
+        request_id = supplied if 0 < len(supplied) <= _MAX_REQUEST_ID else os.urandom(16).hex()
         route = self.table.get(deployment)
         if route is None:
             raise not_found(deployment)
         caller = await self.access.caller(route, headers, principal)
+        if version:
+            _check_version(route, version)
         if route.stopped:
             raise DeploymentStopped(deployment)
+        limit = route.max_inflight or self.max_inflight
+        if limit and self.load.inflight(deployment) >= limit:
+            raise TooManyRequests(
+                f"deployment {deployment!r} has {limit} requests in progress at this gateway, "
+                "its limit; retry shortly, or ask its owners to scale it out"
+            )
+        traceparent = headers.get("traceparent")
         with (
             _tracer.start_as_current_span(
                 f"predict {deployment}",
-                context=extract_context(headers),
+                # The caller's trace when it sent one (only the trace headers are read:
+                # extracting from all of them would copy them all); else the current one
+                # (the gRPC call's span, or none: a new trace).
+                context=extract_context(
+                    {"traceparent": traceparent, "tracestate": headers.get("tracestate") or ""}
+                )
+                if traceparent
+                else None,
                 kind=SpanKind.SERVER,
                 attributes={"shipyard.deployment": deployment, "shipyard.request_id": request_id},
             ),
             self.load.track(deployment),
         ):
-            upstream_headers = self._upstream_headers(headers, request_id, caller)
-            return await self._send(deployment, path, body, upstream_headers, request_id)
+            upstream_headers = self._upstream_headers(headers, request_id, caller, method)
+            return await self._send(deployment, path, body, upstream_headers, request_id, method)
+
+    async def authorize(
+        self,
+        deployment: str,
+        headers: Mapping[str, str],
+        principal: Principal | None = None,
+        *,
+        version: str = "",
+    ) -> tuple[Route, Principal | None]:
+        """The route of ``deployment`` and its caller once the access check passed (for
+        the readiness answers, which need no model server, and for transports that check
+        access before reading a request: pass the caller on to :meth:`forward`).
+        Raises NotFound, Unauthenticated or PermissionDenied."""
+        route = self.table.get(deployment)
+        if route is None:
+            raise not_found(deployment)
+        caller = await self.access.caller(route, headers, principal)
+        if version:
+            _check_version(route, version)
+        return route, caller
+
+    def wake(self, deployment: str) -> None:
+        """Asks for ``deployment`` to be woken if it is scaled to zero, without waiting
+        (a readiness probe: the probe says "not ready", and the next one "ready")."""
+        route = self.table.get(deployment)
+        if route is not None and route.scaled_to_zero and not route.ready and not route.stopped:
+            self._activation(deployment, self.activation_timeout)
 
     def _upstream_headers(
-        self, headers: Mapping[str, str], request_id: str, caller: Principal | None
+        self, headers: Mapping[str, str], request_id: str, caller: Principal | None, method: str
     ) -> dict[str, str]:
         # Only these go upstream. In particular a caller's own X-Forwarded-User is dropped:
-        # the model must be able to trust it as the gateway's word.
-        out = {
-            "Content-Type": headers.get("content-type") or "application/json",
-            "X-Request-Id": request_id,
-        }
+        # the model must be able to trust it as the gateway's word; and the caller's
+        # credentials stay at the gateway.
+        out = {"X-Request-Id": request_id}
+        if method == "POST":
+            out["Content-Type"] = headers.get("content-type") or _JSON
         if caller is not None:
             out["X-Forwarded-User"] = caller.user
         inject_headers(out)
@@ -175,7 +241,13 @@ class PredictHandler:
         return out
 
     async def _send(
-        self, deployment: str, path: str, body: bytes, headers: Mapping[str, str], request_id: str
+        self,
+        deployment: str,
+        path: str,
+        body: bytes,
+        headers: Mapping[str, str],
+        request_id: str,
+        method: str,
     ) -> UpstreamResponse:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.activation_timeout
@@ -193,7 +265,7 @@ class PredictHandler:
                 continue
             try:
                 with self.table.track(address):
-                    reply = await self.upstream.post(address, path, body, headers)
+                    reply = await self.upstream.request(method, address, path, body, headers)
             except ConnectFailed as exc:
                 # Not sent, so safe to send elsewhere.
                 log.warning(
@@ -213,6 +285,26 @@ class PredictHandler:
                 address=address,
             )
 
+    def _activation(self, deployment: str, budget: float) -> asyncio.Task[bool]:
+        """The wake-up of ``deployment`` in progress, or a new one (one Activate call,
+        shared); ``budget`` is how long the caller may wait, in seconds."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        entry = self._activations.get(deployment)
+        if entry is not None:
+            activation, started = entry
+            # An old, finished wake-up nobody waited for (a probe's) does not stand for
+            # this one: the deployment may have been scaled to zero again since.
+            if not (activation.done() and now - started > self.activation_timeout):
+                return activation
+        timeout = max(0.1, min(_ACTIVATE_CALL_SECONDS, budget))
+        activation = asyncio.ensure_future(self.activator.activate(deployment, timeout))
+        # Every waiter may be gone (cancelled) when it fails; read the error anyway so
+        # asyncio does not log "exception was never retrieved".
+        activation.add_done_callback(lambda t: t.cancelled() or t.exception())
+        self._activations[deployment] = (activation, now)
+        return activation
+
     async def _wait_ready(self, deployment: str, deadline: float) -> None:
         """Returns once ``deployment`` has a ready instance, waking it when needed; raises
         NotFound, DeploymentStopped or Unavailable when it will not get one in time."""
@@ -224,14 +316,7 @@ class PredictHandler:
             raise DeploymentStopped(deployment)
         if route.ready:
             return
-        activation = self._activations.get(deployment)
-        if activation is None:
-            timeout = max(0.1, min(_ACTIVATE_CALL_SECONDS, deadline - loop.time()))
-            activation = asyncio.ensure_future(self.activator.activate(deployment, timeout))
-            # Every waiter may be gone (cancelled) when it fails; read the error anyway so
-            # asyncio does not log "exception was never retrieved".
-            activation.add_done_callback(lambda t: t.cancelled() or t.exception())
-            self._activations[deployment] = activation
+        activation = self._activation(deployment, deadline - loop.time())
         try:
             try:
                 # shield: one waiter going away must not cancel the call the others share.
@@ -247,7 +332,8 @@ class PredictHandler:
                 log.warning("Activate(%s) failed: %s", deployment, err.message)
             ready = await self.table.wait_ready(deployment, max(0.0, deadline - loop.time()))
         finally:
-            if self._activations.get(deployment) is activation and activation.done():
+            entry = self._activations.get(deployment)
+            if entry is not None and entry[0] is activation and activation.done():
                 del self._activations[deployment]
         if ready is not None:
             return

@@ -39,10 +39,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-import nats
-from nats.aio.client import Client as NATS
-
 from shipyard_core.aio import pause
+from shipyard_gateway.nats_link import NatsLink
 
 __all__ = ["LOAD_SUBJECT", "LoadReporter", "LoadTracker"]
 
@@ -111,27 +109,23 @@ class LoadTracker:
 
 class LoadReporter:
     """Publishes a :class:`LoadTracker`'s report every ``interval`` seconds (a ServiceHost
-    background task), on its own NATS connection."""
+    background task) on the gateway's NATS connection."""
 
     def __init__(
         self,
         tracker: LoadTracker,
-        nats_url: str,
+        link: NatsLink,
         *,
         gateway_id: str,
         interval: float,
-        connection_name: str = "gateway-load",
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.tracker = tracker
-        self.nats_url = nats_url
+        self.link = link
         self.gateway_id = gateway_id
         self.interval = interval
-        self.connection_name = connection_name
         self._clock = clock
-        self._nc: NATS | None = None
         self._last = clock()
-        self._outage = False
 
     def message(self, interval: float) -> dict[str, Any]:
         """The next report (and a new interval starts), as a JSON-ready dict."""
@@ -144,8 +138,7 @@ class LoadReporter:
     async def run(self, stop: asyncio.Event) -> None:
         """Connects (retrying until NATS is reachable: predictions never wait for it), then
         reports every interval until ``stop``, and once more on the way out."""
-        nc = await self._connect(stop)
-        if nc is None:
+        if await self.link.connect(stop) is None:
             return
         self._last = self._clock()
         while not stop.is_set():
@@ -154,67 +147,17 @@ class LoadReporter:
         # The last partial interval: traffic just before a shutdown is demand too.
         await self.publish()
 
-    async def _on_error(self, error: Exception) -> None:
-        # nats-py logs a traceback per failed attempt (four a second) by default; one line
-        # per outage says the same.
-        if not self._outage:
-            self._outage = True
-            log.warning(
-                "NATS at %s unreachable (%r); load reports wait for it", self.nats_url, error
-            )
-
-    async def _on_reconnected(self) -> None:
-        if self._outage:
-            self._outage = False
-            log.info("NATS reachable again; load reports resume")
-
-    async def _connect(self, stop: asyncio.Event) -> NATS | None:
-        # The options of shipyard_core.bus.connect (retry forever: the broker may start
-        # after the gateway, and predictions never wait for it), plus quiet callbacks.
-        # Racing it with `stop` keeps shutdown prompt while NATS is down.
-        connecting = asyncio.ensure_future(
-            nats.connect(
-                self.nats_url,
-                name=self.connection_name,
-                max_reconnect_attempts=-1,
-                reconnect_time_wait=0.25,
-                connect_timeout=5,
-                error_cb=self._on_error,
-                reconnected_cb=self._on_reconnected,
-            )
-        )
-        stopped = asyncio.ensure_future(stop.wait())
-        try:
-            await asyncio.wait({connecting, stopped}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stopped.cancel()
-        if not connecting.done():
-            connecting.cancel()
-            await asyncio.gather(connecting, return_exceptions=True)
-            return None
-        self._nc = connecting.result()
-        await self._on_reconnected()
-        return self._nc
-
     async def publish(self) -> None:
         """Publishes the report of the interval that ends now (no-op before connecting)."""
-        if self._nc is None:
+        nc = self.link.nc
+        if nc is None:
             return
         now = self._clock()
         body = json.dumps(self.message(now - self._last), separators=(",", ":")).encode()
         self._last = now
         try:
-            await self._nc.publish(LOAD_SUBJECT, body)
+            await nc.publish(LOAD_SUBJECT, body)
         except Exception as exc:
             # Load reports are telemetry: one lost while NATS reconnects is replaced by the
             # next; it must never take the gateway down.
             log.warning("cannot publish the load report: %r", exc)
-
-    async def close(self) -> None:
-        """Flushes and closes the NATS connection (a close hook)."""
-        nc, self._nc = self._nc, None
-        if nc is not None and not nc.is_closed:
-            try:
-                await nc.close()
-            except Exception as exc:
-                log.warning("closing the NATS connection failed: %r", exc)

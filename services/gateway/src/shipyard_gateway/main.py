@@ -4,10 +4,11 @@ One process serves:
 
 - the REST data plane (aiohttp, ``settings.http_host:http_port``), run as a background
   task of the host and stopped gracefully (requests in progress get the grace period);
-- a gRPC server with health checking and reflection (``settings.grpc_port``), what the
-  platform supervisor probes; the Open Inference Protocol gRPC API will live there;
-- the route watcher (scheduler ``WatchRoutes``) and the load reporter (NATS), as
-  background tasks.
+- a gRPC server (``settings.grpc_port``): the Open Inference Protocol
+  (``inference.GRPCInferenceService``, :mod:`shipyard_gateway.oip_grpc`), health checking
+  and reflection (what the platform supervisor probes);
+- the route watcher (scheduler ``WatchRoutes``), the load reporter (NATS) and the metrics
+  publisher (JetStream ``METRICS``), as background tasks.
 
 Tests and embedders::
 
@@ -21,21 +22,29 @@ Tests and embedders::
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import logging
 import os
 import secrets
 import socket
+from typing import Any
 
 from aiohttp import web
 
+from shipyard.inference.v2 import oip_pb2_grpc
 from shipyard_core.auth import Authenticator, authenticator_from_settings
 from shipyard_core.grpckit.server import ServiceHost
 from shipyard_core.logs import configure_logging
 from shipyard_core.telemetry import configure_tracing
 from shipyard_gateway.access import AccessControl
+from shipyard_gateway.facade import mount_facade
 from shipyard_gateway.handler import PredictHandler
 from shipyard_gateway.http import create_app
+from shipyard_gateway.keys import ClientKeyVerifier
 from shipyard_gateway.load import LoadReporter, LoadTracker
+from shipyard_gateway.metrics import MetricsPublisher, MetricsRecorder
+from shipyard_gateway.nats_link import NatsLink
+from shipyard_gateway.oip_grpc import SERVICE_PREFIX, InferenceServicer
 from shipyard_gateway.routing import RouteWatcher, RoutingTable
 from shipyard_gateway.scheduler import SchedulerClient
 from shipyard_gateway.settings import GatewaySettings
@@ -46,6 +55,13 @@ __all__ = ["GatewayHost", "build", "main", "serve"]
 log = logging.getLogger(__name__)
 
 _HTTP_BACKLOG = 2048  # bursts of new connections queue rather than being refused
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("shipyard-gateway")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree
+        return "0.0.0"
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -86,8 +102,22 @@ class GatewayHost(ServiceHost):
         *,
         gateway_id: str,
         authenticator: Authenticator | None = None,
+        metrics: MetricsPublisher | None = None,
+        keys: ClientKeyVerifier | None = None,
     ) -> None:
-        super().__init__(settings, authenticator=authenticator)
+        options: list[tuple[str, Any]] = [
+            # The same body limit as REST (gRPC's default is 4 MiB).
+            ("grpc.max_receive_message_length", settings.max_body_bytes),
+            ("grpc.max_send_message_length", settings.max_body_bytes),
+        ]
+        super().__init__(
+            settings,
+            authenticator=authenticator,
+            # The data plane checks its callers itself (client keys or user tokens, only
+            # for private deployments): the interceptor must not demand a user token.
+            public_methods=[SERVICE_PREFIX],
+            options=options,
+        )
         self.gateway_settings = settings
         self.app = app
         self.routes = routes
@@ -95,7 +125,11 @@ class GatewayHost(ServiceHost):
         self.handler = handler
         """The transport-neutral prediction handler."""
         self.gateway_id = gateway_id
-        """This process's id in load reports."""
+        """This process's id in load reports and metrics."""
+        self.metrics = metrics
+        """The metrics publisher (``host.metrics.recorder`` aggregates the interval)."""
+        self.keys = keys
+        """The client key verifier (its cache and call count)."""
         self._http_socket: socket.socket | None = None
         self._http_port: int | None = None
         self.add_background("http", self._serve_http)
@@ -164,13 +198,15 @@ async def build(
     """The gateway, ready to start (tests pass ports 0 and a StaticAuthenticator).
 
     ``authenticator`` resolves user tokens for private deployments; by default the
-    identity service at ``settings.keys_addr`` (cached), closed with the host.
+    identity service at ``settings.keys_addr`` (cached), closed with the host. Client keys
+    are verified by the keys service at ``settings.keys_addr`` with the internal token.
     """
     owns_authenticator = authenticator is None
     auth = authenticator if authenticator is not None else authenticator_from_settings(settings)
     gateway_id = settings.gateway_id or (
         f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
     )
+    version = _version()
     table = RoutingTable()
     scheduler = SchedulerClient(settings.scheduler_addr, settings.internal_token)
     watcher = RouteWatcher(table, scheduler)
@@ -179,37 +215,72 @@ async def build(
         connect_timeout_seconds=settings.connect_timeout_seconds,
         connections_per_host=settings.upstream_connections_per_host,
     )
+    keys = ClientKeyVerifier(
+        settings.keys_addr,
+        settings.internal_token,
+        ttl_seconds=settings.client_key_cache_seconds,
+    )
+    link = NatsLink(settings.nats_url, f"{settings.service_name}-{gateway_id}")
     load = LoadTracker()
     reporter = LoadReporter(
-        load,
-        settings.nats_url,
+        load, link, gateway_id=gateway_id, interval=settings.load_report_interval_seconds
+    )
+    recorder = MetricsRecorder(known=table.__contains__)
+    publisher = MetricsPublisher(
+        recorder,
+        link,
         gateway_id=gateway_id,
-        interval=settings.load_report_interval_seconds,
-        connection_name=f"{settings.service_name}-{gateway_id}",
+        interval=settings.metrics_interval_seconds,
+        max_pending=settings.metrics_max_pending,
     )
     handler = PredictHandler(
         table,
-        AccessControl(auth),
+        AccessControl(auth, keys),
         scheduler,
         upstream,
         load,
         activation_timeout=settings.activation_timeout_seconds,
         unreachable_seconds=settings.unreachable_seconds,
+        max_inflight=settings.max_inflight_per_deployment,
     )
-    app = create_app(handler, table, max_body_bytes=settings.max_body_bytes)
+    app = create_app(
+        handler,
+        table,
+        recorder,
+        max_body_bytes=settings.max_body_bytes,
+        check_body_max_bytes=settings.check_body_max_bytes,
+        version=version,
+    )
+    # The control-plane REST facade (/api/v1, with its OpenAPI document) on the same port.
+    mount_facade(app, settings)
     # The host gets the authenticator explicitly (so the handler and the gRPC interceptor
     # share one cache); closing it is then ours to do.
-    host = GatewayHost(settings, app, table, handler, gateway_id=gateway_id, authenticator=auth)
+    host = GatewayHost(
+        settings,
+        app,
+        table,
+        handler,
+        gateway_id=gateway_id,
+        authenticator=auth,
+        metrics=publisher,
+        keys=keys,
+    )
+    host.add_servicer(
+        oip_pb2_grpc.add_GRPCInferenceServiceServicer_to_server,
+        InferenceServicer(handler, table, recorder, version=version),
+    )
     host.add_background("route-watcher", watcher.run)
     host.add_background("load-reporter", reporter.run)
+    host.add_background("metrics-publisher", publisher.run)
     # Close hooks run last-added first, after the HTTP server and the tasks stopped.
     if owns_authenticator:
         close = getattr(auth, "close", None)
         if close is not None:
             host.add_close_hook(close)
     host.add_close_hook(scheduler.close)
+    host.add_close_hook(keys.close)
     host.add_close_hook(upstream.close)
-    host.add_close_hook(reporter.close)
+    host.add_close_hook(link.close)
     return host
 
 

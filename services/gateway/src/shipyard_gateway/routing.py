@@ -68,8 +68,8 @@ class Route:
     stopped: bool = False
     """Stopped by its owner: requests get 503 until it is started."""
     max_inflight: int = 0
-    """Per-deployment concurrency limit (0: none). Carried for the full gateway; not
-    enforced yet."""
+    """Per-deployment concurrency limit at each gateway (0: the gateway's default,
+    ``settings.max_inflight_per_deployment``); enforced by the handler (429)."""
 
     @property
     def ready(self) -> bool:

@@ -14,16 +14,22 @@ class GatewaySettings(CommonSettings):
     """The name in logs, traces and the NATS connection."""
 
     grpc_port: int = 8081
-    """Port of the gateway's gRPC server. For now it serves health checking and reflection
-    only (what the platform supervisor probes); the Open Inference Protocol gRPC API will
-    be served here too."""
+    """Port of the gateway's gRPC server: the Open Inference Protocol
+    (``inference.GRPCInferenceService``), health checking and reflection."""
 
     http_host: str = "127.0.0.1"
     """Interface the REST data plane binds to. Use ``0.0.0.0`` (or ``::``) in a container."""
 
     http_port: int = Field(default=8080, ge=0, le=65535)
-    """Port of the REST data plane (``POST /deployments/{deployment}/predict``, health);
-    0 lets the OS choose (the host reports the bound port as ``http_port``)."""
+    """Port of the REST data plane (Open Inference Protocol v2, KServe v1, Seldon, raw
+    JSON; health); 0 lets the OS choose (the host reports the bound port as
+    ``http_port``)."""
+
+    quota_addr: str = "127.0.0.1:50052"
+    """``host:port`` of the quota service (for the REST facade, ``/api/v1``)."""
+
+    imagebuild_addr: str = "127.0.0.1:50053"
+    """``host:port`` of the imagebuild service (for the REST facade, ``/api/v1``)."""
 
     scheduler_addr: str = "127.0.0.1:50054"
     """``host:port`` of the scheduler, whose ``WatchRoutes`` stream keeps the routing table
@@ -47,7 +53,31 @@ class GatewaySettings(CommonSettings):
 
     max_body_bytes: int = Field(default=32 * 1024 * 1024, ge=1)
     """Largest request body accepted (default 32 MiB, the model server's own limit);
-    larger ones get 413."""
+    larger ones get 413 (REST; gRPC: RESOURCE_EXHAUSTED for a larger message)."""
+
+    check_body_max_bytes: int = Field(default=64 * 1024, ge=0)
+    """Bodies up to this size are checked by the gateway (valid JSON, the protocol's
+    envelope, tensor shapes against their data) so malformed ones get 400 without a trip to
+    a model server; larger ones go to the model server unparsed (it checks the same), so
+    the gateway never spends long on one body. Raw JSON is never parsed. 0: no checks."""
+
+    max_inflight_per_deployment: int = Field(default=256, ge=0)
+    """Concurrency limit of a deployment at this gateway process when its route sets none
+    (``RouteUpdate.max_inflight``): requests beyond it get 429 with ``Retry-After`` (gRPC:
+    RESOURCE_EXHAUSTED). Requests waiting for a scaled-to-zero deployment count. 0: no
+    limit."""
+
+    client_key_cache_seconds: float = Field(default=1.0, ge=0, le=1.0)
+    """How long the keys service's acceptance of a client key is reused (at most 1 s, so a
+    revoked key is refused within a second). Refusals are never cached. 0: ask every time."""
+
+    metrics_interval_seconds: float = Field(default=10.0, gt=0)
+    """How often the request metrics are published to the ``METRICS`` stream (one message
+    per gateway process per interval, on ``metrics.gateway.<gateway_id>``)."""
+
+    metrics_max_pending: int = Field(default=60, ge=1)
+    """How many intervals of metrics are kept while they cannot be published (NATS down);
+    beyond that the oldest are dropped with a warning."""
 
     upstream_connections_per_host: int = Field(default=512, ge=1)
     """At most this many connections to one model server instance (kept alive and
@@ -58,5 +88,6 @@ class GatewaySettings(CommonSettings):
     (``shipyard.load.gateway``) for the scheduler's autoscaler."""
 
     gateway_id: str = ""
-    """The id of this gateway process in load reports. Empty: ``<hostname>-<pid>-<random>``
-    (unique per process, which is what the autoscaler needs to sum over gateways)."""
+    """The id of this gateway process in load reports and metrics. Empty:
+    ``<hostname>-<pid>-<random>`` (unique per process, which is what the autoscaler needs
+    to sum over gateways, and what makes metrics message ids unique)."""

@@ -93,14 +93,21 @@ class UpstreamClient:
     async def post(
         self, address: str, path: str, body: bytes, headers: Mapping[str, str]
     ) -> UpstreamReply:
-        """POSTs ``body`` to ``http://<address><path>`` and returns the answer as is.
+        """POSTs ``body`` to ``http://<address><path>`` (see :meth:`request`)."""
+        return await self.request("POST", address, path, body, headers)
+
+    async def request(
+        self, method: str, address: str, path: str, body: bytes, headers: Mapping[str, str]
+    ) -> UpstreamReply:
+        """Sends ``method`` ``http://<address><path>`` with ``body`` (empty for GET) and
+        returns the answer as is.
 
         Raises ConnectFailed (not sent; retry elsewhere), UpstreamTimeout or BadGateway.
         """
         session = self._ensure_session()
         url = f"http://{address}{path}"
         try:
-            async with session.post(url, data=body, headers=dict(headers)) as response:
+            async with session.request(method, url, data=body, headers=headers) as response:
                 payload = await response.read()
                 return UpstreamReply(
                     status=response.status,

@@ -1,6 +1,7 @@
 """Runs the keys service.
 
-``python -m shipyard_keys`` (or ``... serve``) serves gRPC until SIGTERM.
+``python -m shipyard_keys`` (or ``... serve``) serves gRPC (IdentityService and
+ClientKeyService) until SIGTERM.
 ``python -m shipyard_keys bootstrap-admin --name admin`` creates the first admin and
 prints one JSON line on stdout (the token is in it: stdout is for the caller only; logs go
 to stderr). It writes the event store directly, so it works whether or not the server
@@ -15,37 +16,87 @@ import json
 import sys
 from collections.abc import Sequence
 
-from shipyard.keys.v1 import identity_pb2_grpc
+from shipyard.keys.v1 import client_keys_pb2_grpc, identity_pb2_grpc
 from shipyard_core import db
+from shipyard_core.auth import Authenticator, InternalTokenAuthenticator
 from shipyard_core.errors import InvalidArgument, ShipyardError
 from shipyard_core.eventstore import EventStore, ensure_schema
 from shipyard_core.grpckit.server import ServiceHost
 from shipyard_core.logs import configure_logging
 from shipyard_core.service import EventSourcedService
 from shipyard_core.telemetry import configure_tracing
-from shipyard_keys.api import PUBLIC_METHODS, IdentityServicer
-from shipyard_keys.app import BootstrapOutcome, IdentityCommands, IdentityQueries
-from shipyard_keys.projections import SCHEMA, IdentityProjection
+from shipyard_keys.adapters import DeploymentDirectory, SchedulerDeployments
+from shipyard_keys.api import PUBLIC_METHODS, ClientKeyServicer, IdentityServicer
+from shipyard_keys.app import (
+    BootstrapOutcome,
+    ClientKeyCommands,
+    ClientKeyQueries,
+    IdentityCommands,
+    IdentityQueries,
+    KeyUsage,
+    ReadYourWrites,
+    ensure_usage_table,
+)
+from shipyard_keys.projections import (
+    SCHEMA,
+    ClientKeysProjection,
+    DeploymentOwnersProjection,
+    IdentityProjection,
+)
 from shipyard_keys.settings import KeysSettings
 
 
-async def build(settings: KeysSettings) -> ServiceHost:
+async def build(
+    settings: KeysSettings,
+    *,
+    authenticator: Authenticator | None = None,
+    deployments: DeploymentDirectory | None = None,
+) -> ServiceHost:
     """The service, ready to start (tests start it on port 0).
 
     Callers are authenticated against the service's own ``identity`` projection (no
-    gRPC call to itself, no cache: a revocation holds at once here)."""
+    gRPC call to itself, no cache: a revocation holds at once here), and the installation's
+    internal token (``settings.internal_token``, the gateway's credential for
+    VerifyClientKey) is recognised too. ``authenticator`` replaces the identity projection
+    (tests use a fixed token table); ``deployments`` replaces the scheduler at
+    ``settings.scheduler_addr`` as the source of deployments' groups."""
     svc = EventSourcedService(
-        settings, SCHEMA, [IdentityProjection()], pool_size=settings.database_pool_size
+        settings,
+        SCHEMA,
+        [IdentityProjection(), ClientKeysProjection(), DeploymentOwnersProjection()],
+        pool_size=settings.database_pool_size,
     )
     await svc.open()
+    async with svc.pool.acquire() as conn:
+        await ensure_usage_table(conn)
     queries = IdentityQueries(svc.pool)
     commands = IdentityCommands(
         svc.pool, svc.store, queries, projection_wait_seconds=settings.projection_wait_seconds
     )
-    host = ServiceHost(settings, authenticator=queries, public_methods=PUBLIC_METHODS)
+    local: Authenticator = queries if authenticator is None else authenticator
+    if settings.internal_token:
+        local = InternalTokenAuthenticator(local, settings.internal_token)
+    host = ServiceHost(settings, authenticator=local, public_methods=PUBLIC_METHODS)
     host.add_servicer(
         identity_pb2_grpc.add_IdentityServiceServicer_to_server,
         IdentityServicer(commands, queries),
+    )
+    if deployments is None:
+        scheduler = SchedulerDeployments(
+            settings.scheduler_addr, timeout_seconds=settings.scheduler_timeout_seconds
+        )
+        host.add_close_hook(scheduler.close)
+        deployments = scheduler
+    key_queries = ClientKeyQueries(svc.pool, deployments, KeyUsage(svc.pool))
+    key_commands = ClientKeyCommands(
+        svc.store,
+        key_queries,
+        deployments,
+        ReadYourWrites(svc.pool, svc.store, settings.projection_wait_seconds, ClientKeysProjection),
+    )
+    host.add_servicer(
+        client_keys_pb2_grpc.add_ClientKeyServiceServicer_to_server,
+        ClientKeyServicer(key_commands, key_queries),
     )
     svc.attach(host)
     return host
@@ -79,7 +130,7 @@ async def bootstrap_admin(settings: KeysSettings, name: str) -> BootstrapOutcome
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m shipyard_keys",
-        description="Shipyard keys service: users, groups and API tokens.",
+        description="Shipyard keys service: users, groups, API tokens and deployment client keys.",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.add_parser("serve", help="serve gRPC until SIGTERM (the default)")

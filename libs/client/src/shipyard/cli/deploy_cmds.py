@@ -523,6 +523,12 @@ def show(ctx: click.Context, name: str, as_json: bool) -> None:
     for line in curl_example(url, public=d.public):
         click.echo(f"  {line}")
     click.echo(f"  shipyard predict {d.name or name} --data @payload.json")
+    if not d.public:
+        # Client systems should not hold a person's token: give them a client key.
+        click.echo()
+        click.echo("for a client system, create a key (its secret is shown once):")
+        click.echo(f"  shipyard keys create {d.name or name} --client CLIENT")
+        click.echo(f"  curl -u CLIENT:$KEY -X POST '{url}' -d @payload.json")
 
 
 @deploy.command("history")

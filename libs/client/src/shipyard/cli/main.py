@@ -13,6 +13,7 @@ from shipyard.cli import (
     groups_cmds,
     images_cmds,
     instance_types_cmds,
+    keys_cmds,
     quota_cmds,
     users_cmds,
 )
@@ -51,6 +52,7 @@ cli.add_command(events_cmds.events)
 cli.add_command(images_cmds.image)
 cli.add_command(deploy_cmds.deploy)
 cli.add_command(deploy_cmds.predict)
+cli.add_command(keys_cmds.keys)
 
 
 def _register_platform_commands(group: click.Group) -> None:

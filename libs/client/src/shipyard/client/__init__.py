@@ -11,11 +11,13 @@
 >>> d = client.deployments.create("iris-prod", "iris:1", instance_type="cpu.small", replicas=2)
 >>> client.deployments.wait("iris-prod", after=d, on_change=print).status
 >>> client.deployments.predict("iris-prod", {"instances": [[5.1, 3.5, 1.4, 0.2]]})
+>>> client.client_keys.create("iris-prod", "shop").secret   # shown once
 
 Namespaces: ``client.quota`` (instance types, group quotas, usage), ``client.identity``
 (users, groups, tokens), ``client.images`` (builds and the image catalog),
 ``client.deployments`` (deployments, their history and instances, predictions through
-the gateway), ``client.events(service)`` (event history, consumer lag, replay).
+the gateway), ``client.client_keys`` (deployments' client keys: create, list,
+revoke), ``client.events(service)`` (event history, consumer lag, replay).
 
 Every failure is a :class:`ShipyardClientError` subclass that mirrors the gRPC status
 code (:class:`NotFound`, :class:`QuotaExceeded`, :class:`Unavailable`, ...); results are
@@ -28,6 +30,7 @@ from pathlib import Path
 from types import TracebackType
 
 from shipyard.client._channel import DEFAULT_TIMEOUT, Transport
+from shipyard.client.client_keys import ClientKeysClient, ClientKeyView, CreatedClientKey
 from shipyard.client.config import ClientConfig, load_config
 from shipyard.client.deployments import (
     DEPLOYMENT_STATUSES,
@@ -94,9 +97,12 @@ __all__ = [
     "Build",
     "BuildFailed",
     "Client",
+    "ClientKeyView",
+    "ClientKeysClient",
     "ConfigError",
     "Conflict",
     "ConsumerLag",
+    "CreatedClientKey",
     "CreatedUser",
     "DeadlineExceeded",
     "DeploymentFailed",
@@ -155,6 +161,7 @@ class Client:
     identity: IdentityClient
     images: ImagesClient
     deployments: DeploymentsClient
+    client_keys: ClientKeysClient
 
     def __init__(
         self,
@@ -172,6 +179,7 @@ class Client:
         self.identity = IdentityClient(self._transport)
         self.images = ImagesClient(self._transport)
         self.deployments = DeploymentsClient(self._transport, config)
+        self.client_keys = ClientKeysClient(self._transport)
 
     def events(self, service: str) -> EventsClient:
         """Event administration (list, lag, replay) of one event-sourced service."""

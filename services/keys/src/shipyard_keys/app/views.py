@@ -1,4 +1,4 @@
-"""What the identity handlers return: plain, transport-neutral values."""
+"""What the keys service's handlers return: plain, transport-neutral values."""
 
 from __future__ import annotations
 
@@ -63,3 +63,37 @@ class BootstrapOutcome:
             "token_id": self.token.token_id,
             "created": self.created,
         }
+
+
+@dataclass(frozen=True)
+class ClientKeyView:
+    """A deployment's client key as callers see it (never its secret)."""
+
+    deployment: str
+    group: str
+    client: str
+    key_id: str
+    created_by: str = ""
+    created_at: datetime | None = None
+    last_used_at: datetime | None = None
+    revoked: bool = False
+    revoked_at: datetime | None = None
+    revoked_by: str = ""
+
+
+@dataclass(frozen=True)
+class CreatedClientKey:
+    """A new client key. ``secret`` is returned this once (kept out of repr so it cannot
+    reach a log by accident)."""
+
+    key: ClientKeyView
+    secret: str = field(repr=False)
+
+
+@dataclass(frozen=True)
+class VerifiedClientKey:
+    """Whose a verified client key is: the client name (the model sees it in
+    ``X-Forwarded-User``) and the key's public id."""
+
+    client: str
+    key_id: str

@@ -1,8 +1,10 @@
-"""Read-your-writes for identity commands: answer only once the projection shows it.
+"""Read-your-writes for the keys service's commands: answer only once the projection
+shows it.
 
 The token check reads the ``identity`` projection, so "the token works the instant it is
 returned" and "a revocation holds the instant RevokeToken returns" both mean: the
-command waits until the projection has applied its events before answering.
+command waits until the projection has applied its events before answering. Client keys
+work the same way over the ``client_keys`` projection.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import asyncpg
 from shipyard_core.aggregate import Aggregate
 from shipyard_core.errors import Unavailable
 from shipyard_core.eventstore import EventStore, StoredEvent
+from shipyard_core.projections import Projection
 from shipyard_core.projections.consistency import wait_until_projected
 from shipyard_keys.projections import IdentityProjection
 
@@ -22,12 +25,20 @@ log = logging.getLogger(__name__)
 
 
 class ReadYourWrites:
-    """Waits until the ``identity`` projection has applied a command's events."""
+    """Waits until ``projection`` (by default ``identity``) has applied a command's
+    events."""
 
-    def __init__(self, pool: asyncpg.Pool, store: EventStore, timeout_seconds: float) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        store: EventStore,
+        timeout_seconds: float,
+        projection: type[Projection] = IdentityProjection,
+    ) -> None:
         self.pool = pool
         self.store = store
         self.timeout_seconds = timeout_seconds
+        self.projection = projection
 
     async def settle(
         self,
@@ -51,23 +62,25 @@ class ReadYourWrites:
                 events += await self.store.read_stream(stream, after_version=aggregate.version - 1)
         # Only the projection's own streams have positions to wait for (a command may
         # also write others, e.g. bootstrap:admin).
-        followed = {aggregate for _, aggregate in IdentityProjection.sources}
+        followed = {aggregate for _, aggregate in self.projection.sources}
         events = [e for e in events if e.aggregate in followed]
         if await wait_until_projected(
             self.pool,
-            IdentityProjection.schema,
-            IdentityProjection.name,
+            self.projection.schema,
+            self.projection.name,
             events,
             self.timeout_seconds,
         ):
             return True
         if must_hold:
             raise Unavailable(
-                f"{must_hold} is recorded but not in effect yet (the identity read model "
-                f"lags by more than {self.timeout_seconds:g}s); repeat the request to confirm"
+                f"{must_hold} is recorded but not in effect yet (the {self.projection.name} "
+                f"read model lags by more than {self.timeout_seconds:g}s); "
+                "repeat the request to confirm"
             )
         log.warning(
-            "identity projection did not apply %d event(s) within %ss; answering anyway",
+            "%s projection did not apply %d event(s) within %ss; answering anyway",
+            self.projection.name,
             len(events),
             self.timeout_seconds,
         )

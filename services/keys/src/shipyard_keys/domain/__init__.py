@@ -1,9 +1,17 @@
-"""Identity aggregates (User, Group, AdminBootstrap) and their events."""
+"""The keys service's aggregates (User, Group, AdminBootstrap, ClientKeys) and their events."""
 
 from shipyard_keys.domain.bootstrap import BOOTSTRAP_ID, AdminBootstrap
+from shipyard_keys.domain.client_keys import (
+    ClientKeys,
+    ClientKeyState,
+    NewClientKey,
+    no_key_message,
+)
 from shipyard_keys.domain.events import (
     REGISTRY,
     AdminBootstrapped,
+    ClientKeyCreated,
+    ClientKeyRevoked,
     GroupCreated,
     MemberAdded,
     MemberRemoved,
@@ -19,13 +27,19 @@ __all__ = [
     "REGISTRY",
     "AdminBootstrap",
     "AdminBootstrapped",
+    "ClientKeyCreated",
+    "ClientKeyRevoked",
+    "ClientKeyState",
+    "ClientKeys",
     "Group",
     "GroupCreated",
     "MemberAdded",
     "MemberRemoved",
+    "NewClientKey",
     "NewToken",
     "TokenIssued",
     "TokenRevoked",
     "User",
     "UserCreated",
+    "no_key_message",
 ]

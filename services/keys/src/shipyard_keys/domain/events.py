@@ -1,6 +1,8 @@
-"""The identity events: what happened to users, their tokens, groups and the bootstrap.
+"""The keys service's events: what happened to users, their tokens, groups, the bootstrap,
+and deployments' client keys.
 
-Payloads never hold a token secret, only its SHA-256 (``token_hash``): events are kept
+Payloads never hold a token or client key secret, only its SHA-256 (``token_hash``,
+``key_hash``): events are kept
 forever and published on JetStream, so anything in them is as good as public inside the
 platform. Timestamps are the envelope's ``recorded_at``, not payload fields.
 """
@@ -67,6 +69,29 @@ class AdminBootstrapped(DomainEvent):
     user: str
 
 
+class ClientKeyCreated(DomainEvent):
+    """A deployment got a client key (stream ``client_keys:<deployment>``); only the hash
+    of its secret is recorded. ``group`` is the group that owned the deployment when the
+    key was made (the scheduler's answer): it decides who may list and revoke the key, and
+    the key stops working if the deployment name later belongs to another group."""
+
+    deployment: str
+    group: str
+    client: str
+    key_id: str
+    key_hash: str
+    created_by: str
+
+
+class ClientKeyRevoked(DomainEvent):
+    """A client key stopped working for good."""
+
+    deployment: str
+    client: str
+    key_id: str
+    revoked_by: str
+
+
 REGISTRY = EventRegistry(
     UserCreated,
     TokenIssued,
@@ -75,5 +100,7 @@ REGISTRY = EventRegistry(
     MemberAdded,
     MemberRemoved,
     AdminBootstrapped,
+    ClientKeyCreated,
+    ClientKeyRevoked,
 )
-"""Every identity event class, for decoding stored events."""
+"""Every event class of the keys service, for decoding stored events."""

@@ -1,10 +1,11 @@
-"""API token secrets: how they are made, hashed and recognised.
+"""API token and client key secrets: how they are made, hashed and recognised.
 
-A token is ``sy_`` + 32 random bytes (URL-safe base64), shown once to whoever created it.
-Only its SHA-256 is stored. A slow password KDF (bcrypt, scrypt, argon2) would add
-nothing: those protect *low-entropy* secrets against guessing, and 256 bits from the
-OS CSPRNG cannot be guessed however fast the hash is. A fast, unsalted hash also lets the
-server find a token by its hash with one index lookup, which a salted KDF would not.
+A token is ``sy_`` + 32 random bytes (URL-safe base64), shown once to whoever created it;
+a deployment's client key is the same with ``sk_``. Only their SHA-256 is stored. A slow
+password KDF (bcrypt, scrypt, argon2) would add nothing: those protect *low-entropy*
+secrets against guessing, and 256 bits from the OS CSPRNG cannot be guessed however fast
+the hash is. A fast, unsalted hash also lets the server find a token by its hash with one
+index lookup, which a salted KDF would not.
 """
 
 from __future__ import annotations
@@ -22,6 +23,13 @@ TOKEN_ID_PREFIX = "tok_"  # noqa: S105 - a prefix, not a secret
 
 MAX_TOKEN_LENGTH = 256
 """Longer strings are refused before hashing; real tokens are 46 characters."""
+
+CLIENT_KEY_PREFIX = "sk_"
+"""Every client key secret starts with this: distinct from ``sy_`` so that the gateway (and
+people) tell a deployment's client key from a person's API token at a glance."""
+
+CLIENT_KEY_ID_PREFIX = "ck_"
+"""Every client key id starts with this; ids are public (listed, logged, in events)."""
 
 _TOKEN_ID = re.compile(r"^tok_[0-9a-f]{8}$")
 
@@ -57,3 +65,20 @@ def hashes_match(stored_hash: str, token: str) -> bool:
 def is_token_id(value: str) -> bool:
     """Whether ``value`` has the shape of a token id (``tok_`` + 8 lowercase hex digits)."""
     return bool(_TOKEN_ID.match(value))
+
+
+def new_client_key() -> str:
+    """A fresh client key secret (``sk_`` + 43 URL-safe characters, 256 bits)."""
+    return CLIENT_KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def new_client_key_id() -> str:
+    """A fresh public client key id (``ck_`` + 8 hex digits); unique per deployment (the
+    ClientKeys aggregate draws again on a clash), not a secret."""
+    return CLIENT_KEY_ID_PREFIX + secrets.token_hex(4)
+
+
+def looks_like_client_key(secret: str) -> bool:
+    """Whether ``secret`` has a client key's shape (prefix, bounded length); cheap checks
+    done before any lookup."""
+    return secret.startswith(CLIENT_KEY_PREFIX) and len(secret) <= MAX_TOKEN_LENGTH
