@@ -18,9 +18,7 @@ Test modules import the fixtures they use: ``from .facade_conftest import contro
 from __future__ import annotations
 
 import contextlib
-import io
 import re
-import tarfile
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -63,18 +61,6 @@ def load(model_dir):
 def predict(model, payload):
     return {"version": model, "echo": payload}
 """
-
-
-def folder_tar(files: Mapping[str, str]) -> bytes:
-    """A model folder as a gzipped tar (the body of ``POST /builds``)."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-        for name, text in files.items():
-            data = text.encode()
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
 
 
 # --- serving the facade -------------------------------------------------------------------

@@ -17,14 +17,13 @@ from shipyard.quota.v1 import quota_pb2 as qp
 from shipyard.quota.v1 import quota_pb2_grpc
 from shipyard.scheduler.v1 import scheduler_pb2 as sp
 from shipyard.scheduler.v1 import scheduler_pb2_grpc
-from shipyard_testing import wait_for
+from shipyard_testing import folder_tar, wait_for
 
 from .facade_conftest import (
     SERVE,
     ControlPlane,
     RestClient,
     control_plane,
-    folder_tar,
 )
 
 __all__ = ["control_plane"]  # the fixture, imported so pytest finds it here

@@ -31,13 +31,12 @@ from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi import checks as openapi_checks
 
 from shipyard_gateway.facade import Api
-from shipyard_testing import wait_for
+from shipyard_testing import folder_tar, wait_for
 
 from .facade_conftest import (
     SERVE,
     ControlPlane,
     control_plane,
-    folder_tar,
     serve_facade,
     stand_in_server,
 )

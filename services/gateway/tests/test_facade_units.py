@@ -24,12 +24,12 @@ from shipyard.scheduler.v1 import scheduler_pb2 as sp
 from shipyard_gateway.facade import HTTP_STATUS_FOR_GRPC, ROUTES, Api, build_facade
 from shipyard_gateway.facade.routes import BACKENDS
 from shipyard_gateway.facade.schema import SUPPORTED_KEYWORDS
+from shipyard_testing import folder_tar
 
 from .facade_conftest import (
     Conformance,
     RestClient,
     StandIn,
-    folder_tar,
     serve_facade,
     stand_in_server,
 )

@@ -3,8 +3,6 @@ with the local backend, in this process; images are built once per module."""
 
 from __future__ import annotations
 
-import io
-import tarfile
 import tempfile
 import uuid
 from collections.abc import AsyncIterator
@@ -29,7 +27,7 @@ from shipyard_quota.main import build as build_quota
 from shipyard_quota.settings import QuotaSettings
 from shipyard_scheduler.main import Scheduler, build_scheduler
 from shipyard_scheduler.settings import SchedulerSettings
-from shipyard_testing import StaticAuthenticator, wait_for
+from shipyard_testing import StaticAuthenticator, folder_tar, wait_for
 
 INTERNAL = "internal-secret"
 TOKENS = {
@@ -59,18 +57,6 @@ def predict(model, payload):
 def md(token: str) -> tuple[tuple[str, str], ...]:
     """Call metadata for a test user."""
     return (("authorization", f"Bearer {token}"),)
-
-
-def folder_tar(files: dict[str, str]) -> bytes:
-    """A model folder as the gzipped tar StartBuild takes."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-        for name, text in files.items():
-            data = text.encode()
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
 
 
 async def build_image(address: str, name: str, files: dict[str, str]) -> str:

@@ -5,6 +5,7 @@ the ``pytest11`` entry point, so installing this package is enough).
 """
 
 from shipyard_testing.auth import StaticAuthenticator
+from shipyard_testing.folders import folder_tar
 from shipyard_testing.plugin import wait_for, wait_for_sync
 
-__all__ = ["StaticAuthenticator", "wait_for", "wait_for_sync"]
+__all__ = ["StaticAuthenticator", "folder_tar", "wait_for", "wait_for_sync"]
