@@ -8,6 +8,9 @@ import re
 from shipyard_core.errors import InvalidArgument
 
 _NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+# Deployment names (decision 0017): a DNS label of at most 40 characters starting with a
+# letter, so that `<name>-r<revision>-<suffix>` and Kubernetes object names fit.
+_DEPLOYMENT_NAME = re.compile(r"^[a-z]([a-z0-9-]{0,38}[a-z0-9])?$")
 # Instance types are conventionally dotted: cpu.small, gpu.a100.
 _DOTTED_NAME = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?$")
 
@@ -53,4 +56,17 @@ def positive_int(field: str, value: int, *, maximum: int | None = None) -> int:
         raise InvalidArgument(field, f"must be at least 1, got {value}")
     if maximum is not None and value > maximum:
         raise InvalidArgument(field, f"must be at most {maximum}, got {value}")
+    return value
+
+
+def deployment_name(field: str, value: str) -> str:
+    """A deployment name (it is part of every prediction URL and of Kubernetes names), or
+    InvalidArgument on ``field``."""
+    if not _DEPLOYMENT_NAME.match(value):
+        raise InvalidArgument(
+            field,
+            f"{value!r} is not a valid deployment name" if value else "is required",
+            "use 1-40 lowercase letters, digits and '-', starting with a letter and "
+            "ending with a letter or digit, e.g. iris-prod",
+        )
     return value

@@ -17,7 +17,6 @@ key works, and a revocation holds, the moment the command returns.
 
 from __future__ import annotations
 
-import re
 from datetime import UTC, datetime
 
 import asyncpg
@@ -25,7 +24,7 @@ import asyncpg
 from shipyard_core import validation
 from shipyard_core.aggregate import Repository, retry_on_conflict
 from shipyard_core.auth import Principal
-from shipyard_core.errors import InvalidArgument, NotFound, Unauthenticated, Unavailable
+from shipyard_core.errors import NotFound, Unauthenticated, Unavailable
 from shipyard_core.eventstore import EventStore, StoredEvent
 from shipyard_keys.adapters import DeploymentDirectory, deployment_not_found
 from shipyard_keys.app.usage import USAGE_TABLE, KeyUsage
@@ -49,12 +48,6 @@ MALFORMED_CLIENT_KEY = (
     f"and are at most {tokens.MAX_TOKEN_LENGTH} characters long"
 )
 """What the gateway is told for a "key" that cannot be one (checked before any lookup)."""
-
-# The scheduler's rule for deployment names (decision 0017): a DNS label of at most 40
-# characters starting with a letter, so that `<name>-r<revision>-<suffix>` and Kubernetes
-# object names fit. Repeated here rather than imported: the keys service does not depend
-# on the scheduler's code, only on its API.
-_DEPLOYMENT = re.compile(r"^[a-z]([a-z0-9-]{0,38}[a-z0-9])?$")
 
 _CONNECTION_ERRORS = (
     OSError,
@@ -87,14 +80,7 @@ WHERE k.key_hash = $1
 
 def check_deployment(deployment: str) -> str:
     """A deployment name as the scheduler accepts it, or InvalidArgument on ``deployment``."""
-    if not _DEPLOYMENT.match(deployment):
-        raise InvalidArgument(
-            "deployment",
-            f"{deployment!r} is not a valid deployment name" if deployment else "is required",
-            "use 1-40 lowercase letters, digits and '-', starting with a letter and "
-            "ending with a letter or digit, e.g. iris-prod",
-        )
-    return deployment
+    return validation.deployment_name("deployment", deployment)
 
 
 def _utc(value: datetime) -> str:

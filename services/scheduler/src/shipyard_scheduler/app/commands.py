@@ -10,12 +10,12 @@ repeating the command releases again."""
 from __future__ import annotations
 
 import contextlib
-import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import asyncpg
 
+from shipyard_core import validation
 from shipyard_core.aggregate import Repository, retry_on_conflict
 from shipyard_core.auth import Principal, resolve_group
 from shipyard_core.errors import FailedPrecondition, InvalidArgument, ShipyardError, Unavailable
@@ -27,8 +27,6 @@ from shipyard_scheduler.app.views import DeploymentView, ReadmeView
 from shipyard_scheduler.domain import SCHEDULER_EVENTS, Deployment, Spec
 from shipyard_scheduler.projections import SCHEMA, DeploymentsProjection
 
-# DNS-1123 label, short enough for `<name>-r<revision>-<suffix>` and Kubernetes names.
-_NAME = re.compile(r"^[a-z]([a-z0-9-]{0,38}[a-z0-9])?$")
 MAX_README_BYTES = 256 * 1024
 MAX_DESCRIPTION = 2000
 MAX_MESSAGE = 2000
@@ -59,14 +57,7 @@ class SpecChange:
 
 def check_name(name: str) -> str:
     """A deployment name: it is part of every prediction URL and of Kubernetes names."""
-    if not _NAME.match(name):
-        raise InvalidArgument(
-            "name",
-            f"{name!r} is not a valid deployment name" if name else "is required",
-            "use 1-40 lowercase letters, digits and '-', starting with a letter and "
-            "ending with a letter or digit, e.g. iris-prod",
-        )
-    return name
+    return validation.deployment_name("name", name)
 
 
 def _check_change(change: SpecChange) -> None:
