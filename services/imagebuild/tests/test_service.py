@@ -104,7 +104,9 @@ async def test_iris_builds_then_answers_from_the_cache(host: ServiceHost) -> Non
         first = await _start(
             stub, "ana", "iris", _tar(EXAMPLES / "iris"), source_name="examples/iris"
         )
-        assert first.state == pb.BUILD_STATE_QUEUED and first.group == "team-a"
+        # A free builder may pick the build up before the answer is read back.
+        assert first.state in (pb.BUILD_STATE_QUEUED, pb.BUILD_STATE_BUILDING), first
+        assert first.group == "team-a" and not first.cache_hit
         done = await _finished(stub, first.build_id)
         assert done.state == pb.BUILD_STATE_SUCCEEDED, done.reason + "\n" + done.log_tail
         assert done.image == "iris:1" and not done.cache_hit
