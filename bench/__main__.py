@@ -6,7 +6,7 @@ import argparse
 import asyncio
 import importlib
 
-BENCHES = ["eventstore", "imagebuild", "deploy"]
+BENCHES = ["eventstore", "imagebuild", "deploy", "gateway", "asyncinference", "logging"]
 
 
 def main() -> None:

@@ -5,16 +5,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import json
 import os
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import grpc
+
+from shipyard.imagebuild.v1 import imagebuild_pb2 as ib
+from shipyard.imagebuild.v1 import imagebuild_pb2_grpc
+from shipyard.quota.v1 import quota_pb2 as qp
+from shipyard.quota.v1 import quota_pb2_grpc
 from shipyard_core.embedded import NatsProcess, PostgresProcess, start_nats, start_postgres
 from shipyard_core.embedded._process import free_port
 from shipyard_platform.health import grpc_health
@@ -112,3 +120,70 @@ async def running(services: dict[str, dict[str, str]]) -> AsyncIterator[Stack]:
                 )
             stack.nats.stop()
             stack.pg.stop()
+
+
+def tar_folder(folder: Path, replace: Mapping[str, bytes] | None = None) -> bytes:
+    """``folder`` as the tar.gz the CLI uploads; ``replace`` swaps files' contents."""
+    replace = replace or {}
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for path in sorted(folder.rglob("*")):
+            if not path.is_file() or "__pycache__" in path.parts:
+                continue
+            name = str(path.relative_to(folder))
+            if name in replace:
+                info = tarfile.TarInfo(name)
+                info.size = len(replace[name])
+                tar.addfile(info, io.BytesIO(replace[name]))
+            else:
+                tar.add(path, arcname=name)
+    return buf.getvalue()
+
+
+async def until(check: Callable[[], Awaitable[bool]], deadline: float, what: str) -> None:
+    """Polls ``check`` until it is true; RuntimeError naming ``what`` after ``deadline`` s."""
+    end = time.monotonic() + deadline
+    while not await check():
+        if time.monotonic() > end:
+            raise RuntimeError(f"timed out: {what}")
+        await asyncio.sleep(0.05)
+
+
+async def build_image(stack: Stack, source: bytes, name: str = "iris") -> str:
+    """Creates instance type ``cpu.small`` and group ``bench`` with room for 16
+    instances, builds ``source`` (a tar.gz) as ``name`` in it, and returns the image."""
+    async with grpc.aio.insecure_channel(stack.addresses["shipyard_quota"]) as ch:
+        q = quota_pb2_grpc.QuotaServiceStub(ch)
+        await q.SetInstanceType(
+            qp.SetInstanceTypeRequest(
+                instance_type=qp.InstanceType(name="cpu.small", cpu=0.5, memory_gib=1)
+            ),
+            metadata=stack.metadata,
+        )
+        await q.SetGroupQuota(
+            qp.SetGroupQuotaRequest(
+                group="bench", limits=qp.Resources(cpu=8, memory_gib=16, instances=16)
+            ),
+            metadata=stack.metadata,
+        )
+    async with grpc.aio.insecure_channel(stack.addresses["shipyard_imagebuild"]) as ch:
+        stub = imagebuild_pb2_grpc.ImageBuildServiceStub(ch)
+
+        async def parts() -> AsyncIterator[ib.StartBuildRequest]:
+            yield ib.StartBuildRequest(header=ib.StartBuildHeader(group="bench", name=name))
+            yield ib.StartBuildRequest(chunk=source)
+
+        build = await stub.StartBuild(parts(), metadata=stack.metadata)
+        done = build
+
+        async def finished() -> bool:
+            nonlocal done
+            done = await stub.GetBuild(
+                ib.GetBuildRequest(build_id=build.build_id), metadata=stack.metadata
+            )
+            return done.state in (ib.BUILD_STATE_SUCCEEDED, ib.BUILD_STATE_FAILED)
+
+        await until(finished, 600, f"{name} build")
+        if done.state != ib.BUILD_STATE_SUCCEEDED:
+            raise RuntimeError(f"build failed: {done.reason}")
+        return str(done.image)

@@ -18,12 +18,9 @@ Run: ``./dev bench deploy`` (``--quick`` for a smoke run).
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import statistics
-import tarfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,72 +28,13 @@ import aiohttp
 import grpc
 
 from bench._machine import describe
-from bench._stack import Stack, running
-from shipyard.imagebuild.v1 import imagebuild_pb2 as ib
-from shipyard.imagebuild.v1 import imagebuild_pb2_grpc
-from shipyard.quota.v1 import quota_pb2 as qp
-from shipyard.quota.v1 import quota_pb2_grpc
+from bench._stack import build_image, running, tar_folder, until
 from shipyard.scheduler.v1 import scheduler_pb2 as pb
 from shipyard.scheduler.v1 import scheduler_pb2_grpc
 
 IRIS = Path(__file__).resolve().parent.parent / "examples" / "iris"
 RESULTS = Path(__file__).parent / "results" / "deploy.json"
 ROW = [[5.1, 3.5, 1.4, 0.2]]
-
-
-def _tar(folder: Path) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-        for path in sorted(folder.rglob("*")):
-            if path.is_file() and "__pycache__" not in path.parts:
-                tar.add(path, arcname=str(path.relative_to(folder)))
-    return buf.getvalue()
-
-
-async def _until(check: Callable[[], Awaitable[bool]], deadline: float, what: str) -> None:
-    end = time.monotonic() + deadline
-    while not await check():
-        if time.monotonic() > end:
-            raise RuntimeError(f"timed out: {what}")
-        await asyncio.sleep(0.05)
-
-
-async def _setup(stack: Stack) -> str:
-    async with grpc.aio.insecure_channel(stack.addresses["shipyard_quota"]) as ch:
-        q = quota_pb2_grpc.QuotaServiceStub(ch)
-        await q.SetInstanceType(
-            qp.SetInstanceTypeRequest(
-                instance_type=qp.InstanceType(name="cpu.small", cpu=0.5, memory_gib=1)
-            ),
-            metadata=stack.metadata,
-        )
-        await q.SetGroupQuota(
-            qp.SetGroupQuotaRequest(
-                group="bench", limits=qp.Resources(cpu=8, memory_gib=16, instances=16)
-            ),
-            metadata=stack.metadata,
-        )
-    async with grpc.aio.insecure_channel(stack.addresses["shipyard_imagebuild"]) as ch:
-        stub = imagebuild_pb2_grpc.ImageBuildServiceStub(ch)
-
-        async def parts() -> AsyncIterator[ib.StartBuildRequest]:
-            yield ib.StartBuildRequest(header=ib.StartBuildHeader(group="bench", name="iris"))
-            yield ib.StartBuildRequest(chunk=_tar(IRIS))
-
-        build = await stub.StartBuild(parts(), metadata=stack.metadata)
-        done = build
-
-        async def finished() -> bool:
-            nonlocal done
-            done = await stub.GetBuild(
-                ib.GetBuildRequest(build_id=build.build_id), metadata=stack.metadata
-            )
-            return done.state in (ib.BUILD_STATE_SUCCEEDED, ib.BUILD_STATE_FAILED)
-
-        await _until(finished, 600, "iris build")
-        if done.state != ib.BUILD_STATE_SUCCEEDED:
-            raise RuntimeError(f"build failed: {done.reason}")
-        return str(done.image)
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -143,7 +81,7 @@ async def run(quick: bool = False) -> None:
     n = 200 if quick else 2000
     seconds = 3.0 if quick else 10.0
     async with running(services) as stack:
-        image = await _setup(stack)
+        image = await build_image(stack, tar_folder(IRIS))
         results: dict[str, Any] = {"machine": describe(), "image": image}
         gateway = f"http://127.0.0.1:{stack.http_port}"
         async with grpc.aio.insecure_channel(stack.addresses["shipyard_scheduler"]) as ch:
@@ -171,7 +109,7 @@ async def run(quick: bool = False) -> None:
                 d = await get("iris-bench")
                 return d.status == pb.DEPLOYMENT_STATUS_DEPLOYED and d.ready_replicas == 2
 
-            await _until(deployed, 300, "deployment")
+            await until(deployed, 300, "deployment")
             results["deploy_2_replicas_s"] = round(time.monotonic() - start, 2)
 
             instances = await s.ListInstances(
@@ -233,7 +171,7 @@ async def run(quick: bool = False) -> None:
                     d = await get("iris-bench")
                     return d.active_revision == 2 and d.status == pb.DEPLOYMENT_STATUS_DEPLOYED
 
-                await _until(rolled, 300, "rollout")
+                await until(rolled, 300, "rollout")
                 results["rollout"] = {"seconds": round(time.monotonic() - start, 2)}
                 await asyncio.sleep(3)  # keep the load on while the old revision drains
                 stop.set()
@@ -252,7 +190,7 @@ async def run(quick: bool = False) -> None:
                     d = await get("iris-bench")
                     return d.replicas == 0 and d.ready_replicas == 0
 
-                await _until(asleep, 300, "scale to zero")
+                await until(asleep, 300, "scale to zero")
                 start = time.monotonic()
                 async with session.post(routed, json=ROW) as resp:
                     await resp.read()

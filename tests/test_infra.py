@@ -26,7 +26,7 @@ def _docs(path: Path) -> list[dict[str, object]]:
 
 def test_k8s_manifests_cover_every_service_with_probes_and_ports() -> None:
     kustomization = yaml.safe_load((ROOT / "infra/k8s/kustomization.yaml").read_text())
-    for service in ("keys", "quota", "imagebuild", "scheduler", "gateway"):
+    for service in ("keys", "quota", "imagebuild", "scheduler", "logging", "gateway"):
         assert f"{service}.yaml" in kustomization["resources"]
         deployment, svc = _docs(ROOT / f"infra/k8s/{service}.yaml")
         assert deployment["kind"] == "Deployment" and svc["kind"] == "Service"
@@ -46,7 +46,7 @@ def test_k8s_manifests_cover_every_service_with_probes_and_ports() -> None:
 
 def test_compose_runs_every_service_on_its_port() -> None:
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
-    for service in ("keys", "quota", "imagebuild", "scheduler", "gateway"):
+    for service in ("keys", "quota", "imagebuild", "scheduler", "logging", "gateway"):
         spec = compose["services"][service]
         assert spec["command"] == ["python", "-m", f"shipyard_{service}"]
         assert spec["environment"]["SHIPYARD_GRPC_PORT"] == str(DEFAULT_PORTS[service])

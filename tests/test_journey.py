@@ -39,6 +39,9 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
             "SHIPYARD_QUOTA_PORT": str(free_port()),
             "SHIPYARD_IMAGEBUILD_PORT": str(free_port()),
             "SHIPYARD_SCHEDULER_PORT": str(free_port()),
+            "SHIPYARD_LOGGING_PORT": str(free_port()),
+            # The gateway reports request metrics every second instead of every 10.
+            "SHIPYARD_METRICS_INTERVAL_SECONDS": "1",
             "SHIPYARD_GATEWAY_PORT": str(free_port()),
             "SHIPYARD_GATEWAY_HTTP_PORT": str(free_port()),
             "SHIPYARD_UP_TIMEOUT": "90",
@@ -87,6 +90,20 @@ def sy(home: Path, *args: str, token: str | None = None, ok: bool = True) -> Any
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
     assert "Traceback" not in proc.stderr
     return lines[0]
+
+
+def sy_lines(home: Path, *args: str, token: str) -> list[str]:
+    """Runs a CLI command that prints text lines (not --json); returns them."""
+    env = {k: v for k, v in os.environ.items() if k != "SHIPYARD_TOKEN"}
+    proc = subprocess.run(
+        [SHIPYARD, "--home", str(home), "--token", token, *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert proc.returncode == 0, f"{args}: {proc.stderr}"
+    return proc.stdout.splitlines()
 
 
 def test_first_session(home: Path) -> None:
@@ -221,6 +238,28 @@ def test_first_session(home: Path) -> None:
         home, "predict", "iris-bob", "--data", "[[5.1, 3.5, 1.4, 0.2]]", token=carol, ok=False
     )
     assert "may not call deployment 'iris-bob'" in refused and "team-b" not in refused
+    # The model server's output reaches the logging service; only bob's group reads it.
+    logged = wait_for_sync(
+        lambda: [
+            ln for ln in sy_lines(home, "deploy", "logs", "iris-bob", token=bob) if "loaded" in ln
+        ],
+        timeout=30,
+        interval=0.5,
+        message="the model server's log never reached `shipyard deploy logs`",
+        ignore=(AssertionError,),  # NOT_FOUND until the owner is projected
+    )
+    assert "serve.py" in logged[0], logged
+    assert "does not exist" in sy(home, "deploy", "logs", "iris-bob", token=carol, ok=False)
+    # The gateway's metrics reach the logging service: bob's 200 and carol's refusal.
+    counted = wait_for_sync(
+        lambda: sy(home, "deploy", "metrics", "iris-bob", token=bob)["total"]["requests"] == 2,
+        timeout=30,
+        interval=0.5,
+        message="the gateway's metrics never reached `shipyard deploy metrics`",
+    )
+    assert counted
+    total = sy(home, "deploy", "metrics", "iris-bob", token=bob)["total"]
+    assert (total["status_2xx"], total["status_4xx"], total["status_5xx"]) == (1, 1, 0), total
     assert sy(home, "quota", "show", "team-b", token=bob)["used"]["instances"] == 1
     refused = sy(
         home,

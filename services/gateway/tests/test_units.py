@@ -9,6 +9,7 @@ import base64
 import json
 import re
 import struct
+from types import SimpleNamespace
 from typing import Any
 
 import grpc
@@ -357,7 +358,8 @@ class _FlakyJetStream:
         self.attempts: list[str] = []
 
     async def stream_info(self, name: str) -> Any:
-        return object()
+        # Shaped like nats-py's StreamInfo as far as ensure_streams reads it.
+        return SimpleNamespace(config=SimpleNamespace(max_age=3600.0))
 
     async def update_stream(self, config: Any) -> Any:
         return object()

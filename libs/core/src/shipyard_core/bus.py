@@ -17,6 +17,15 @@ DLQ_STREAM = "DLQ"
 METRICS_STREAM = "METRICS"
 METRICS_MAX_AGE_SECONDS = 3 * 24 * 3600.0
 """Gateway request metrics are kept 3 days (as their projection)."""
+LOGS_STREAM = "LOGS"
+LOGS_MAX_AGE_SECONDS = 3 * 24 * 3600.0
+"""Default retention of the ``LOGS`` stream: 3 days, like the logging service's tables.
+The logging service sets its own (``SHIPYARD_LOG_RETENTION_SECONDS``); other services
+calling :func:`ensure_streams` keep whatever ``MaxAge`` the stream already has."""
+LOGS_DUPLICATE_WINDOW_SECONDS = 600.0
+"""A log shipper killed after publishing re-sends its batch within this window at the
+latest (it restarts with the scheduler); beyond it the logging service still drops lines
+it has stored already (by source and offset)."""
 # Long enough to cover a relay that crashes after publishing and restarts; beyond it,
 # consumers still dedupe by (stream, version).
 DUPLICATE_WINDOW_SECONDS = 600.0
@@ -33,7 +42,7 @@ async def connect(url: str, name: str) -> NATS:
     )
 
 
-def stream_configs() -> list[StreamConfig]:
+def stream_configs(logs_max_age_seconds: float = LOGS_MAX_AGE_SECONDS) -> list[StreamConfig]:
     """The durable streams every deployment of Shipyard has (see infra/jetstream)."""
     return [
         StreamConfig(
@@ -62,14 +71,32 @@ def stream_configs() -> list[StreamConfig]:
             duplicate_window=120.0,
             description="Per-deployment request metrics, aggregated by each gateway.",
         ),
+        StreamConfig(
+            name=LOGS_STREAM,
+            subjects=["logs.>"],
+            storage=StorageType.FILE,
+            retention=RetentionPolicy.LIMITS,
+            max_age=logs_max_age_seconds,
+            duplicate_window=LOGS_DUPLICATE_WINDOW_SECONDS,
+            description="Batches of log lines of instances and builds (see docs/events.md).",
+        ),
     ]
 
 
-async def ensure_streams(js: JetStreamContext) -> None:
-    """Creates (or updates) the streams; safe for several services to race on."""
-    for config in stream_configs():
+async def ensure_streams(
+    js: JetStreamContext, *, logs_max_age_seconds: float | None = None
+) -> None:
+    """Creates (or updates) the streams; safe for several services to race on.
+
+    ``logs_max_age_seconds`` is the retention of ``LOGS``, which the logging service owns:
+    it passes its setting; everyone else passes None, which creates ``LOGS`` with the
+    default retention when missing and keeps the ``MaxAge`` of an existing one."""
+    wanted = LOGS_MAX_AGE_SECONDS if logs_max_age_seconds is None else logs_max_age_seconds
+    for config in stream_configs(wanted):
         try:
-            await js.stream_info(config.name or "")
+            info = await js.stream_info(config.name or "")
+            if config.name == LOGS_STREAM and logs_max_age_seconds is None:
+                config.max_age = info.config.max_age
             await js.update_stream(config)
         except NotFoundError:
             try:

@@ -74,6 +74,8 @@ SERVICES: tuple[tuple[str, str, bool], ...] = (
     ("quota", "shipyard_quota", False),
     ("imagebuild", "shipyard_imagebuild", False),
     ("scheduler", "shipyard_scheduler", False),
+    ("logging", "shipyard_logging", False),
+    ("asyncinference", "shipyard_asyncinference", False),
     ("gateway", "shipyard_gateway", False),
 )
 

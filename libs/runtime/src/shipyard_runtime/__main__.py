@@ -103,6 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--access-log", action="store_true", help="log one line per request (off: speed)"
     )
+    serve.add_argument(
+        "--max-batch",
+        type=_positive_int,
+        default=32,
+        help="when the script has predict_batch: most requests per call (default 32; "
+        "1: no batching)",
+    )
 
     check = commands.add_parser(
         "check", help="import the script, load the model, predict on the example; print JSON"
@@ -147,6 +154,7 @@ def _serve(args: argparse.Namespace) -> int:
         graceful_timeout=args.graceful_timeout,
         backlog=args.backlog,
         access_log=args.access_log,
+        max_batch=args.max_batch,
     )
     return serve(config)
 

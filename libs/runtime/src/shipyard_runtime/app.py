@@ -12,6 +12,7 @@ import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 from urllib.parse import unquote
 
@@ -38,6 +39,26 @@ def seldon_error(status: int, message: str) -> bytes:
     return codec.dumps({"status": {"code": status, "info": message, "status": "FAILURE"}})
 
 
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """A prediction request decoded and waiting for its turn in a batch."""
+
+    payload: Any
+    """What ``predict()`` gets."""
+    finish: Callable[[Any], bytes]
+    """``predict()``'s result → the 200 answer's body (may raise NotSerializableError)."""
+    headers: dict[str, str]
+    request_id: str
+    protocol: str
+    error: ErrorBody
+    parameters: dict[str, Any] | None = None
+    """The OIP request's ``parameters`` (they reach ``predict()`` through its context)."""
+
+
+Decode = Callable[[dict[str, str], bytes], Prepared]
+"""A prediction route's first half: the request → :class:`Prepared` (raises RequestError)."""
+
+
 @dataclass(frozen=True)
 class Route:
     """What a path accepts: handlers by method, and how its errors look."""
@@ -45,10 +66,24 @@ class Route:
     methods: dict[str, Handler]
     error: ErrorBody
     allow: str = ""
+    decode: Decode | None = None
+    """Set on prediction routes (POST) when the model can batch: the HTTP layer then
+    decodes the request, collects it with the others that arrived in the same event-loop
+    turn, and answers them all from one :meth:`App.run_batch`."""
 
 
 class _PredictFailed(Exception):
     """predict() failed for a reason that is not the caller's: 500 (already logged)."""
+
+
+class _BatchContract(Exception):
+    """predict_batch() answered something other than one result per payload."""
+
+
+def _describe_results(results: Any) -> str:
+    if isinstance(results, (list, tuple)):
+        return f"{len(results)} results"
+    return f"a {type(results).__name__}"
 
 
 def _static(body: bytes) -> Handler:
@@ -74,6 +109,11 @@ class App:
         self.version = manifest.version
         self._predict = model.predict
         self._wants_context = model.wants_context
+        self._predict_batch = model.predict_batch
+        # predict_batch gets no per-request context, so a script that asks for one is
+        # served request by request.
+        batching = self._predict_batch is not None and not self._wants_context
+        self._batch_warned = False
 
         inputs = manifest.inputs
         if inputs is None and manifest.has_example:
@@ -110,11 +150,18 @@ class App:
         def static_get(body: bytes) -> dict[str, Handler]:
             return {"GET": _static(body)}
 
-        infer = {"POST": self._guard(self._infer_v2, simple_error)}
+        def predict_route(
+            decode: Callable[[dict[str, str], bytes], Prepared], error: ErrorBody
+        ) -> Route:
+            def handler(headers: dict[str, str], body: bytes) -> tuple[int, bytes]:
+                return self._answer(lambda: self._single(decode(headers, body)), headers, error)
+
+            return Route({"POST": handler}, error, "POST", decode if batching else None)
+
         model_routes = {
             "": Route(static_get(codec.dumps(metadata)), simple_error, "GET"),
             "/ready": Route(model_ready, simple_error, "GET"),
-            "/infer": Route(infer, simple_error, "POST"),
+            "/infer": predict_route(self._decode_v2, simple_error),
         }
         routes: dict[str, Route] = {
             "/v2": Route(static_get(codec.dumps(server_metadata)), simple_error, "GET"),
@@ -125,15 +172,9 @@ class App:
                 "GET",
             ),
             f"/v1/models/{name}": Route(model_ready, simple_error, "GET"),
-            f"/v1/models/{name}:predict": Route(
-                {"POST": self._guard(self._predict_v1, simple_error)}, simple_error, "POST"
-            ),
-            "/api/v1.0/predictions": Route(
-                {"POST": self._guard(self._predict_seldon, seldon_error)}, seldon_error, "POST"
-            ),
-            "/predict": Route(
-                {"POST": self._guard(self._predict_raw, simple_error)}, simple_error, "POST"
-            ),
+            f"/v1/models/{name}:predict": predict_route(self._decode_v1, simple_error),
+            "/api/v1.0/predictions": predict_route(self._decode_seldon, seldon_error),
+            "/predict": predict_route(self._decode_raw, simple_error),
         }
         for suffix, route in model_routes.items():
             routes[f"/v2/models/{name}{suffix}"] = route
@@ -191,85 +232,144 @@ class App:
 
     # -- handlers -------------------------------------------------------------------
 
-    def _guard(self, inner: Callable[[dict[str, str], bytes], bytes], error: ErrorBody) -> Handler:
-        def handler(headers: dict[str, str], body: bytes) -> tuple[int, bytes]:
-            try:
-                return 200, inner(headers, body)
-            except RequestError as exc:
-                return exc.status, error(exc.status, exc.message)
-            except _PredictFailed as exc:
-                return 500, error(500, str(exc))
-            except NotSerializableError as exc:
-                request_id = _request_id(headers)
-                log.error(
-                    "request %s: predict() returned a value that is not JSON-serialisable: %s",
-                    request_id,
-                    exc,
-                )
-                return 500, error(
-                    500,
-                    f"predict() returned a value that is not JSON-serialisable ({exc}); "
-                    f"return lists, dicts, numbers, strings or booleans (request id "
-                    f"{request_id})",
-                )
-            except Exception:
-                request_id = _request_id(headers)
-                log.exception("request %s: internal error", request_id)
-                return 500, error(500, f"internal error (request id {request_id})")
+    def _answer(
+        self, respond: Callable[[], bytes], headers: dict[str, str], error: ErrorBody
+    ) -> tuple[int, bytes]:
+        """``(200, respond())``, or the error answer for what it raised (never raises)."""
+        try:
+            return 200, respond()
+        except RequestError as exc:
+            return exc.status, error(exc.status, exc.message)
+        except _PredictFailed as exc:
+            return 500, error(500, str(exc))
+        except NotSerializableError as exc:
+            request_id = _request_id(headers)
+            log.error(
+                "request %s: predict() returned a value that is not JSON-serialisable: %s",
+                request_id,
+                exc,
+            )
+            return 500, error(
+                500,
+                f"predict() returned a value that is not JSON-serialisable ({exc}); "
+                f"return lists, dicts, numbers, strings or booleans (request id "
+                f"{request_id})",
+            )
+        except Exception:
+            request_id = _request_id(headers)
+            log.exception("request %s: internal error", request_id)
+            return 500, error(500, f"internal error (request id {request_id})")
 
-        return handler
+    def decode(
+        self, route: Route, headers: dict[str, str], body: bytes
+    ) -> Prepared | tuple[int, bytes]:
+        """A batchable route's request decoded, or the error answer when it is malformed."""
+        assert route.decode is not None
+        try:
+            return route.decode(headers, body)
+        except RequestError as exc:
+            return exc.status, route.error(exc.status, exc.message)
+        except Exception:
+            request_id = _request_id(headers)
+            log.exception("request %s: internal error", request_id)
+            return 500, route.error(500, f"internal error (request id {request_id})")
 
-    def _run(
-        self,
-        payload: Any,
-        headers: dict[str, str],
-        protocol: str,
-        request_id: str | None = None,
-        parameters: dict[str, Any] | None = None,
-    ) -> Any:
+    def run_batch(self, batch: list[Prepared]) -> list[tuple[int, bytes]]:
+        """Answers every request of ``batch`` (decoded by a route's ``decode``), with one
+        ``predict_batch()`` call when there are several. When that call fails (or breaks
+        its contract) each request is run on its own through ``predict()``, so each
+        gets its own answer or its own error, as without batching."""
+        if len(batch) == 1 or self._predict_batch is None:
+            return [self._answer(partial(self._single, p), p.headers, p.error) for p in batch]
+        try:
+            results = self._predict_batch([p.payload for p in batch])
+            if not isinstance(results, (list, tuple)) or len(results) != len(batch):
+                raise _BatchContract(
+                    f"predict_batch() returned {_describe_results(results)} for "
+                    f"{len(batch)} payloads; return a list with one result per payload"
+                )
+        except Exception as exc:
+            if not self._batch_warned:
+                self._batch_warned = True
+                log.warning(
+                    "predict_batch() failed (%s); the requests of that batch are served "
+                    "one by one through predict() (logged once)",
+                    describe_exception(exc),
+                )
+            return [self._answer(partial(self._single, p), p.headers, p.error) for p in batch]
+        return [
+            self._answer(partial(p.finish, r), p.headers, p.error)
+            for p, r in zip(batch, results, strict=True)
+        ]
+
+    def _single(self, prepared: Prepared) -> bytes:
+        return prepared.finish(self._run(prepared))
+
+    def _run(self, prepared: Prepared) -> Any:
         context: dict[str, Any] | None = None
         if self._wants_context:
             context = {
-                "headers": headers,
-                "request_id": request_id or _request_id(headers),
-                "protocol": protocol,
+                "headers": prepared.headers,
+                "request_id": prepared.request_id,
+                "protocol": prepared.protocol,
                 "model_name": self.name,
-                "parameters": parameters or {},
+                "parameters": prepared.parameters or {},
             }
         try:
-            return self._predict(payload, context)
+            return self._predict(prepared.payload, context)
         except CALLER_ERRORS as exc:
             raise RequestError(f"predict() raised {describe_exception(exc)}") from exc
         except Exception as exc:
-            request_id = request_id or _request_id(headers)
+            request_id = prepared.request_id
             log.exception("request %s: predict() raised %s", request_id, type(exc).__name__)
             raise _PredictFailed(
                 f"predict() failed; the model server log has the details (request id {request_id})"
             ) from exc
 
-    def _infer_v2(self, headers: dict[str, str], body: bytes) -> bytes:
+    def _decode_v2(self, headers: dict[str, str], body: bytes) -> Prepared:
         request = codec.oip_request(codec.loads(body))
         request_id = request.id or _request_id(headers)
-        result = self._run(request.payload, headers, "v2", request_id, request.parameters)
-        response: dict[str, Any] = {
-            "model_name": self.name,
-            "id": request_id,
-            "outputs": codec.oip_outputs(result, request.outputs),
-        }
-        if self.version:
-            response["model_version"] = self.version
-        return codec.dumps(response)
 
-    def _predict_v1(self, headers: dict[str, str], body: bytes) -> bytes:
+        def finish(result: Any) -> bytes:
+            response: dict[str, Any] = {
+                "model_name": self.name,
+                "id": request_id,
+                "outputs": codec.oip_outputs(result, request.outputs),
+            }
+            if self.version:
+                response["model_version"] = self.version
+            return codec.dumps(response)
+
+        return Prepared(
+            request.payload, finish, headers, request_id, "v2", simple_error, request.parameters
+        )
+
+    def _decode_v1(self, headers: dict[str, str], body: bytes) -> Prepared:
         payload = codec.kserve_payload(codec.loads(body))
-        return codec.dumps({"predictions": self._run(payload, headers, "v1")})
+        return Prepared(
+            payload,
+            lambda result: codec.dumps({"predictions": result}),
+            headers,
+            _request_id(headers),
+            "v1",
+            simple_error,
+        )
 
-    def _predict_seldon(self, headers: dict[str, str], body: bytes) -> bytes:
+    def _decode_seldon(self, headers: dict[str, str], body: bytes) -> Prepared:
         payload = codec.seldon_payload(codec.loads(body))
-        return codec.dumps(codec.seldon_response(self._run(payload, headers, "seldon")))
+        return Prepared(
+            payload,
+            lambda result: codec.dumps(codec.seldon_response(result)),
+            headers,
+            _request_id(headers),
+            "seldon",
+            seldon_error,
+        )
 
-    def _predict_raw(self, headers: dict[str, str], body: bytes) -> bytes:
-        return codec.dumps(self._run(codec.loads(body), headers, "raw"))
+    def _decode_raw(self, headers: dict[str, str], body: bytes) -> Prepared:
+        return Prepared(
+            codec.loads(body), codec.dumps, headers, _request_id(headers), "raw", simple_error
+        )
 
 
 def _request_id(headers: dict[str, str]) -> str:

@@ -21,7 +21,7 @@ import time
 from typing import Any
 
 from shipyard_runtime import codec
-from shipyard_runtime.app import App, Route
+from shipyard_runtime.app import App, Prepared, Route
 from shipyard_runtime.balance import DEFER_SECONDS, NOT_ACCEPTING, ConnectionTable
 
 log = logging.getLogger("shipyard_runtime")
@@ -119,6 +119,7 @@ class HttpConnection(asyncio.Protocol):
         "last_active",
         "server",
         "tr",
+        "waiting",
     )
 
     def __init__(self, server: WorkerServer) -> None:
@@ -131,6 +132,9 @@ class HttpConnection(asyncio.Protocol):
         self.discarding = False
         self.discard_since = 0.0
         self.last_active = server.clock
+        # A request handed to the batch and not answered yet: later pipelined requests
+        # wait in ``buf`` so that answers go out in order.
+        self.waiting: _Head | None = None
 
     # -- asyncio callbacks ----------------------------------------------------------
 
@@ -160,10 +164,14 @@ class HttpConnection(asyncio.Protocol):
         self.last_active = self.server.clock
         if self.discarding or self.closed:
             return
+        self.buf += data
+        if self.waiting is None:
+            self._process()
+
+    def _process(self) -> None:
         buf = self.buf
-        buf += data
         try:
-            while not self.closed:
+            while not self.closed and self.waiting is None:
                 head = self.head
                 if head is None:
                     if not buf:
@@ -345,7 +353,15 @@ class HttpConnection(asyncio.Protocol):
         if handler is None and not send_body:
             handler = route.methods.get("GET")
         if handler is not None:
-            status, payload = handler(head.headers, body)
+            if route.decode is not None and method == "POST" and self.server.max_batch > 1:
+                decoded = self.app.decode(route, head.headers, body)
+                if not isinstance(decoded, tuple):
+                    self.waiting = head
+                    self.server.batch(self, decoded, started)
+                    return
+                status, payload = decoded
+            else:
+                status, payload = handler(head.headers, body)
             extra = b""
         elif not route.methods:
             status, payload = 404, self.app.unknown_path(method, head.target.partition("?")[0])
@@ -354,12 +370,28 @@ class HttpConnection(asyncio.Protocol):
             status = 405
             payload = route.error(405, f"method {method} is not allowed here; use {route.allow}")
             extra = b"Allow: " + route.allow.encode() + b"\r\n"
+        self._answer(head, status, payload if send_body else b"", extra, len(payload), started)
+
+    def answer_batched(self, status: int, payload: bytes, started: float) -> None:
+        """Answers the request this connection handed to the batch, then goes on with the
+        requests pipelined behind it."""
+        head = self.waiting
+        if head is None:
+            return
+        self.waiting = None
+        self._answer(head, status, payload, b"", len(payload), started)
+        if self.buf and not self.closed:
+            self._process()
+
+    def _answer(
+        self, head: _Head, status: int, payload: bytes, extra: bytes, length: int, started: float
+    ) -> None:
         keep_alive = head.keep_alive and not self.server.draining
-        self._write(status, payload if send_body else b"", keep_alive, head, extra, len(payload))
+        self._write(status, payload, keep_alive, head, extra, length)
         if self.server.access_log:
             access_log.info(
                 "%s %s %d %.2fms",
-                method,
+                head.method,
                 head.target,
                 status,
                 (time.perf_counter() - started) * 1000,
@@ -436,7 +468,7 @@ class HttpConnection(asyncio.Protocol):
 
     def idle(self) -> bool:
         """No request in progress (safe to close during a drain)."""
-        return self.head is None and not self.buf
+        return self.head is None and not self.buf and self.waiting is None
 
 
 def _plain_error(status: int, message: str) -> bytes:
@@ -462,8 +494,13 @@ class WorkerServer:
         access_log: bool = False,
         table: ConnectionTable | None = None,
         slot: int = 0,
+        max_batch: int = 32,
     ) -> None:
         self.app = app
+        self.max_batch = max_batch
+        """Most requests answered by one ``predict_batch()`` call (1: no batching)."""
+        self._batch: list[tuple[HttpConnection, Prepared, float]] = []
+        self._flush_handle: asyncio.Handle | None = None
         self.table = table
         self.slot = slot
         self.sock = sock
@@ -558,6 +595,35 @@ class WorkerServer:
     def _resume_accept(self) -> None:
         if self._loop is not None and self._accepting:
             self._loop.add_reader(self.sock.fileno(), self._accept)
+
+    def batch(self, conn: HttpConnection, prepared: Prepared, started: float) -> None:
+        """Adaptive batching: a decoded prediction joins the requests of this event-loop
+        turn; they are answered together right after it (:meth:`flush`), so a request
+        never waits for company that is not already there, and a full batch goes at once.
+        """
+        self._batch.append((conn, prepared, started))
+        if len(self._batch) >= self.max_batch:
+            self.flush()
+        elif self._flush_handle is None:
+            assert self._loop is not None
+            self._flush_handle = self._loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Runs the collected predictions (one ``predict_batch()`` for several) and
+        answers each on its connection."""
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        batch, self._batch = self._batch, []
+        if not batch:
+            return
+        try:
+            answers = self.app.run_batch([prepared for _, prepared, _ in batch])
+        except Exception:  # run_batch answers every failure itself; this is a bug
+            log.exception("internal error while answering a batch")
+            answers = [(500, p.error(500, "internal error")) for _, p, _ in batch]
+        for (conn, _, started), (status, payload) in zip(batch, answers, strict=True):
+            conn.answer_batched(status, payload, started)
 
     def _protocol(self) -> HttpConnection:
         return HttpConnection(self)

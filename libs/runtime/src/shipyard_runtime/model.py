@@ -326,7 +326,7 @@ def _score_interface(path: Path, module: types.ModuleType) -> ServingScript:
 class LoadedModel:
     """A serving script with its model loaded: ``predict(payload, context)``."""
 
-    __slots__ = ("load_seconds", "model", "predict", "script", "wants_context")
+    __slots__ = ("load_seconds", "model", "predict", "predict_batch", "script", "wants_context")
 
     def __init__(self, script: ServingScript, model: Any, load_seconds: float) -> None:
         self.script = script
@@ -350,6 +350,14 @@ class LoadedModel:
         else:
             predict = lambda payload, ctx: fn(payload, model)  # noqa: E731
         self.predict = predict
+        batch = script.predict_batch
+        self.predict_batch: Callable[[list[Any]], Any] | None = None
+        """``predict_batch`` with the model bound (payloads → results), if defined."""
+        if batch is not None:
+            if script.kind == "serve":
+                self.predict_batch = lambda payloads: batch(model, payloads)
+            else:  # score.py keeps its data-first order: predict_batch(data_list, model)
+                self.predict_batch = lambda payloads: batch(payloads, model)
 
     @property
     def has_predict_batch(self) -> bool:

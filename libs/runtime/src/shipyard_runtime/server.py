@@ -59,6 +59,7 @@ class ServeConfig:
     graceful_timeout: float = 30.0
     backlog: int = 2048
     access_log: bool = False
+    max_batch: int = 32
 
 
 def bind(host: str, port: int, backlog: int) -> socket.socket:
@@ -119,7 +120,14 @@ async def _serve(
 ) -> None:
     loop = asyncio.get_running_loop()
     server = WorkerServer(
-        app, sock, config.max_body, config.keepalive_timeout, config.access_log, table, slot
+        app,
+        sock,
+        config.max_body,
+        config.keepalive_timeout,
+        config.access_log,
+        table,
+        slot,
+        max_batch=config.max_batch,
     )
     server.start()
     # Ready only now: the model is loaded and this process accepts connections.

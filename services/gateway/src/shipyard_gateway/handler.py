@@ -27,6 +27,7 @@ import asyncio
 import logging
 import os
 from collections.abc import Mapping
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -58,6 +59,8 @@ _MAX_REQUEST_ID = 128
 _TRACE_HEADERS = ("traceparent", "tracestate")
 
 _JSON = "application/json"
+
+_NO_SPAN: AbstractContextManager[object] = nullcontext()
 
 
 @dataclass(frozen=True)
@@ -110,6 +113,7 @@ class PredictHandler:
         activation_timeout: float,
         unreachable_seconds: float = 5.0,
         max_inflight: int = 256,
+        trace_all: bool = True,
     ) -> None:
         self.table = table
         self.access = access
@@ -120,6 +124,9 @@ class PredictHandler:
         self.unreachable_seconds = unreachable_seconds
         self.max_inflight = max_inflight
         """The concurrency limit of a deployment whose route sets none (0: unlimited)."""
+        self.trace_all = trace_all
+        """Record a span for every request; else only for requests that carry a
+        ``traceparent`` (see ``GatewaySettings.trace_all_requests``)."""
         # One Activate call per deployment per wake-up, shared by every request waiting
         # for it; dropped once a waiter saw the wake-up end (ready, or given up), or when
         # found older than the activation timeout (a wake-up nobody waited for, from a
@@ -160,7 +167,13 @@ class PredictHandler:
         ``version``, when given, must be the active revision (else NotFound)."""
         supplied = headers.get("x-request-id") or ""
         # Bounded: it travels into the model server's logs and the caller's answer.
-        request_id = supplied if 0 < len(supplied) <= _MAX_REQUEST_ID else os.urandom(16).hex()
+        request_id = (
+            supplied
+            if 0 < len(supplied) <= _MAX_REQUEST_ID
+            and supplied.isascii()
+            and supplied.isprintable()
+            else os.urandom(16).hex()
+        )
         route = self.table.get(deployment)
         if route is None:
             raise not_found(deployment)
@@ -176,8 +189,9 @@ class PredictHandler:
                 "its limit; retry shortly, or ask its owners to scale it out"
             )
         traceparent = headers.get("traceparent")
-        with (
-            _tracer.start_as_current_span(
+        span: AbstractContextManager[object] = _NO_SPAN
+        if traceparent or self.trace_all:
+            span = _tracer.start_as_current_span(
                 f"predict {deployment}",
                 # The caller's trace when it sent one (only the trace headers are read:
                 # extracting from all of them would copy them all); else the current one
@@ -189,10 +203,11 @@ class PredictHandler:
                 else None,
                 kind=SpanKind.SERVER,
                 attributes={"shipyard.deployment": deployment, "shipyard.request_id": request_id},
-            ),
-            self.load.track(deployment),
-        ):
-            upstream_headers = self._upstream_headers(headers, request_id, caller, method)
+            )
+        with span, self.load.track(deployment):
+            upstream_headers = self._upstream_headers(
+                headers, request_id, caller, method, traced=span is not _NO_SPAN
+            )
             return await self._send(deployment, path, body, upstream_headers, request_id, method)
 
     async def authorize(
@@ -223,7 +238,13 @@ class PredictHandler:
             self._activation(deployment, self.activation_timeout)
 
     def _upstream_headers(
-        self, headers: Mapping[str, str], request_id: str, caller: Principal | None, method: str
+        self,
+        headers: Mapping[str, str],
+        request_id: str,
+        caller: Principal | None,
+        method: str,
+        *,
+        traced: bool,
     ) -> dict[str, str]:
         # Only these go upstream. In particular a caller's own X-Forwarded-User is dropped:
         # the model must be able to trust it as the gateway's word; and the caller's
@@ -233,7 +254,8 @@ class PredictHandler:
             out["Content-Type"] = headers.get("content-type") or _JSON
         if caller is not None:
             out["X-Forwarded-User"] = caller.user
-        inject_headers(out)
+        if traced:
+            inject_headers(out)
         if "traceparent" not in out:
             for name in _TRACE_HEADERS:
                 if headers.get(name):

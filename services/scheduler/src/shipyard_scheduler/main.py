@@ -119,9 +119,21 @@ async def build_scheduler(
     host.add_background("scheduler-reconciler", reconciler.run)
     host.add_background("scheduler-routes", hub.run)
     host.add_background("scheduler-load-reports", load_reports)
+    if settings.ship_logs:
+        _ship_logs(host, backend, svc)
     host.add_close_hook(peers.close)
     svc.attach(host)
     return Scheduler(host, commands, queries, reconciler, autoscaler, backend)
+
+
+def _ship_logs(host: ServiceHost, backend: RuntimeBackend, svc: EventSourcedService) -> None:
+    """Ships the local backend's instance logs to LOGS (docs/decisions/0024-logs.md)."""
+    from shipyard_scheduler.adapters.local import LocalBackend
+    from shipyard_scheduler.adapters.logship import JetStreamLogPublisher, LocalLogShipper
+
+    if isinstance(backend, LocalBackend):
+        shipper = LocalLogShipper(backend.root / "logs", JetStreamLogPublisher(svc.js))
+        host.add_background("scheduler-log-shipper", shipper.run)
 
 
 def _observe(autoscaler: Autoscaler) -> Callable[[Msg], Awaitable[None]]:

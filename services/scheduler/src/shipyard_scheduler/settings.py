@@ -43,6 +43,10 @@ class SchedulerSettings(CommonSettings):
     instance_host: str = "127.0.0.1"
     """Local backend: the address model servers bind to and the gateway connects to."""
 
+    ship_logs: bool = True
+    """Local backend: send every instance's output to the ``LOGS`` stream, where the
+    logging service collects it (``shipyard deploy logs``)."""
+
     reconcile_interval_seconds: float = Field(default=0.5, gt=0)
     """How often the reconciler compares desired and actual state (it also wakes on
     every change to a deployment)."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
@@ -14,12 +15,14 @@ import click
 from shipyard.cli._output import (
     confirm_delete,
     cut,
+    fail,
     get_client,
     json_option,
     markdown_file_option,
     note,
     print_fields,
     print_json,
+    print_json_line,
     print_readme,
     print_table,
     readme_set_option,
@@ -32,6 +35,9 @@ from shipyard.client import (
     DeploymentView,
 )
 from shipyard.client.deployments import DEFAULT_WAIT_TIMEOUT, MAX_INSTANCES
+from shipyard.client.logs import DEFAULT_TAIL as LOGS_DEFAULT_TAIL
+from shipyard.client.logs import LogLine as InstanceLogLine
+from shipyard.client.logs import parse_duration
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -598,6 +604,236 @@ def instances(ctx: click.Context, name: str, limit: int, as_json: bool) -> None:
     )
 
 
+def _when(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
+    """``--since``/``--until``: a duration before now (``30s``, ``15m``, ``1h``, ``2d``) or
+    an ISO 8601 time (UTC unless it names its zone)."""
+    if value is None:
+        return None
+    try:
+        return parse_duration(value)
+    except ValueError:
+        pass
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise click.BadParameter(
+            f"{value!r} is neither a duration (30s, 15m, 1h, 2d) nor a time (2026-11-22T08:00:00Z)",
+            ctx=ctx,
+            param=param,
+        ) from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def _log_line(line: InstanceLogLine, with_instance: bool) -> str:
+    at = line.at.strftime("%Y-%m-%dT%H:%M:%S.%fZ")[:-4] + "Z" if line.at else "-"
+    text = line.text + ("…" if line.cut else "")
+    return f"{at} {line.instance} {text}" if with_instance else f"{at} {text}"
+
+
+@deploy.command("logs")
+@click.argument("name")
+@click.option("--instance", "-i", default=None, metavar="ID", help="Only this instance (replica).")
+@click.option(
+    "--tail",
+    "-n",
+    type=click.IntRange(1, 100_000),
+    default=None,
+    metavar="N",
+    help=f"The last N lines [default: {LOGS_DEFAULT_TAIL}; 10 with --follow].",
+)
+@click.option("--follow", "-f", is_flag=True, help="Keep printing new lines (Ctrl-C ends it).")
+@click.option("--since", callback=_when, metavar="WHEN", help="From a time or a duration ago (1h).")
+@click.option("--until", callback=_when, metavar="WHEN", help="Up to a time or a duration ago.")
+@click.option("--grep", default=None, metavar="TEXT", help="Only lines containing TEXT (any case).")
+@click.option(
+    "--download",
+    type=click.Path(dir_okay=False, writable=True, path_type=Path),
+    default=None,
+    metavar="FILE",
+    help="Write the whole stored log of one instance to FILE.",
+)
+@json_option
+@click.pass_context
+def logs(
+    ctx: click.Context,
+    name: str,
+    instance: str | None,
+    tail: int | None,
+    follow: bool,
+    since: Any,
+    until: Any,
+    grep: str | None,
+    download: Path | None,
+    as_json: bool,
+) -> None:
+    """Print the log lines of NAME's instances (stdout and stderr, UTC times).
+
+    Lines are kept for 3 days (the logging service's retention), also after the
+    deployment scaled to zero or was stopped. Without --instance every instance's lines
+    are shown, each prefixed with its instance id. With --json: one JSON object per line.
+    """
+    client = get_client(ctx)
+    if download is not None:
+        if follow or tail is not None or since is not None or until is not None or grep:
+            raise click.UsageError("--download writes the whole log; leave out the filters")
+        if instance is None:
+            sources = client.logs.sources(name)
+            if len(sources) != 1:
+                ids = ", ".join(s.instance for s in sources) or "none"
+                raise click.UsageError(
+                    f"--download needs --instance ID ({name}'s instances with logs: {ids})"
+                )
+            instance = sources[0].instance
+        count = client.deployments.download_logs(name, instance, download)
+        if as_json:
+            print_json({"instance": instance, "path": str(download), "lines": count})
+        else:
+            note(f"wrote {count} lines of {instance} to {download}")
+        return
+    show_instance = instance is None
+
+    def emit(line: InstanceLogLine) -> None:
+        if as_json:
+            print_json_line(line)
+        else:
+            click.echo(_log_line(line, show_instance))
+
+    if follow:
+        if until is not None:
+            raise click.UsageError("--follow shows new lines as they come; leave out --until")
+        try:
+            for line in client.deployments.follow_logs(
+                name, instance=instance, tail=10 if tail is None else tail, since=since, grep=grep
+            ):
+                emit(line)
+        except KeyboardInterrupt:
+            # Ctrl-C is how a follow ends; it is not a failure.
+            return
+        return
+    lines = client.deployments.logs(
+        name,
+        instance=instance,
+        tail=LOGS_DEFAULT_TAIL if tail is None else tail,
+        since=since,
+        until=until,
+        grep=grep,
+    )
+    for line in lines:
+        emit(line)
+    if not lines and not as_json:
+        note(f"no log lines of {instance or name} stored (yet)")
+
+
+_SPARKS = "▁▂▃▄▅▆▇█"
+
+
+def sparkline(values: list[float | None]) -> str:
+    """Values as a row of block characters, lowest to highest (a flat row when all are
+    equal); None (no requests in that step) is a blank."""
+    known = [v for v in values if v is not None]
+    if not known:
+        return " " * len(values)
+    low, high = min(known), max(known)
+    scale = (len(_SPARKS) - 1) / (high - low) if high > low else 0.0
+    flat = _SPARKS[0 if high == 0 else 3]
+    return "".join(
+        " " if v is None else (_SPARKS[round((v - low) * scale)] if scale else flat) for v in values
+    )
+
+
+def _pct(value: float) -> str:
+    return f"{value * 100:.1f}%"
+
+
+def _ms(value: float, above: bool = False) -> str:
+    if above and value >= 10000:
+        return ">10 s"
+    return f"{value / 1000:.2f} s" if value >= 1000 else f"{value:.1f} ms"
+
+
+@deploy.command("metrics")
+@click.argument("name")
+@click.option(
+    "--since", callback=_when, metavar="WHEN", help="From a time or a duration ago [default: 1h]."
+)
+@click.option("--until", callback=_when, metavar="WHEN", help="Up to a time or a duration ago.")
+@click.option(
+    "--step",
+    "step_minutes",
+    type=click.IntRange(min=1),
+    default=None,
+    metavar="MINUTES",
+    help="Minutes per point of the sparklines [default: at most 60 points].",
+)
+@json_option
+@click.pass_context
+def metrics(
+    ctx: click.Context,
+    name: str,
+    since: Any,
+    until: Any,
+    step_minutes: int | None,
+    as_json: bool,
+) -> None:
+    """Show NAME's request metrics: QPS, success rate, 4xx and 5xx rates, latency
+    percentiles, with a sparkline per minute (kept 3 days; the gateway reports every
+    10 s)."""
+    found = get_client(ctx).deployments.metrics(
+        name, since=since, until=until, step_minutes=step_minutes or 0
+    )
+    if as_json:
+        print_json(found)
+        return
+    t = found.total
+    points = len(found.series)
+    click.echo(
+        f"{found.deployment or name}: {when(t.start)} to {when(t.end)} "
+        f"({points} point{'' if points == 1 else 's'} of {found.step_minutes} min)"
+    )
+    print_table(
+        ["requests", "qps", "success", "4xx", "5xx", "p50", "p95", "p99", "async"],
+        [
+            [
+                t.requests,
+                f"{t.qps:.2f}",
+                _pct(t.success_rate) if t.requests else "-",
+                _pct(t.rate_4xx) if t.requests else "-",
+                _pct(t.rate_5xx) if t.requests else "-",
+                _ms(t.latency_p50_ms, t.latency_above_range) if t.requests else "-",
+                _ms(t.latency_p95_ms, t.latency_above_range) if t.requests else "-",
+                _ms(t.latency_p99_ms, t.latency_above_range) if t.requests else "-",
+                t.async_requests,
+            ]
+        ],
+        empty="",
+    )
+    if not t.requests:
+        note(f"no requests to {name} in this range")
+        return
+    series = found.series
+    served = [p for p in series if p.requests]
+    rows: list[tuple[str, list[float | None], str]] = [
+        ("qps", [p.qps for p in series], f"max {max(p.qps for p in series):.2f}"),
+        (
+            "success",
+            [p.success_rate if p.requests else None for p in series],
+            f"min {_pct(min(p.success_rate for p in served))}",
+        ),
+        (
+            "5xx",
+            [p.rate_5xx if p.requests else None for p in series],
+            f"max {_pct(max(p.rate_5xx for p in served))}",
+        ),
+        (
+            "p95",
+            [p.latency_p95_ms if p.requests else None for p in series],
+            f"max {_ms(max(p.latency_p95_ms for p in served), True)}",
+        ),
+    ]
+    for label, values, remark in rows:
+        click.echo(f"{label:<8} {sparkline(values)}  {remark}")
+
+
 @deploy.command("readme")
 @click.argument("name")
 @readme_set_option
@@ -671,7 +907,16 @@ def load_data(text: str) -> Any:
     default=60.0,
     show_default=True,
     metavar="SECONDS",
-    help="How long to wait for the answer.",
+    help="How long to wait for the answer (with --async --wait: for the request to end).",
+)
+@click.option(
+    "--async",
+    "is_async",
+    is_flag=True,
+    help="Submit it as an async request (X-Async-Request: true): print its id at once.",
+)
+@click.option(
+    "--wait", is_flag=True, help="With --async: wait for it to end, then print its result."
 )
 @json_option
 @click.pass_context
@@ -681,6 +926,8 @@ def predict(
     data: str,
     gateway: str | None,
     timeout: float,
+    is_async: bool,
+    wait: bool,
     as_json: bool,
 ) -> None:
     """Send one prediction request to DEPLOYMENT and print the JSON answer.
@@ -689,11 +936,49 @@ def predict(
     gateway, with your token ($SHIPYARD_TOKEN or the config's) when you have one. For a
     private deployment of another group, pass a client key: `shipyard --token KEY
     predict ...`.
+
+    With --async the gateway answers at once with a request id (follow it with
+    `shipyard async status|result DEPLOYMENT ID`); --wait then waits for it and prints
+    its result (exit 1 when it failed or was cancelled).
     """
     payload = load_data(data)
+    if wait and not is_async:
+        raise click.UsageError("--wait goes with --async")
+    if is_async:
+        _predict_async(ctx, deployment, payload, gateway, timeout, wait=wait, as_json=as_json)
+        return
     result = get_client(ctx).deployments.predict(
         deployment, payload, gateway_url=gateway, timeout=timeout
     )
+    if isinstance(result, str) and not as_json:
+        click.echo(result)
+    else:
+        print_json(result)
+
+
+def _predict_async(
+    ctx: click.Context,
+    deployment: str,
+    payload: Any,
+    gateway: str | None,
+    timeout: float,
+    *,
+    wait: bool,
+    as_json: bool,
+) -> None:
+    requests = get_client(ctx).async_requests
+    submitted = requests.submit(deployment, payload, gateway_url=gateway)
+    if not wait:
+        if as_json:
+            print_json(submitted.to_dict())
+        else:
+            click.echo(submitted.request_id)
+        return
+    final = requests.wait(deployment, submitted.request_id, timeout=timeout, gateway_url=gateway)
+    if final.status != "completed":
+        reason = f": {final.error}" if final.error else ""
+        raise fail(f"async request {final.request_id} {final.status}{reason}")
+    result = requests.result(deployment, final.request_id, gateway_url=gateway)
     if isinstance(result, str) and not as_json:
         click.echo(result)
     else:

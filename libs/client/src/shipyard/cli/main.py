@@ -8,6 +8,8 @@ from pathlib import Path
 import click
 
 from shipyard.cli import (
+    async_cmds,
+    batch_cmds,
     deploy_cmds,
     events_cmds,
     groups_cmds,
@@ -53,6 +55,8 @@ cli.add_command(images_cmds.image)
 cli.add_command(deploy_cmds.deploy)
 cli.add_command(deploy_cmds.predict)
 cli.add_command(keys_cmds.keys)
+cli.add_command(async_cmds.async_group)
+cli.add_command(batch_cmds.batch)
 
 
 def _register_platform_commands(group: click.Group) -> None:

@@ -15,8 +15,12 @@
 
 Namespaces: ``client.quota`` (instance types, group quotas, usage), ``client.identity``
 (users, groups, tokens), ``client.images`` (builds and the image catalog),
-``client.deployments`` (deployments, their history and instances, predictions through
-the gateway), ``client.client_keys`` (deployments' client keys: create, list,
+``client.deployments`` (deployments, their history and instances, their logs, predictions
+through the gateway), ``client.logs`` (instance logs: tail, follow, download),
+``client.metrics`` (request metrics: QPS, success rate, latency percentiles),
+``client.async_requests`` (async predictions: submit, status, result, list, cancel, wait),
+``client.batch`` (batch jobs over an object store prefix),
+``client.client_keys`` (deployments' client keys: create, list,
 revoke), ``client.events(service)`` (event history, consumer lag, replay).
 
 Every failure is a :class:`ShipyardClientError` subclass that mirrors the gRPC status
@@ -30,6 +34,8 @@ from pathlib import Path
 from types import TracebackType
 
 from shipyard.client._channel import DEFAULT_TIMEOUT, Transport
+from shipyard.client.async_requests import ASYNC_STATUSES, AsyncRequestsClient, AsyncRequestView
+from shipyard.client.batch import BATCH_STATUSES, BatchClient, BatchFailure, BatchJobView
 from shipyard.client.client_keys import ClientKeysClient, ClientKeyView, CreatedClientKey
 from shipyard.client.config import ClientConfig, load_config
 from shipyard.client.deployments import (
@@ -87,13 +93,23 @@ from shipyard.client.images import (
     Package,
     Readme,
 )
+from shipyard.client.logs import LogLine as InstanceLogLine
+from shipyard.client.logs import LogsClient, LogSource, parse_duration
+from shipyard.client.metrics import DeploymentMetrics, MetricsClient, MetricsSummary
 from shipyard.client.quota import GroupUsage, InstanceType, QuotaClient, Reservation, Resources
 
 __all__ = [
+    "ASYNC_STATUSES",
+    "BATCH_STATUSES",
     "DEFAULT_TIMEOUT",
     "DEPLOYMENT_STATUSES",
     "EVENT_SOURCED_SERVICES",
     "AlreadyExists",
+    "AsyncRequestView",
+    "AsyncRequestsClient",
+    "BatchClient",
+    "BatchFailure",
+    "BatchJobView",
     "Build",
     "BuildFailed",
     "Client",
@@ -106,6 +122,7 @@ __all__ = [
     "CreatedUser",
     "DeadlineExceeded",
     "DeploymentFailed",
+    "DeploymentMetrics",
     "DeploymentReadme",
     "DeploymentView",
     "DeploymentsClient",
@@ -120,12 +137,17 @@ __all__ = [
     "Image",
     "ImageUsage",
     "ImagesClient",
+    "InstanceLogLine",
     "InstanceType",
     "InstanceView",
     "InvalidArgument",
     "IssuedToken",
     "LiveEvent",
     "LogLine",
+    "LogSource",
+    "LogsClient",
+    "MetricsClient",
+    "MetricsSummary",
     "ModelFolderError",
     "NotFound",
     "Package",
@@ -143,6 +165,7 @@ __all__ = [
     "Unavailable",
     "Unimplemented",
     "User",
+    "parse_duration",
     "predict",
     "tail_events",
 ]
@@ -162,6 +185,10 @@ class Client:
     images: ImagesClient
     deployments: DeploymentsClient
     client_keys: ClientKeysClient
+    logs: LogsClient
+    metrics: MetricsClient
+    async_requests: AsyncRequestsClient
+    batch: BatchClient
 
     def __init__(
         self,
@@ -180,6 +207,10 @@ class Client:
         self.images = ImagesClient(self._transport)
         self.deployments = DeploymentsClient(self._transport, config)
         self.client_keys = ClientKeysClient(self._transport)
+        self.logs = LogsClient(self._transport)
+        self.metrics = MetricsClient(self._transport)
+        self.async_requests = AsyncRequestsClient(self._transport, config)
+        self.batch = BatchClient(self._transport, config)
 
     def events(self, service: str) -> EventsClient:
         """Event administration (list, lag, replay) of one event-sourced service."""

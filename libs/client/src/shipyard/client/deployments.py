@@ -18,11 +18,12 @@ from __future__ import annotations
 import builtins
 import ipaddress
 import json
+import os
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -46,6 +47,8 @@ from shipyard.client.errors import (
     Unimplemented,
 )
 from shipyard.client.images import split_image
+from shipyard.client.logs import DEFAULT_TAIL, LogLine, LogsClient, When
+from shipyard.client.metrics import DeploymentMetrics, MetricsClient
 from shipyard.scheduler.v1 import scheduler_pb2 as pb
 from shipyard.scheduler.v1 import scheduler_pb2_grpc as pb_grpc
 
@@ -514,6 +517,8 @@ class DeploymentsClient:
     def __init__(self, transport: Transport, config: ClientConfig | None = None) -> None:
         self._transport = transport
         self._config = config or ClientConfig()
+        self._logs = LogsClient(transport)
+        self._metrics = MetricsClient(transport)
 
     def _stub(self) -> pb_grpc.SchedulerServiceStub:
         return self._transport.stub(SERVICE, pb_grpc.SchedulerServiceStub)
@@ -730,6 +735,48 @@ class DeploymentsClient:
             pb.ListInstancesRequest(name=name, limit=limit),
         )
         return [InstanceView.from_proto(i) for i in reply.instances]
+
+    # Logs (the logging service; see shipyard.client.logs).
+
+    def logs(
+        self,
+        name: str,
+        *,
+        instance: str | None = None,
+        tail: int = DEFAULT_TAIL,
+        since: When = None,
+        until: When = None,
+        grep: str | None = None,
+    ) -> builtins.list[LogLine]:
+        """The last ``tail`` lines (default 2000) of a deployment or one of its
+        instances, oldest first (see :meth:`shipyard.client.logs.LogsClient.tail`)."""
+        return self._logs.tail(
+            name, instance=instance, tail=tail, since=since, until=until, grep=grep
+        )
+
+    def follow_logs(
+        self,
+        name: str,
+        *,
+        instance: str | None = None,
+        tail: int = 10,
+        since: When = None,
+        grep: str | None = None,
+    ) -> Iterator[LogLine]:
+        """The last ``tail`` lines, then every new line as it arrives, until the caller
+        stops iterating."""
+        return self._logs.follow(name, instance=instance, tail=tail, since=since, grep=grep)
+
+    def download_logs(self, name: str, instance: str, path: str | os.PathLike[str]) -> int:
+        """Writes the whole stored log of one instance to ``path``; returns its lines."""
+        return self._logs.download(name, instance, path)
+
+    def metrics(
+        self, name: str, *, since: When = None, until: When = None, step_minutes: int = 0
+    ) -> DeploymentMetrics:
+        """QPS, success and error rates, latency percentiles over a range (default: the
+        last hour; see :meth:`shipyard.client.metrics.MetricsClient.get`)."""
+        return self._metrics.get(name, since=since, until=until, step_minutes=step_minutes)
 
     def get_readme(self, name: str) -> DeploymentReadme:
         """A deployment's readme with who changed it last and when."""

@@ -25,8 +25,10 @@ from shipyard.client.errors import (
 from shipyard.common.v1 import events_pb2 as pb
 from shipyard.common.v1 import events_pb2_grpc as pb_grpc
 
-# The services that keep an event store (and so serve EventAdmin) today.
-EVENT_SOURCED_SERVICES: tuple[str, ...] = ("keys", "quota", "imagebuild", "scheduler")
+# The services that keep an event store (and so serve EventAdmin) today. The logging
+# service's store is empty, but its projection of deployment owners is lagged and replayed
+# the same way.
+EVENT_SOURCED_SERVICES: tuple[str, ...] = ("keys", "quota", "imagebuild", "scheduler", "logging")
 
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 EVENTS_STREAM = "EVENTS"

@@ -235,7 +235,9 @@ class Builder:
             repo = await self.repos.load(f"{request.group}/{request.name}")
             version = repo.add_version(created)
             build.succeed(version, created.digest, created.size_bytes, False, seconds)
-            await self.builds.save(build, repo, actor=request.requested_by)
+            # The image version first: the catalog projection applies events in order, so
+            # whoever sees the build succeeded can already use its image.
+            await self.builds.save(repo, build, actor=request.requested_by)
 
         await retry_on_conflict(command)
 

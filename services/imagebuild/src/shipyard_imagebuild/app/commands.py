@@ -113,7 +113,9 @@ class ImageCommands:
                     )
                 )
                 build.succeed(version, pack.digest, pack.size_bytes, True, 0.0)
-                return await self.builds.save(build, repo)
+                # The image version first: the catalog projection applies events in order, so
+                # whoever sees the build succeeded can already use its image.
+                return await self.builds.save(repo, build)
             return await self.builds.save(build)
 
         events = await retry_on_conflict(command)

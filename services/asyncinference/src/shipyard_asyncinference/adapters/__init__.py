@@ -1,0 +1,1 @@
+"""The service's edges: the JetStream work queue and the gateway that runs requests."""

@@ -1,0 +1,96 @@
+"""The work queue: JetStream stream ``ASYNC`` (work-queue retention), subjects
+``async.requests.<deployment>``, one message per request to run (body: its id).
+
+The queue only says "look at request X"; PostgreSQL says what X is and where it stands.
+So a message delivered twice, late, or for a request that ended is harmless: the worker
+loads the request and does what its state allows. Messages carry ``Nats-Msg-Id`` =
+request id, so the two publishers of one request (the submit fast path and the
+dispatcher following the event) make one message within the duplicate window.
+"""
+
+from __future__ import annotations
+
+import json
+
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StorageType, StreamConfig
+from nats.js.errors import BadRequestError, NotFoundError
+
+from shipyard_core.eventstore.envelope import subject_token
+
+ASYNC_STREAM = "ASYNC"
+SUBJECT_PREFIX = "async.requests"
+WORKERS_CONSUMER = "asyncinference_workers"
+DUPLICATE_WINDOW_SECONDS = 600.0
+
+
+def stream_config() -> StreamConfig:
+    """The ``ASYNC`` stream (see infra/jetstream)."""
+    return StreamConfig(
+        name=ASYNC_STREAM,
+        subjects=[f"{SUBJECT_PREFIX}.>"],
+        storage=StorageType.FILE,
+        retention=RetentionPolicy.WORK_QUEUE,
+        duplicate_window=DUPLICATE_WINDOW_SECONDS,
+        description="Async prediction requests to run (the requests themselves are in "
+        "PostgreSQL, schema asyncinference).",
+    )
+
+
+def consumer_config(ack_wait_seconds: float, max_ack_pending: int) -> ConsumerConfig:
+    """The workers' shared durable pull consumer. Deliveries are not bounded here: the
+    request's own attempt count (in its events) bounds them."""
+    return ConsumerConfig(
+        durable_name=WORKERS_CONSUMER,
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=ack_wait_seconds,
+        max_deliver=-1,
+        max_ack_pending=max_ack_pending,
+        filter_subject=f"{SUBJECT_PREFIX}.>",
+    )
+
+
+async def ensure_queue(js: JetStreamContext, ack_wait_seconds: float) -> None:
+    """Creates (or updates) the stream and the workers' consumer; safe to race."""
+    config = stream_config()
+    try:
+        await js.stream_info(ASYNC_STREAM)
+        await js.update_stream(config)
+    except NotFoundError:
+        try:
+            await js.add_stream(config)
+        except BadRequestError:
+            await js.update_stream(config)
+    consumer = consumer_config(ack_wait_seconds, max_ack_pending=10_000)
+    try:
+        await js.add_consumer(ASYNC_STREAM, consumer)
+    except BadRequestError:
+        # Exists with another configuration (an older ack wait): the new one wins.
+        await js.delete_consumer(ASYNC_STREAM, WORKERS_CONSUMER)
+        await js.add_consumer(ASYNC_STREAM, consumer)
+
+
+def subject(deployment: str) -> str:
+    """``async.requests.<deployment>``."""
+    return f"{SUBJECT_PREFIX}.{subject_token(deployment)}"
+
+
+async def enqueue(js: JetStreamContext, request_id: str, deployment: str) -> None:
+    """Puts ``request_id`` on the queue (deduplicated by id within the window)."""
+    await js.publish(
+        subject(deployment),
+        json.dumps({"request_id": request_id}).encode(),
+        stream=ASYNC_STREAM,
+        headers={"Nats-Msg-Id": request_id},
+    )
+
+
+def request_id_of(body: bytes) -> str:
+    """The request id of a queue message; ``ValueError`` for a malformed one."""
+    try:
+        value = json.loads(body)["request_id"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"not an async queue message: {exc}") from exc
+    if not isinstance(value, str) or not value:
+        raise ValueError("not an async queue message: no request_id")
+    return value

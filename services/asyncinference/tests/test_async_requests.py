@@ -1,0 +1,268 @@
+"""Async requests end to end: gateway (X-Async-Request) → asyncinference (PostgreSQL,
+JetStream work queue) → worker process → gateway → a real model server, and back."""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+from pathlib import Path
+
+import grpc
+import pytest
+
+from shipyard.asyncinference.v1 import asyncinference_pb2 as apb
+from shipyard.asyncinference.v1 import asyncinference_pb2_grpc
+from shipyard_testing import wait_for
+
+from .conftest import MAX_PAYLOAD, Stack, auth, md, open_gate
+
+pytestmark = pytest.mark.timeout(120)
+
+
+async def test_submit_runs_to_completion_with_the_models_answer(stack: Stack) -> None:
+    request_id = await stack.submit({"tag": "hello", "x": [1, 2, 3]})
+    done = await stack.wait_status(request_id, "completed", "failed")
+    assert done["status"] == "completed", done
+    assert done["attempts"] == 1
+    assert done["result_url"] == f"/deployments/echo/async/{request_id}/result"
+    async with stack.http.get(stack.url + done["result_url"], headers=auth("ana-token")) as r:
+        assert r.status == 200
+        assert r.headers["Content-Disposition"].startswith("attachment")
+        result = await r.json()
+    # The model got the payload as sent, and the original caller in X-Forwarded-User.
+    assert result == {"echo": {"tag": "hello", "x": [1, 2, 3]}, "user": "ana"}
+    assert await stack.event_types(request_id) == [
+        "AsyncRequestQueued",
+        "AsyncRequestStarted",
+        "AsyncRequestCompleted",
+    ]
+
+    # The list (the projection) has it, filtered by status.
+    async def listed() -> list[str]:
+        async with stack.http.get(
+            f"{stack.url}/deployments/echo/async?status=completed", headers=auth("ana-token")
+        ) as r:
+            assert r.status == 200
+            return [d["request_id"] for d in (await r.json())["requests"]]
+
+    await wait_for(lambda: _contains(listed, request_id), timeout=10, message="listed")
+    async with stack.http.get(
+        f"{stack.url}/deployments/echo/async?status=queued&since=2000-01-01T00:00Z",
+        headers=auth("ana-token"),
+    ) as r:
+        assert request_id not in [d["request_id"] for d in (await r.json())["requests"]]
+
+
+async def _contains(listed: object, request_id: str) -> bool:
+    assert callable(listed)
+    return request_id in await listed()
+
+
+async def test_every_prediction_protocol_can_be_async(stack: Stack) -> None:
+    body = {"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1.0]}]}
+    async with stack.http.post(
+        f"{stack.url}/v2/models/echo/infer",
+        json=body,
+        headers={**auth("ana-token"), "X-Async-Request": "true"},
+    ) as r:
+        assert r.status == 202, await r.text()
+        request_id = (await r.json())["request_id"]
+    done = await stack.wait_status(request_id, "completed", "failed")
+    assert done["status"] == "completed", done
+    assert done["protocol"] == "v2"
+    # A malformed envelope is refused at once, like a synchronous request.
+    async with stack.http.post(
+        f"{stack.url}/v1/models/echo:predict",
+        json={"no-instances": 1},
+        headers={**auth("ana-token"), "X-Async-Request": "true"},
+    ) as r:
+        assert r.status == 400
+
+
+async def test_refusals_at_submit(stack: Stack) -> None:
+    url = f"{stack.url}/deployments/echo/predict"
+    headers = {"X-Async-Request": "true"}
+    async with stack.http.post(url, json={}, headers=headers) as r:
+        assert r.status == 401
+        assert "WWW-Authenticate" in r.headers
+    async with stack.http.post(url, json={}, headers={**headers, **auth("bob-token")}) as r:
+        assert r.status == 403
+    async with stack.http.post(
+        f"{stack.url}/deployments/nope/predict", json={}, headers={**headers, **auth("ana-token")}
+    ) as r:
+        assert r.status == 404
+    async with stack.http.post(
+        f"{stack.url}/deployments/stopped/predict",
+        json={},
+        headers={**headers, **auth("ana-token")},
+    ) as r:
+        assert r.status == 503
+    big = json.dumps({"pad": "x" * (MAX_PAYLOAD + 10)}).encode()
+    async with stack.http.post(
+        url, data=big, headers={**headers, **auth("ana-token"), "Content-Type": "application/json"}
+    ) as r:
+        assert r.status == 413
+        assert f"at most {MAX_PAYLOAD} bytes" in (await r.json())["error"]
+
+
+async def test_kill_9_of_the_worker_mid_request_completes_once(stack: Stack, gate: Path) -> None:
+    request_id = await stack.submit({"tag": "killed", "wait_for": str(gate)})
+    await stack.wait_status(request_id, "running")
+    await wait_for(lambda: "killed" in stack.model.calls(), timeout=10, message="model called")
+    stack.worker.kill9()
+    stack.worker.start()
+    # Redelivered after the ack wait to the new worker, which starts attempt 2. (Its
+    # model call may queue behind the orphaned first one, held on the gate.)
+
+    async def second_attempt() -> bool:
+        return (await stack.event_types(request_id)).count("AsyncRequestStarted") == 2
+
+    await wait_for(second_attempt, timeout=30, interval=0.05, message="second attempt")
+    open_gate(gate)
+    done = await stack.wait_status(request_id, "completed", "failed")
+    assert done["status"] == "completed", done
+    assert done["attempts"] == 2
+    types = await stack.event_types(request_id)
+    assert types.count("AsyncRequestCompleted") == 1, types
+    assert types == [
+        "AsyncRequestQueued",
+        "AsyncRequestStarted",
+        "AsyncRequestStarted",
+        "AsyncRequestCompleted",
+    ]
+    # The model ran it twice (the killed worker's call went on); one result was stored.
+    await wait_for(lambda: stack.model.calls().count("killed") == 2, timeout=10)
+
+
+async def test_poison_request_fails_after_the_bounded_attempts(stack: Stack) -> None:
+    request_id = await stack.submit({"tag": "poison", "fail": True})
+    done = await stack.wait_status(request_id, "failed", "completed")
+    assert done["status"] == "failed"
+    assert done["attempts"] == 3
+    assert "gave up after 3 attempts" in done["error"]
+    assert "the model answered 500" in done["error"]
+    assert stack.model.calls().count("poison") == 3
+    async with stack.http.get(
+        f"{stack.url}/deployments/echo/async/{request_id}/result", headers=auth("ana-token")
+    ) as r:
+        assert r.status == 409
+        assert "is failed" in (await r.json())["error"]
+
+
+async def test_cancel_a_queued_request(stack: Stack, gate: Path) -> None:
+    # The worker process runs one request at a time: hold it, then queue another.
+    holder = await stack.submit({"tag": "holder", "wait_for": str(gate)})
+    await stack.wait_status(holder, "running")
+    queued = await stack.submit({"tag": "cancelled"})
+    assert (await stack.status(queued))["status"] == "queued"
+    url = f"{stack.url}/deployments/echo/async/{queued}"
+    async with stack.http.delete(url, headers=auth("bob-token")) as r:
+        assert r.status == 404  # not bob's to cancel (nor to know of)
+    async with stack.http.delete(url, headers=auth("ana-token")) as r:
+        assert r.status == 200, await r.text()
+        assert (await r.json())["status"] == "cancelled"
+    async with stack.http.post(url + "/cancel", headers=auth("ana-token")) as r:
+        assert r.status == 409  # cancelled already
+    async with stack.http.post(
+        f"{stack.url}/deployments/echo/async/{holder}/cancel", headers=auth("ana-token")
+    ) as r:
+        assert r.status == 409  # running: too late
+    open_gate(gate)
+    await stack.wait_status(holder, "completed")
+    # The worker saw the cancelled one's message after the holder, and did not run it.
+    await wait_for(lambda: _queue_empty(stack), timeout=10, message="the work queue to drain")
+    assert "cancelled" not in stack.model.calls()
+    assert (await stack.status(queued))["status"] == "cancelled"
+
+
+async def _queue_empty(stack: Stack) -> bool:
+    info = await stack.service.service.js.stream_info("ASYNC")
+    return info.state.messages == 0
+
+
+async def test_expiry_removes_payload_and_result(stack: Stack) -> None:
+    commands = stack.service.commands
+    kept = commands.retention
+    commands.retention = timedelta(seconds=1)
+    try:
+        # Larger than inline_max_bytes: payload and result go to the object store.
+        request_id = await stack.submit({"tag": "expiring", "pad": "y" * 4000})
+    finally:
+        commands.retention = kept
+    done = await stack.wait_status(request_id, "completed", "failed")
+    assert done["status"] == "completed", done
+    objects = sorted(p.name for p in (stack.objects_dir / "async" / request_id).iterdir())
+    assert objects == ["payload", "result-1"]
+
+    async def swept() -> bool:
+        await stack.service.sweeper.sweep_once()
+        return bool((await stack.status(request_id))["expired"])
+
+    await wait_for(swept, timeout=15, interval=0.2, message="the request to expire")
+    folder = stack.objects_dir / "async" / request_id
+    assert not folder.exists() or not list(folder.iterdir())
+    document = await stack.status(request_id)
+    assert document["status"] == "completed" and document["expired"] is True
+    assert "result_url" not in document
+    async with stack.http.get(
+        f"{stack.url}/deployments/echo/async/{request_id}/result", headers=auth("ana-token")
+    ) as r:
+        assert r.status == 410
+    assert (await stack.event_types(request_id))[-1] == "AsyncRequestExpired"
+    # A small one is removed from PostgreSQL alike.
+    pool = stack.service.service.pool
+    assert (
+        await pool.fetchval(
+            "SELECT count(*) FROM asyncinference.blobs WHERE request_id = $1", request_id
+        )
+        == 0
+    )
+
+
+async def test_team_b_sees_nothing_of_team_a(stack: Stack) -> None:
+    request_id = await stack.submit({"tag": "private"})
+    await stack.wait_status(request_id, "completed", "failed")
+    base = f"{stack.url}/deployments/echo/async"
+    for path in (f"/{request_id}", f"/{request_id}/result", ""):
+        async with stack.http.get(base + path, headers=auth("bob-token")) as r:
+            assert r.status == 404, path
+            assert "team-a" not in await r.text()
+    async with stack.http.get(base + f"/{request_id}") as r:
+        assert r.status == 401
+    # Directly on the service's gRPC API: NOT_FOUND and an empty list for bob.
+    async with stack.channel() as channel:
+        stub = asyncinference_pb2_grpc.AsyncInferenceServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.GetRequest(
+                apb.GetRequestRequest(deployment="echo", request_id=request_id),
+                metadata=md("bob-token"),
+            )
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        listed = await stub.ListRequests(
+            apb.ListRequestsRequest(deployment="echo"), metadata=md("bob-token")
+        )
+        assert list(listed.requests) == []
+        mine = await stub.GetRequest(
+            apb.GetRequestRequest(deployment="echo", request_id=request_id),
+            metadata=md("ana-token"),
+        )
+        assert mine.status == apb.ASYNC_STATUS_COMPLETED
+        # Submit is for the gateway only.
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.Submit(
+                apb.SubmitRequest(deployment="echo", group="team-a", model_path="/predict"),
+                metadata=md("ana-token"),
+            )
+        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    # Nobody but the service's workers may use the run route.
+    async with stack.http.post(
+        f"{base}/{request_id}/run", json={}, headers=auth("root-token")
+    ) as r:
+        assert r.status == 403
+
+
+async def test_a_request_to_a_deployment_scaled_to_zero_wakes_it(stack: Stack) -> None:
+    request_id = await stack.submit({"tag": "wake"}, deployment="sleepy")
+    done = await stack.wait_status(request_id, "completed", "failed", deployment="sleepy")
+    assert done["status"] == "completed", done
+    assert stack.scheduler.activations == ["sleepy"]

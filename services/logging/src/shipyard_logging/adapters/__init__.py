@@ -1,0 +1,1 @@
+"""The logging service's edges: its tables in PostgreSQL."""
