@@ -21,8 +21,11 @@ import grpc
 
 from shipyard.imagebuild.v1 import imagebuild_pb2 as ib
 from shipyard.imagebuild.v1 import imagebuild_pb2_grpc
+from shipyard.keys.v1 import client_keys_pb2, client_keys_pb2_grpc
 from shipyard.quota.v1 import quota_pb2 as qp
 from shipyard.quota.v1 import quota_pb2_grpc
+from shipyard.scheduler.v1 import scheduler_pb2 as sp
+from shipyard.scheduler.v1 import scheduler_pb2_grpc
 from shipyard_core.embedded import NatsProcess, PostgresProcess, start_nats, start_postgres
 from shipyard_core.embedded._process import free_port
 from shipyard_platform.health import grpc_health
@@ -187,3 +190,46 @@ async def build_image(stack: Stack, source: bytes, name: str = "iris") -> str:
         if done.state != ib.BUILD_STATE_SUCCEEDED:
             raise RuntimeError(f"build failed: {done.reason}")
         return str(done.image)
+
+
+async def deploy(
+    stack: Stack, name: str, image: str, *, replicas: int = 1, private: bool = True
+) -> list[str]:
+    """Creates deployment ``name`` of ``image`` in group ``bench`` (instance type
+    ``cpu.small``), waits until ``replicas`` instances are ready, and returns their
+    addresses."""
+    async with grpc.aio.insecure_channel(stack.addresses["shipyard_scheduler"]) as ch:
+        s = scheduler_pb2_grpc.SchedulerServiceStub(ch)
+        await s.CreateDeployment(
+            sp.CreateDeploymentRequest(
+                name=name,
+                group="bench",
+                spec=sp.DeploymentSpec(
+                    image=image,
+                    instance_type="cpu.small",
+                    scaling=sp.Scaling(min_replicas=replicas, max_replicas=replicas),
+                    access=sp.ACCESS_PRIVATE if private else sp.ACCESS_PUBLIC,
+                ),
+            ),
+            metadata=stack.metadata,
+        )
+
+        async def deployed() -> bool:
+            d = await s.GetDeployment(sp.DeploymentRef(name=name), metadata=stack.metadata)
+            return d.status == sp.DEPLOYMENT_STATUS_DEPLOYED and d.ready_replicas == replicas
+
+        await until(deployed, 300, f"deployment {name}")
+        instances = await s.ListInstances(
+            sp.ListInstancesRequest(name=name), metadata=stack.metadata
+        )
+    return [i.address for i in instances.instances if i.status == sp.INSTANCE_STATUS_READY]
+
+
+async def client_key(stack: Stack, deployment: str, client: str = "bench") -> str:
+    """A new client key's secret for ``deployment``."""
+    async with grpc.aio.insecure_channel(stack.addresses["shipyard_keys"]) as ch:
+        created = await client_keys_pb2_grpc.ClientKeyServiceStub(ch).CreateClientKey(
+            client_keys_pb2.CreateClientKeyRequest(deployment=deployment, client=client),
+            metadata=stack.metadata,
+        )
+    return str(created.secret)

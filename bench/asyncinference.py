@@ -29,14 +29,9 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import grpc
 
 from bench._machine import describe
-from bench._stack import Stack, build_image, running, tar_folder, until
-from shipyard.keys.v1 import client_keys_pb2 as kp
-from shipyard.keys.v1 import client_keys_pb2_grpc
-from shipyard.scheduler.v1 import scheduler_pb2 as pb
-from shipyard.scheduler.v1 import scheduler_pb2_grpc
+from bench._stack import Stack, build_image, client_key, deploy, running, tar_folder, until
 
 RESULTS = Path(__file__).parent / "results" / "asyncinference.json"
 CLIENTS = 16
@@ -69,33 +64,8 @@ def _epoch(iso: str) -> float:
 async def _deploy(stack: Stack) -> str:
     """Builds and deploys the clock model; returns a client key's secret."""
     image = await build_image(stack, tar_folder(_model_folder(stack.home)), name="clock")
-    async with grpc.aio.insecure_channel(stack.addresses["shipyard_scheduler"]) as ch:
-        s = scheduler_pb2_grpc.SchedulerServiceStub(ch)
-        await s.CreateDeployment(
-            pb.CreateDeploymentRequest(
-                name="clock",
-                group="bench",
-                spec=pb.DeploymentSpec(
-                    image=image,
-                    instance_type="cpu.small",
-                    scaling=pb.Scaling(min_replicas=1, max_replicas=1),
-                    access=pb.ACCESS_PRIVATE,
-                ),
-            ),
-            metadata=stack.metadata,
-        )
-
-        async def deployed() -> bool:
-            d = await s.GetDeployment(pb.DeploymentRef(name="clock"), metadata=stack.metadata)
-            return d.status == pb.DEPLOYMENT_STATUS_DEPLOYED and d.ready_replicas == 1
-
-        await until(deployed, 300, "deployment")
-    async with grpc.aio.insecure_channel(stack.addresses["shipyard_keys"]) as ch:
-        created = await client_keys_pb2_grpc.ClientKeyServiceStub(ch).CreateClientKey(
-            kp.CreateClientKeyRequest(deployment="clock", client="bench"),
-            metadata=stack.metadata,
-        )
-    return str(created.secret)
+    await deploy(stack, "clock", image)
+    return await client_key(stack, "clock")
 
 
 class _Api:

@@ -28,7 +28,7 @@ import aiohttp
 import grpc
 
 from bench._machine import describe
-from bench._stack import build_image, running, tar_folder, until
+from bench._stack import build_image, deploy, running, tar_folder, until
 from shipyard.scheduler.v1 import scheduler_pb2 as pb
 from shipyard.scheduler.v1 import scheduler_pb2_grpc
 
@@ -91,32 +91,9 @@ async def run(quick: bool = False) -> None:
                 return await s.GetDeployment(pb.DeploymentRef(name=name), metadata=stack.metadata)
 
             start = time.monotonic()
-            await s.CreateDeployment(
-                pb.CreateDeploymentRequest(
-                    name="iris-bench",
-                    group="bench",
-                    spec=pb.DeploymentSpec(
-                        image=image,
-                        instance_type="cpu.small",
-                        scaling=pb.Scaling(min_replicas=2, max_replicas=2),
-                        access=pb.ACCESS_PUBLIC,
-                    ),
-                ),
-                metadata=stack.metadata,
-            )
-
-            async def deployed() -> bool:
-                d = await get("iris-bench")
-                return d.status == pb.DEPLOYMENT_STATUS_DEPLOYED and d.ready_replicas == 2
-
-            await until(deployed, 300, "deployment")
+            ready = await deploy(stack, "iris-bench", image, replicas=2, private=False)
             results["deploy_2_replicas_s"] = round(time.monotonic() - start, 2)
-
-            instances = await s.ListInstances(
-                pb.ListInstancesRequest(name="iris-bench"), metadata=stack.metadata
-            )
-            ready = [i for i in instances.instances if i.status == pb.INSTANCE_STATUS_READY]
-            direct = f"http://{ready[0].address}/predict"
+            direct = f"http://{ready[0]}/predict"
             routed = f"{gateway}/deployments/iris-bench/predict"
             connector = aiohttp.TCPConnector(limit=64)
             async with aiohttp.ClientSession(connector=connector) as session:

@@ -44,14 +44,8 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-import grpc
-
 from bench._machine import describe
-from bench._stack import build_image, running, tar_folder, until
-from shipyard.keys.v1 import client_keys_pb2 as kp
-from shipyard.keys.v1 import client_keys_pb2_grpc
-from shipyard.scheduler.v1 import scheduler_pb2 as pb
-from shipyard.scheduler.v1 import scheduler_pb2_grpc
+from bench._stack import build_image, client_key, deploy, running, tar_folder
 
 ROOT = Path(__file__).resolve().parent.parent
 IRIS = ROOT / "examples" / "iris"
@@ -359,41 +353,13 @@ async def _deploy(stack: Any) -> tuple[Target, Target]:
     image = await build_image(
         stack, tar_folder(IRIS, {"shipyard.yaml": manifest.encode()}), name="iris"
     )
-    async with grpc.aio.insecure_channel(stack.addresses["shipyard_scheduler"]) as ch:
-        s = scheduler_pb2_grpc.SchedulerServiceStub(ch)
-        await s.CreateDeployment(
-            pb.CreateDeploymentRequest(
-                name="iris-bench",
-                group="bench",
-                spec=pb.DeploymentSpec(
-                    image=image,
-                    instance_type="cpu.small",
-                    scaling=pb.Scaling(min_replicas=1, max_replicas=1),
-                    access=pb.ACCESS_PRIVATE,
-                ),
-            ),
-            metadata=stack.metadata,
-        )
-
-        async def deployed() -> bool:
-            d = await s.GetDeployment(pb.DeploymentRef(name="iris-bench"), metadata=stack.metadata)
-            return d.status == pb.DEPLOYMENT_STATUS_DEPLOYED and d.ready_replicas == 1
-
-        await until(deployed, 300, "deployment")
-        instances = await s.ListInstances(
-            pb.ListInstancesRequest(name="iris-bench"), metadata=stack.metadata
-        )
-    address = next(i.address for i in instances.instances if i.status == pb.INSTANCE_STATUS_READY)
-    async with grpc.aio.insecure_channel(stack.addresses["shipyard_keys"]) as ch:
-        created = await client_keys_pb2_grpc.ClientKeyServiceStub(ch).CreateClientKey(
-            kp.CreateClientKeyRequest(deployment="iris-bench", client="bench"),
-            metadata=stack.metadata,
-        )
+    address = (await deploy(stack, "iris-bench", image))[0]
+    secret = await client_key(stack, "iris-bench")
     runtime = _runtime_pid("iris-bench")
     gateway = Target(
         "shipyard",
         f"http://127.0.0.1:{stack.http_port}/v2/models/iris-bench/infer",
-        {"Authorization": f"Bearer {created.secret}"},
+        {"Authorization": f"Bearer {secret}"},
         (stack.procs["shipyard_gateway"].pid, runtime),
     )
     direct = Target("runtime", f"http://{address}/v2/models/iris-bench/infer", {}, (runtime,))

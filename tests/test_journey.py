@@ -307,6 +307,44 @@ def test_first_session(home: Path) -> None:
     with urllib.request.urlopen(listed, timeout=30) as resp:
         names = [d["name"] for d in json.loads(resp.read())["deployments"]]
     assert names == ["iris-bob"]
+
+    def rest(path: str, token: str) -> tuple[int, dict[str, object]]:
+        req = urllib.request.Request(
+            f"{gateway}{path}", headers={"Authorization": f"Bearer {token}"}
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                return int(resp.status), json.loads(resp.read())
+        except urllib.error.HTTPError as err:
+            return int(err.code), json.loads(err.read())
+
+    # Logs and metrics over REST too, and as hidden from carol as over gRPC.
+    status, logs = rest("/api/v1/deployments/iris-bob/logs?grep=loaded&limit=5", bob)
+    assert status == 200 and any("serve.py" in str(ln) for ln in logs["lines"]), logs  # type: ignore[union-attr]
+    status, metrics = rest("/api/v1/deployments/iris-bob/metrics", bob)
+    assert status == 200 and int(metrics["total"]["requests"]) >= 2, metrics  # type: ignore[index]
+    for path in ("logs", "metrics", "log-sources"):
+        status, body = rest(f"/api/v1/deployments/iris-bob/{path}", carol)
+        assert status == 404 and "team-b" not in json.dumps(body), (path, body)
+    # An async prediction: 202 at once, then completed with the model's answer; carol
+    # cannot see it.
+    submit = urllib.request.Request(
+        f"{gateway}/deployments/iris-bob/predict",
+        data=b"[[5.1, 3.5, 1.4, 0.2]]",
+        headers={"Authorization": f"Bearer {bob}", "X-Async-Request": "true"},
+    )
+    with urllib.request.urlopen(submit, timeout=30) as resp:
+        assert resp.status == 202
+        request_id = json.loads(resp.read())["request_id"]
+    async_path = f"/deployments/iris-bob/async/{request_id}"
+    wait_for_sync(
+        lambda: rest(async_path, bob)[1].get("status") == "completed",
+        timeout=60,
+        interval=0.2,
+        message="the async request did not complete",
+    )
+    assert rest(f"{async_path}/result", bob) == (200, ["setosa"])  # type: ignore[comparison-overlap]
+    assert rest(async_path, carol)[0] == 404
     sy(home, "keys", "revoke", "iris-bob", "crm", token=bob)
     wait_for_sync(lambda: call_as_crm() == 401, timeout=5, message="a revoked key still works")
 

@@ -326,7 +326,7 @@ async def stand_in_server() -> AsyncIterator[tuple[StandIn, FacadeAddresses]]:
     await server.start()
     address = f"127.0.0.1:{port}"
     try:
-        yield handler, FacadeAddresses(address, address, address, address)
+        yield handler, FacadeAddresses(address, address, address, address, address)
     finally:
         await server.stop(None)
 

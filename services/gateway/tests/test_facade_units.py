@@ -51,6 +51,8 @@ NOT_ROUTED = {
     "QuotaService.Reserve": "internal: the scheduler reserves",
     "QuotaService.Release": "internal: the scheduler releases",
     "SchedulerService.WatchRoutes": "internal: the gateway's routing table",
+    "LogService.FollowLogs": "a live stream: the gRPC API or `shipyard deploy logs --follow`",
+    "LogService.DownloadLogs": "a whole log: the gRPC API or `shipyard deploy logs --download`",
     "SchedulerService.Activate": "internal: the gateway wakes scaled-to-zero deployments",
 }
 
@@ -100,7 +102,7 @@ def test_every_method_is_routed_or_excluded() -> None:
 
 def test_served_routes_are_the_documented_ones() -> None:
     app = build_facade({"keys_addr": "x:1", "quota_addr": "x:1", "imagebuild_addr": "x:1",
-                        "scheduler_addr": "x:1"})  # fmt: skip
+                        "scheduler_addr": "x:1", "logging_addr": "x:1"})  # fmt: skip
     served = {
         (route.method, route.resource.canonical)
         for route in app.router.routes()
@@ -112,6 +114,18 @@ def test_served_routes_are_the_documented_ones() -> None:
     }
     assert served == documented
     assert len(documented) == len(ROUTES)
+
+
+def test_without_the_logging_service_its_routes_are_left_out() -> None:
+    app = build_facade({"keys_addr": "x:1", "quota_addr": "x:1", "imagebuild_addr": "x:1",
+                        "scheduler_addr": "x:1"})  # fmt: skip
+    served = {route.resource.canonical for route in app.router.routes() if route.resource}
+    assert "/deployments/{name}/history" in served
+    assert not {
+        p
+        for p in served
+        if p.startswith("/deployments/") and p.endswith(("/logs", "/log-sources", "/metrics"))
+    }
 
 
 def test_document_is_valid_openapi_31() -> None:

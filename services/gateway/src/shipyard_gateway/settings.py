@@ -87,6 +87,10 @@ class GatewaySettings(CommonSettings):
     """How often the in-flight load per deployment is published on NATS
     (``shipyard.load.gateway``) for the scheduler's autoscaler."""
 
+    logging_addr: str = "127.0.0.1:50056"
+    """``host:port`` of the logging service, for the REST facade's logs and metrics
+    routes (empty: those routes are left out)."""
+
     asyncinference_addr: str = "127.0.0.1:50055"
     """``host:port`` of the async inference service: requests with
     ``X-Async-Request: true`` go to it; the ``/async`` and ``/batch`` routes ask it."""

@@ -27,11 +27,7 @@ from shipyard.client.config import ClientConfig
 from shipyard.client.deployments import (
     DEFAULT_PREDICT_TIMEOUT,
     GATEWAY,
-    _decode,
-    _gateway_timeout,
-    _gateway_unreachable,
-    _http_error,
-    _opener,
+    gateway_request,
 )
 from shipyard.client.errors import DeadlineExceeded, InvalidArgument
 
@@ -128,27 +124,15 @@ class GatewayHttp:
         headers: dict[str, str] | None = None,
         timeout: float = _TIMEOUT,
     ) -> Any:
-        secret = self._token(token)
-        sent = {"Accept": "application/json", "User-Agent": "shipyard-client", **(headers or {})}
-        if secret:
-            sent["Authorization"] = f"Bearer {secret}"
-        request = urllib.request.Request(url, data=body, headers=sent, method=method)  # noqa: S310
-        gateway = url.split("/deployments/", 1)[0]
-        try:
-            with _opener(url).open(request, timeout=timeout) as response:
-                data: bytes = response.read()
-                content_type = response.headers.get("Content-Type", "")
-        except urllib.error.HTTPError as err:
-            raise _http_error(err, deployment, has_token=bool(secret)) from None
-        except TimeoutError:
-            raise _gateway_timeout(gateway, deployment, timeout) from None
-        except urllib.error.URLError as err:
-            if isinstance(err.reason, TimeoutError):
-                raise _gateway_timeout(gateway, deployment, timeout) from None
-            raise _gateway_unreachable(gateway, err.reason) from None
-        except OSError as err:
-            raise _gateway_unreachable(gateway, err) from None
-        return _decode(data, content_type)
+        return gateway_request(
+            method,
+            url,
+            deployment,
+            token=self._token(token),
+            body=body,
+            headers=headers,
+            timeout=timeout,
+        )
 
 
 class AsyncRequestsClient(GatewayHttp):

@@ -399,14 +399,35 @@ def predict(
             raise InvalidArgument(
                 f"payload: cannot be sent as JSON: {exc}", service=GATEWAY, method="predict"
             ) from None
-    headers = {
-        "Content-Type": "application/json",
-        "Accept": "application/json",
-        "User-Agent": "shipyard-client",
-    }
+    return gateway_request(
+        "POST",
+        url,
+        deployment,
+        token=token,
+        body=body,
+        headers={"Content-Type": "application/json"},
+        timeout=timeout,
+    )
+
+
+def gateway_request(
+    method: str,
+    url: str,
+    deployment: str,
+    *,
+    token: str | None,
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+    timeout: float,
+) -> Any:
+    """One HTTP exchange with a gateway route of ``deployment`` (``url`` contains
+    ``/deployments/``): the decoded JSON answer (the text when it is not JSON), or the
+    client's error for the gateway's refusal, a timeout or an unreachable gateway."""
+    sent = {"Accept": "application/json", "User-Agent": "shipyard-client", **(headers or {})}
     if token:
-        headers["Authorization"] = f"Bearer {token}"
-    request = urllib.request.Request(url, data=body, headers=headers, method="POST")  # noqa: S310
+        sent["Authorization"] = f"Bearer {token}"
+    request = urllib.request.Request(url, data=body, headers=sent, method=method)  # noqa: S310
+    gateway_url = url.split("/deployments/", 1)[0]
     try:
         with _opener(url).open(request, timeout=timeout) as response:
             data: bytes = response.read()

@@ -41,6 +41,7 @@ from shipyard_gateway.facade.errors import (
     internal_error,
 )
 from shipyard_gateway.facade.openapi import Api, Operation
+from shipyard_gateway.facade.routes import OPTIONAL_ADDRESSES, ROUTES
 from shipyard_gateway.facade.schema import ValidationError, set_field, to_json, to_message
 
 __all__ = [
@@ -79,7 +80,7 @@ _TRACE_HEADERS = ("traceparent", "tracestate")
 
 _PATH_SAFE = "/:@!$&'()*+,;=-._~"  # RFC 3986 pchar (and '/') besides letters and digits
 
-_ADDRESS_FIELDS = ("keys_addr", "quota_addr", "imagebuild_addr", "scheduler_addr")
+_ADDRESS_FIELDS = ("keys_addr", "quota_addr", "imagebuild_addr", "scheduler_addr", "logging_addr")
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,8 @@ class FacadeAddresses:
     quota_addr: str
     imagebuild_addr: str
     scheduler_addr: str
+    logging_addr: str = ""
+    """Optional: without it the logs and metrics routes are left out."""
 
 
 class _HasAddresses(Protocol):
@@ -171,7 +174,7 @@ class _Facade:
         """Opens the channels in the serving loop (grpc.aio channels belong to the loop
         they were made in) and closes the ones it opened."""
         owned: list[grpc.aio.Channel] = []
-        for name in ("keys", "quota", "imagebuild", "scheduler"):
+        for name in sorted(self.addresses.keys() | self.given_channels.keys()):
             channel = self.given_channels.get(name)
             if channel is None:
                 channel = grpc.aio.insecure_channel(self.addresses[name])
@@ -355,6 +358,7 @@ class _Facade:
         kinds: dict[str, Callable[[web.Request, Operation], Awaitable[web.StreamResponse]]] = {
             "unary": self.unary,
             "build_logs": self.build_logs,
+            "log_lines": self.log_lines,
             "upload": self.upload,
             "openapi": self.openapi,
         }
@@ -396,6 +400,23 @@ class _Facade:
             raise self.rpc_error(op, err) from None
         build_id = request.match_info.get("build_id", "")
         return self.reply(request, op, {"build_id": build_id, "lines": lines})
+
+    async def log_lines(self, request: web.Request, op: Operation) -> web.Response:
+        """``TailLogs`` collected: ``{"deployment", "lines"}`` (its batches flattened)."""
+        metadata = self.metadata(request)
+        message = await self.build_request(request, op)
+        call = self.channel(op).unary_stream(
+            op.grpc_path,
+            request_serializer=type(message).SerializeToString,
+            response_deserializer=self._response_class(op).FromString,
+        )
+        try:
+            stream = call(message, metadata=metadata, timeout=self.call_timeout)
+            lines = [to_json(line) async for batch in stream for line in batch.lines]
+        except grpc.RpcError as err:
+            raise self.rpc_error(op, err) from None
+        deployment = request.match_info.get("name", "")
+        return self.reply(request, op, {"deployment": deployment, "lines": lines})
 
     async def upload(self, request: web.Request, op: Operation) -> web.Response:
         """``StartBuild``: the header from the query, then the body streamed in chunks as
@@ -516,8 +537,16 @@ def build_facade(
     ]
     if missing:
         raise ValueError(f"the REST facade needs the address of each service: {missing} unset")
+    served = given.keys() | addresses.keys()
+    routes = tuple(
+        route
+        for route in ROUTES
+        if route.backend is None
+        or route.backend.address not in OPTIONAL_ADDRESSES
+        or route.backend.address in served
+    )
     facade = _Facade(
-        Api(),
+        Api(routes),
         addresses,
         given,
         call_timeout=call_timeout,

@@ -18,6 +18,7 @@ from google.protobuf.message import Message
 from google.protobuf.message_factory import GetMessageClass
 
 from shipyard.imagebuild.v1 import imagebuild_pb2
+from shipyard.logging.v1 import logging_pb2
 from shipyard_gateway.facade.routes import ROUTES, Param, Route
 from shipyard_gateway.facade.schema import SchemaSet
 
@@ -162,6 +163,7 @@ class Api:
         expected_streaming = {
             "unary": (False, False),
             "build_logs": (False, True),
+            "log_lines": (False, True),
             "upload": (True, False),
         }[route.kind]
         if (method.client_streaming, method.server_streaming) != expected_streaming:
@@ -221,6 +223,19 @@ class Api:
                     "required": ["build_id", "lines"],
                     "properties": {
                         "build_id": {"type": "string"},
+                        "lines": {"type": "array", "items": line},
+                    },
+                },
+            )
+        if route.kind == "log_lines":
+            line = self.schemas.output_ref(logging_pb2.LogLine.DESCRIPTOR)
+            return self.schemas.add(
+                "LogLines",
+                {
+                    "type": "object",
+                    "required": ["deployment", "lines"],
+                    "properties": {
+                        "deployment": {"type": "string"},
                         "lines": {"type": "array", "items": line},
                     },
                 },

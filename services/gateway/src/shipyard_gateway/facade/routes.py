@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 from google.protobuf.descriptor import ServiceDescriptor
@@ -22,6 +23,7 @@ from google.protobuf.message import Message
 
 from shipyard.imagebuild.v1 import imagebuild_pb2
 from shipyard.keys.v1 import client_keys_pb2, identity_pb2
+from shipyard.logging.v1 import logging_pb2, metrics_pb2
 from shipyard.quota.v1 import quota_pb2
 from shipyard.scheduler.v1 import scheduler_pb2
 
@@ -41,7 +43,7 @@ class Backend:
     """A gRPC service the facade calls, and which address (settings field without the
     ``_addr`` suffix) serves it."""
 
-    address: Literal["keys", "quota", "imagebuild", "scheduler"]
+    address: Literal["keys", "quota", "imagebuild", "scheduler", "logging"]
     service: ServiceDescriptor
 
     @property
@@ -56,7 +58,14 @@ QUOTA = Backend("quota", quota_pb2.DESCRIPTOR.services_by_name["QuotaService"])
 IMAGEBUILD = Backend("imagebuild", imagebuild_pb2.DESCRIPTOR.services_by_name["ImageBuildService"])
 SCHEDULER = Backend("scheduler", scheduler_pb2.DESCRIPTOR.services_by_name["SchedulerService"])
 
-BACKENDS = (IDENTITY, CLIENT_KEYS, QUOTA, IMAGEBUILD, SCHEDULER)
+LOGS = Backend("logging", logging_pb2.DESCRIPTOR.services_by_name["LogService"])
+METRICS = Backend("logging", metrics_pb2.DESCRIPTOR.services_by_name["MetricsService"])
+
+BACKENDS = (IDENTITY, CLIENT_KEYS, QUOTA, IMAGEBUILD, SCHEDULER, LOGS, METRICS)
+
+OPTIONAL_ADDRESSES = frozenset({"logging"})
+"""Services the facade can do without: their routes are left out (not served, not
+documented) when no address is given."""
 
 
 @dataclass(frozen=True)
@@ -86,7 +95,7 @@ class Body:
     example: Mapping[str, Any] | None = None
 
 
-RouteKind = Literal["unary", "build_logs", "upload", "openapi"]
+RouteKind = Literal["unary", "build_logs", "log_lines", "upload", "openapi"]
 
 
 @dataclass(frozen=True)
@@ -146,6 +155,27 @@ def _image_ref(request: Message, params: Mapping[str, Any]) -> None:
     version = params.get("version")
     image = params["name"] if version is None else f"{params['name']}:{version}"
     request.image = image  # type: ignore[attr-defined]
+
+
+_TIME = {"type": "string", "format": "date-time"}
+
+
+def _times(prefix: str) -> Callable[[Message, Mapping[str, Any]], None]:
+    """Sets ``<prefix>since`` / ``<prefix>until`` (Timestamps) from the RFC 3339 query
+    parameters of the same names (the schema checked them; no offset means UTC)."""
+
+    def prepare(request: Message, params: Mapping[str, Any]) -> None:
+        for name in ("since", "until"):
+            if params.get(name):
+                moment = datetime.fromisoformat(str(params[name]))
+                if moment.tzinfo is None:
+                    moment = moment.replace(tzinfo=UTC)
+                target: Any = request
+                for part in (prefix + name).split("."):
+                    target = getattr(target, part)
+                target.FromDatetime(moment)
+
+    return prepare
 
 
 _ADMIN = "Admins only."
@@ -544,6 +574,66 @@ ROUTES: tuple[Route, ...] = (
         params=(_BUILD_ID,),
         kind="build_logs",
         description="The lines logged so far (no following: poll, or use the gRPC API).",
+    ),
+    # --- logs and metrics (logging) -------------------------------------------------------
+    Route(
+        "GET",
+        "/deployments/{name}/logs",
+        "getDeploymentLogs",
+        "The last lines of a deployment's instances (default 2000), oldest first",
+        "deployments",
+        LOGS,
+        "TailLogs",
+        params=(
+            Param("name", "path", "The deployment's name.", "filter.deployment", example="iris"),
+            Param(
+                "instance",
+                "query",
+                "Only this instance (replica); absent: every instance.",
+                "filter.instance",
+            ),
+            Param("since", "query", "Only lines from this time (RFC 3339).", schema=_TIME),
+            Param("until", "query", "Only lines up to this time (RFC 3339).", schema=_TIME),
+            Param("grep", "query", "Only lines containing this text (any case).", "filter.grep"),
+            Param("limit", "query", "At most this many lines (absent: 2000).", "limit"),
+        ),
+        prepare=_times("filter."),
+        kind="log_lines",
+        description=_MEMBERS + " Following and downloading whole logs: the gRPC API or "
+        "`shipyard deploy logs --follow | --download`.",
+    ),
+    Route(
+        "GET",
+        "/deployments/{name}/log-sources",
+        "listDeploymentLogSources",
+        "The instances with stored logs, and how many lines each",
+        "deployments",
+        LOGS,
+        "ListLogSources",
+        params=(_DEPLOYMENT_REF,),
+        description=_MEMBERS,
+    ),
+    Route(
+        "GET",
+        "/deployments/{name}/metrics",
+        "getDeploymentMetrics",
+        "Requests, success rate, 4xx/5xx rates and latency percentiles over a time range",
+        "deployments",
+        METRICS,
+        "GetMetrics",
+        params=(
+            _DEPLOYMENT_REF,
+            Param("since", "query", "From (RFC 3339; absent: 1 hour before until).", schema=_TIME),
+            Param("until", "query", "Until (RFC 3339; absent: now).", schema=_TIME),
+            Param(
+                "step_minutes",
+                "query",
+                "Width of each point of the series (absent: at most 60 points).",
+                "step_minutes",
+            ),
+        ),
+        prepare=_times(""),
+        description=_MEMBERS + " Kept 3 days.",
     ),
     # --- quotas and instance types (quota) ---------------------------------------------
     Route(
