@@ -6,6 +6,7 @@ own events, so loading (replaying its stream) and deciding share one code path."
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar, Generic, TypeVar
 
@@ -143,18 +144,21 @@ T = TypeVar("T")
 
 
 async def retry_on_conflict(
-    command: Callable[[], Awaitable[T]], attempts: int = 8, base_delay: float = 0.002
+    command: Callable[[], Awaitable[T]], attempts: int = 12, base_delay: float = 0.002
 ) -> T:
     """Runs a load-decide-save command again when another writer won the race.
 
     Each retry reloads the aggregate, so the decision is made on fresh state; after
-    ``attempts`` the ConcurrencyError reaches the caller (ABORTED) instead of looping."""
+    ``attempts`` the ConcurrencyError reaches the caller (ABORTED) instead of looping.
+    The backoff doubles up to 64 times ``base_delay`` with random jitter: among N writers
+    racing on one stream at least one wins each round, and random (not per-task fixed)
+    jitter keeps the same losers from colliding again round after round."""
     for attempt in range(1, attempts + 1):
         try:
             return await command()
         except ConcurrencyError:
             if attempt == attempts:
                 raise
-            # Jittered backoff so racing writers spread out instead of colliding again.
-            await asyncio.sleep(base_delay * attempt * (1 + (hash(asyncio.current_task()) % 7) / 7))
+            jitter = 0.5 + random.random()  # noqa: S311 - spreading retries, not a secret
+            await asyncio.sleep(base_delay * 2 ** min(attempt - 1, 6) * jitter)
     raise AssertionError("unreachable")
