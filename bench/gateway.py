@@ -46,6 +46,7 @@ from typing import Any
 
 from bench._machine import describe
 from bench._stack import build_image, client_key, deploy, running, tar_folder
+from shipyard_core.embedded._process import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 IRIS = ROOT / "examples" / "iris"
@@ -128,12 +129,6 @@ def _runtime_pid(name: str) -> int:
     raise RuntimeError(f"no model server process for {name}")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _venv_python() -> Path:
     """MLServer's environment, created on first use."""
     python = VENV / "bin" / "python"
@@ -178,7 +173,7 @@ def _ready(url: str, deadline: float = 120) -> None:
 
 @contextlib.contextmanager
 def _mlserver(python: Path, folder: Path) -> Iterator[Target]:
-    port = _free_port()
+    port = free_port()
     model = folder / "iris"
     model.mkdir(parents=True)
     shutil.copy(IRIS / "model.joblib", model / "model.joblib")
@@ -197,8 +192,8 @@ def _mlserver(python: Path, folder: Path) -> Iterator[Target]:
                 "debug": False,
                 "parallel_workers": 0,
                 "http_port": port,
-                "grpc_port": _free_port(),
-                "metrics_port": _free_port(),
+                "grpc_port": free_port(),
+                "metrics_port": free_port(),
                 "host": "127.0.0.1",
             }
         )
@@ -220,7 +215,7 @@ def _mlserver(python: Path, folder: Path) -> Iterator[Target]:
 
 @contextlib.contextmanager
 def _floor(python: Path, folder: Path) -> Iterator[Target]:
-    port = _free_port()
+    port = free_port()
     (folder / "floor_app.py").write_text(FLOOR_APP)
     with (folder / "floor.log").open("wb") as log:
         proc = subprocess.Popen(
