@@ -9,13 +9,15 @@ import urllib.request
 import grpc
 import pytest
 
+from shipyard.imagebuild.v1 import imagebuild_pb2 as ib
+from shipyard.imagebuild.v1 import imagebuild_pb2_grpc
 from shipyard.quota.v1 import quota_pb2 as qp
 from shipyard.quota.v1 import quota_pb2_grpc
 from shipyard.scheduler.v1 import scheduler_pb2 as pb
 from shipyard.scheduler.v1 import scheduler_pb2_grpc
 from shipyard_testing import wait_for
 
-from .conftest import Stack, md
+from .conftest import SERVE, Stack, build_image, md
 
 DEPLOYED = pb.DEPLOYMENT_STATUS_DEPLOYED
 
@@ -243,3 +245,18 @@ async def test_image_usage_follows_deployments_and_guards_delete(stack: Stack) -
 
 async def _eq(got: object, want: object) -> bool:
     return await got == want  # type: ignore[misc]
+
+
+async def test_a_new_image_is_unpacked_before_its_first_deployment(stack: Stack) -> None:
+    """The scheduler prefetches each image as it is built: unpacked and compiled to
+    bytecode on this machine before anyone deploys it."""
+    image = await build_image(
+        stack.imagebuild.address, "fresh", {"serve.py": SERVE, "VERSION": "prefetched"}
+    )
+    async with grpc.aio.insecure_channel(stack.imagebuild.address) as ch:
+        got = await imagebuild_pb2_grpc.ImageBuildServiceStub(ch).GetImage(
+            ib.GetImageRequest(image=image), metadata=md("ana")
+        )
+    env = stack.settings.runtime_path() / "images" / got.digest.removeprefix("sha256:")
+    await wait_for(lambda: (env / ".shipyard-compiled").is_file(), timeout=60, message="prefetch")
+    assert (env / "model" / "VERSION").read_text().strip() == "prefetched"

@@ -451,3 +451,66 @@ async def test_a_reused_pid_is_not_adopted(backends: BackendFactory, spec: Revis
     finally:
         other.kill()
         other.wait()
+
+
+async def test_prefetch_unpacks_and_compiles_before_any_instance(
+    backend: LocalBackend, spec: RevisionSpec, store: CountingStore
+) -> None:
+    assert await backend.prefetch(spec.image, spec.image_digest, spec.pack_key) is True
+    env = backend.root / "images" / spec.image_digest.removeprefix("sha256:")
+    assert (env / ".shipyard-compiled").is_file()
+    # The runtime every instance imports is compiled already (not by a first import:
+    # no instance ran).
+    compiled = list(env.glob("lib/python*/site-packages/shipyard_runtime/__pycache__/*.pyc"))
+    assert any(p.name.startswith("server.") for p in compiled), compiled
+    assert await backend.observe() == []
+    assert await backend.prefetch(spec.image, spec.image_digest, spec.pack_key) is False
+    assert store.gets == 1
+    # A deployment of it fetches nothing more.
+    await backend.apply(spec)
+    await _ready(backend, 1)
+    assert store.gets == 1
+
+
+async def test_phase_changes_wake_whoever_registered(
+    backend: LocalBackend, spec: RevisionSpec
+) -> None:
+    seen: list[set[InstancePhase]] = []
+
+    async def phases() -> set[InstancePhase]:
+        return {i.phase for i in await backend.observe()}
+
+    woken = asyncio.Event()
+
+    def wake() -> None:
+        woken.set()
+
+    backend.on_change(wake)
+    await backend.apply(spec)
+    # Every wake-up is followed by a look, until the instance is ready: readiness is
+    # announced, not found by polling.
+    while READY not in (seen[-1] if seen else set()):
+        await asyncio.wait_for(woken.wait(), START_TIMEOUT)
+        woken.clear()
+        seen.append(await phases())
+    assert seen[-1] == {READY}
+
+
+async def test_prune_keeps_images_in_use_and_the_most_recent(
+    backend: LocalBackend, spec: RevisionSpec
+) -> None:
+    await backend.apply(spec)
+    await _ready(backend, 1)
+    images = backend.root / "images"
+    in_use = spec.image_digest.removeprefix("sha256:")
+    # Three more unpacked images no instance uses, oldest first.
+    for n, digest in enumerate(("1" * 64, "2" * 64, "3" * 64)):
+        (images / digest / "bin").mkdir(parents=True)
+        os.utime(images / digest, (1000 + n, 1000 + n))
+    assert await backend.prune_images(keep=1) == ["2" * 64, "1" * 64]
+    assert sorted(p.name for p in images.iterdir()) == sorted([in_use, "3" * 64])
+    assert await backend.prune_images(keep=0) == ["3" * 64]
+    assert [p.name for p in images.iterdir()] == [in_use]  # its instance still runs
+    await backend.remove(spec.deployment, spec.revision)
+    assert await backend.prune_images(keep=0) == [in_use]
+    assert list(images.iterdir()) == []

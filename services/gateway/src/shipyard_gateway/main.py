@@ -8,7 +8,9 @@ One process serves:
   (``inference.GRPCInferenceService``, :mod:`shipyard_gateway.oip_grpc`), health checking
   and reflection (what the platform supervisor probes);
 - the route watcher (scheduler ``WatchRoutes``), the load reporter (NATS) and the metrics
-  publisher (JetStream ``METRICS``), as background tasks.
+  publisher (JetStream ``METRICS``), as background tasks;
+- ``GET /metrics`` (Prometheus) on the REST port, and the same numbers over OTLP when
+  ``otlp_endpoint`` is set (:mod:`shipyard_gateway.prometheus`).
 
 Tests and embedders::
 
@@ -43,13 +45,19 @@ from shipyard_gateway.handler import PredictHandler
 from shipyard_gateway.http import create_app
 from shipyard_gateway.keys import ClientKeyVerifier
 from shipyard_gateway.load import LoadReporter, LoadTracker
-from shipyard_gateway.metrics import MetricsPublisher, MetricsRecorder
+from shipyard_gateway.metrics import CountingUpstreamClient, MetricsPublisher, MetricsRecorder
 from shipyard_gateway.nats_link import NatsLink
 from shipyard_gateway.oip_grpc import SERVICE_PREFIX, InferenceServicer
+from shipyard_gateway.prometheus import (
+    GatewayMetrics,
+    export_to_opentelemetry,
+    mount_metrics_endpoint,
+    otlp_meter_provider,
+    shutdown_meter_provider,
+)
 from shipyard_gateway.routing import RouteWatcher, RoutingTable
 from shipyard_gateway.scheduler import SchedulerClient
 from shipyard_gateway.settings import GatewaySettings
-from shipyard_gateway.upstream import UpstreamClient
 
 __all__ = ["GatewayHost", "build", "main", "serve"]
 
@@ -134,6 +142,10 @@ class GatewayHost(ServiceHost):
         """The client key verifier (its cache and call count)."""
         self.async_api = async_api
         """The async prediction routes (``X-Async-Request``, ``/async``, ``/batch``)."""
+        self.exposition: GatewayMetrics | None = None
+        """What ``GET /metrics`` and the OpenTelemetry export read."""
+        self.meter_provider: Any = None
+        """The OpenTelemetry MeterProvider exporting over OTLP (None without an endpoint)."""
         self._http_socket: socket.socket | None = None
         self._http_port: int | None = None
         self.add_background("http", self._serve_http)
@@ -214,7 +226,12 @@ async def build(
     table = RoutingTable()
     scheduler = SchedulerClient(settings.scheduler_addr, settings.internal_token)
     watcher = RouteWatcher(table, scheduler)
-    upstream = UpstreamClient(
+    recorder = MetricsRecorder(known=table.__contains__)
+    load = LoadTracker()
+    exposition = GatewayMetrics(recorder, table, load, version=version, gateway_id=gateway_id)
+    upstream = CountingUpstreamClient(
+        recorder,
+        exposition.deployment_of,
         timeout_seconds=settings.upstream_timeout_seconds,
         connect_timeout_seconds=settings.connect_timeout_seconds,
         connections_per_host=settings.upstream_connections_per_host,
@@ -225,11 +242,9 @@ async def build(
         ttl_seconds=settings.client_key_cache_seconds,
     )
     link = NatsLink(settings.nats_url, f"{settings.service_name}-{gateway_id}")
-    load = LoadTracker()
     reporter = LoadReporter(
         load, link, gateway_id=gateway_id, interval=settings.load_report_interval_seconds
     )
-    recorder = MetricsRecorder(known=table.__contains__)
     publisher = MetricsPublisher(
         recorder,
         link,
@@ -256,6 +271,13 @@ async def build(
         check_body_max_bytes=settings.check_body_max_bytes,
         version=version,
     )
+    mount_metrics_endpoint(
+        app,
+        exposition,
+        mode=settings.metrics_endpoint,
+        token=settings.metrics_token,
+        authenticator=auth,
+    )
     # The control-plane REST facade (/api/v1, with its OpenAPI document) on the same port.
     mount_facade(app, settings)
     async_api = mount_async_api(
@@ -280,6 +302,14 @@ async def build(
         keys=keys,
         async_api=async_api,
     )
+    host.exposition = exposition
+    if settings.otlp_endpoint:
+        host.meter_provider = otlp_meter_provider(
+            settings.service_name, settings.otlp_endpoint, settings.otlp_metrics_interval_seconds
+        )
+        export_to_opentelemetry(exposition, host.meter_provider)
+        provider = host.meter_provider
+        host.add_close_hook(lambda: shutdown_meter_provider(provider))
     host.add_servicer(
         oip_pb2_grpc.add_GRPCInferenceServiceServicer_to_server,
         InferenceServicer(handler, table, recorder, version=version),

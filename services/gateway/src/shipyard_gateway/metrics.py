@@ -3,7 +3,7 @@
 Every request to a deployment (REST in any protocol shape, gRPC) is recorded with its
 deployment, HTTP status (a gRPC code counts as its HTTP equivalent), latency and protocol
 (:meth:`MetricsRecorder.record`: a few integer increments, no I/O, no allocation once the
-deployment has an entry in the interval). Every ``metrics_interval_seconds`` (default 10)
+deployment has an entry). Every ``metrics_interval_seconds`` (default 10)
 the interval is cut and published by a background task as ONE JetStream message per
 gateway process on subject ``metrics.gateway.<gateway id>`` (the id with every character
 other than letters, digits, ``-`` and ``_`` replaced by ``_``), stream ``METRICS``
@@ -54,6 +54,17 @@ id, and is retried before the next one, oldest first, up to ``metrics_max_pendin
 intervals; beyond that the oldest is dropped with a warning saying how many requests it
 held. Asynchronous requests will be counted through the same :meth:`MetricsRecorder.record`
 with ``protocol="async"`` (the hook; the async path is not in the gateway yet).
+
+The same counts also feed ``GET /metrics`` and the OpenTelemetry export
+(:mod:`shipyard_gateway.prometheus`), which need totals since the process started rather
+than intervals. So the recorder keeps ONE set of counters per deployment, cumulative and
+never reset (:meth:`MetricsRecorder.record` is the same handful of increments as before),
+and :meth:`MetricsRecorder.take` cuts an interval as the difference from the totals at the
+previous cut. A scrape reads the totals as they are: nothing is added to a request's path
+for it. Totals of a deployment that left the routing table are forgotten at the first cut
+without traffic for it (its series end, as Prometheus expects of a removed target).
+Upstream failures (:class:`CountingUpstreamClient`) are counted on the failure path only
+and are not part of the ``METRICS`` message.
 """
 
 from __future__ import annotations
@@ -66,16 +77,21 @@ import logging
 import re
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from shipyard_core.aio import pause
 from shipyard_core.bus import ensure_streams
+from shipyard_gateway.errors import BadGateway, UpstreamTimeout
 from shipyard_gateway.nats_link import NatsLink
+from shipyard_gateway.upstream import ConnectFailed, UpstreamClient, UpstreamReply
 
 __all__ = [
     "LATENCY_BOUNDS_MS",
+    "UPSTREAM_ERROR_KINDS",
+    "CountingUpstreamClient",
+    "DeploymentCounts",
     "MetricsPublisher",
     "MetricsRecorder",
     "metrics_subject",
@@ -102,34 +118,84 @@ def _utc(timestamp: float) -> str:
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-class _Stats:
-    """One deployment's counts in one interval (plain attributes: recording a request is
-    a handful of increments)."""
+class DeploymentCounts:
+    """One deployment's counts since the process started (plain attributes: recording a
+    request is a handful of increments). Read-only outside :class:`MetricsRecorder`."""
 
     __slots__ = ("buckets", "client_errors", "latency_sum", "ok", "protocols", "server_errors")
 
     def __init__(self) -> None:
         self.ok = 0
+        """Requests answered with a status below 400."""
         self.client_errors = 0
+        """Requests answered 4xx."""
         self.server_errors = 0
+        """Requests answered 5xx."""
         self.buckets = [0] * len(_BUCKET_KEYS)
+        """Requests per latency bucket (:data:`LATENCY_BOUNDS_MS`, then ``+Inf``); NOT
+        cumulative."""
         self.latency_sum = 0.0
+        """Sum of the latencies, in milliseconds."""
         self.protocols: dict[str, int] = {}
+        """Requests per protocol."""
 
-    def document(self) -> dict[str, Any]:
+    @property
+    def requests(self) -> int:
+        """Every request counted."""
+        return self.ok + self.client_errors + self.server_errors
+
+    def copy(self) -> DeploymentCounts:
+        """A snapshot (the counts at a cut)."""
+        out = DeploymentCounts()
+        out.ok, out.client_errors, out.server_errors = (
+            self.ok,
+            self.client_errors,
+            self.server_errors,
+        )
+        out.buckets = list(self.buckets)
+        out.latency_sum = self.latency_sum
+        out.protocols = dict(self.protocols)
+        return out
+
+    def document_since(self, before: DeploymentCounts | None) -> dict[str, Any]:
+        """The message's entry for the requests counted since ``before`` (a snapshot of
+        these counts; None: since the start)."""
+        if before is None:
+            before = _ZERO
+        ok = self.ok - before.ok
+        client_errors = self.client_errors - before.client_errors
+        server_errors = self.server_errors - before.server_errors
+        protocols = {
+            name: count - before.protocols.get(name, 0)
+            for name, count in self.protocols.items()
+            if count != before.protocols.get(name, 0)
+        }
         return {
-            "requests": self.ok + self.client_errors + self.server_errors,
-            "2xx": self.ok,
-            "4xx": self.client_errors,
-            "5xx": self.server_errors,
-            "latency_ms_buckets": dict(zip(_BUCKET_KEYS, self.buckets, strict=True)),
-            "latency_ms_sum": round(self.latency_sum, 3),
-            "protocols": dict(self.protocols),
+            "requests": ok + client_errors + server_errors,
+            "2xx": ok,
+            "4xx": client_errors,
+            "5xx": server_errors,
+            "latency_ms_buckets": {
+                key: now - then
+                for key, now, then in zip(_BUCKET_KEYS, self.buckets, before.buckets, strict=True)
+            },
+            # A difference of two sums: rounded, so it does not show float noise.
+            "latency_ms_sum": round(self.latency_sum - before.latency_sum, 3),
+            "protocols": protocols,
         }
 
 
+_ZERO = DeploymentCounts()
+
+UPSTREAM_ERROR_KINDS = ("connect", "timeout", "broken")
+"""How a model server call failed: ``connect`` (no connection could be made; the request
+went to another instance if there was one), ``timeout`` (no answer in time: 504),
+``broken`` (the exchange broke after the request was sent: 502)."""
+
+
 class MetricsRecorder:
-    """The in-memory aggregate of the current interval. Event-loop only (no locks).
+    """The in-memory counts of requests. Event-loop only (no locks); other threads (the
+    OpenTelemetry reader) may read the counts, never write them.
 
     ``known`` tells whether a deployment exists (the routing table): requests naming
     anything else are only counted in ``unrouted``, so callers cannot grow the aggregate
@@ -138,9 +204,24 @@ class MetricsRecorder:
 
     def __init__(self, known: Callable[[str], bool] | None = None) -> None:
         self._known = known
-        self._stats: dict[str, _Stats] = {}
-        self.unrouted = 0
+        self._stats: dict[str, DeploymentCounts] = {}
+        self._taken: dict[str, DeploymentCounts] = {}  # the counts at the last cut
+        self.unrouted_total = 0
+        """Requests naming an unknown deployment since the start."""
+        self._unrouted_taken = 0
+        self.upstream_errors: dict[tuple[str, str], int] = {}
+        """Failed model server calls since the start by ``(deployment, kind)`` (kind: one
+        of :data:`UPSTREAM_ERROR_KINDS`; deployment ``""`` when the address no longer
+        belonged to any)."""
+        self.latency_observer: Callable[[str, float], None] | None = None
+        """Called with ``(deployment, seconds)`` for each request of a known deployment
+        when set (the OpenTelemetry histogram, which has no asynchronous form); None by
+        default, which costs one comparison."""
+
+    @property
+    def unrouted(self) -> int:
         """Requests naming an unknown deployment in the current interval."""
+        return self.unrouted_total - self._unrouted_taken
 
     def record(self, deployment: str, status: int, seconds: float, protocol: str) -> None:
         """Counts one finished request: ``status`` is the HTTP status the caller got (or
@@ -149,9 +230,9 @@ class MetricsRecorder:
         stats = self._stats.get(deployment)
         if stats is None:
             if self._known is not None and not self._known(deployment):
-                self.unrouted += 1
+                self.unrouted_total += 1
                 return
-            stats = self._stats[deployment] = _Stats()
+            stats = self._stats[deployment] = DeploymentCounts()
         if status < 400:
             stats.ok += 1
         elif status < 500:
@@ -163,13 +244,78 @@ class MetricsRecorder:
         stats.latency_sum += milliseconds
         protocols = stats.protocols
         protocols[protocol] = protocols.get(protocol, 0) + 1
+        if self.latency_observer is not None:
+            self.latency_observer(deployment, seconds)
+
+    def record_upstream_error(self, deployment: str, kind: str) -> None:
+        """Counts one failed model server call (``kind``: :data:`UPSTREAM_ERROR_KINDS`)."""
+        key = (deployment, kind)
+        self.upstream_errors[key] = self.upstream_errors.get(key, 0) + 1
+
+    def totals(self) -> list[tuple[str, DeploymentCounts]]:
+        """``(deployment, counts since the start)`` of every deployment counted (the live
+        objects: read them, do not keep them)."""
+        return list(self._stats.items())
 
     def take(self) -> tuple[dict[str, dict[str, Any]], int]:
         """The counts of the interval that ends now, as ``(deployments, unrouted)`` in the
-        message's shape; a new interval starts empty."""
-        stats, self._stats = self._stats, {}
-        unrouted, self.unrouted = self.unrouted, 0
-        return {name: entry.document() for name, entry in stats.items()}, unrouted
+        message's shape (deployments with at least one request in it); a new interval
+        starts. Totals of deployments without requests in the interval that are no longer
+        known are forgotten."""
+        deployments: dict[str, dict[str, Any]] = {}
+        for name, stats in list(self._stats.items()):
+            before = self._taken.get(name)
+            if stats.requests != (before.requests if before is not None else 0):
+                deployments[name] = stats.document_since(before)
+                self._taken[name] = stats.copy()
+            elif self._known is not None and not self._known(name):
+                del self._stats[name]
+                self._taken.pop(name, None)
+                for key in [key for key in self.upstream_errors if key[0] == name]:
+                    del self.upstream_errors[key]
+        unrouted = self.unrouted
+        self._unrouted_taken = self.unrouted_total
+        return deployments, unrouted
+
+
+class CountingUpstreamClient(UpstreamClient):
+    """The model server client, counting its failures in a :class:`MetricsRecorder` by
+    deployment (looked up from the failed address, on the failure path only) and kind."""
+
+    def __init__(
+        self,
+        recorder: MetricsRecorder,
+        deployment_of: Callable[[str], str],
+        *,
+        timeout_seconds: float,
+        connect_timeout_seconds: float,
+        connections_per_host: int,
+    ) -> None:
+        super().__init__(
+            timeout_seconds=timeout_seconds,
+            connect_timeout_seconds=connect_timeout_seconds,
+            connections_per_host=connections_per_host,
+        )
+        self.recorder = recorder
+        self.deployment_of = deployment_of
+        """The deployment an instance address belongs to (``""``: none)."""
+
+    async def request(
+        self, method: str, address: str, path: str, body: bytes, headers: Mapping[str, str]
+    ) -> UpstreamReply:
+        """:meth:`UpstreamClient.request`, counting ConnectFailed, UpstreamTimeout and
+        BadGateway."""
+        try:
+            return await super().request(method, address, path, body, headers)
+        except ConnectFailed:
+            self.recorder.record_upstream_error(self.deployment_of(address), "connect")
+            raise
+        except UpstreamTimeout:
+            self.recorder.record_upstream_error(self.deployment_of(address), "timeout")
+            raise
+        except BadGateway:
+            self.recorder.record_upstream_error(self.deployment_of(address), "broken")
+            raise
 
 
 @dataclass

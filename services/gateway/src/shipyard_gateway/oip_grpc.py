@@ -71,7 +71,11 @@ T = TypeVar("T")
 # Only these metadata keys matter to the data plane; the rest (user agents, grpc-*)
 # is not copied. traceparent is left out on purpose: the interceptor's span already
 # continues the caller's trace, and the handler's span nests under it.
-_METADATA_KEYS = frozenset({"authorization", "x-api-key", "x-request-id"})
+# The trace context goes on too: the prediction joins the caller's trace, and the model
+# server gets a traceparent, as over REST.
+_METADATA_KEYS = frozenset(
+    {"authorization", "x-api-key", "x-request-id", "traceparent", "tracestate"}
+)
 
 _CONTENTS_FIELD = {
     "BOOL": "bool_contents",

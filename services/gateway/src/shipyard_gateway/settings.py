@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 
 from shipyard_core.settings import CommonSettings
@@ -101,6 +103,22 @@ class GatewaySettings(CommonSettings):
     work per request) and nobody would see it. Spans are recorded anyway when
     ``otlp_endpoint`` is set, and for any request that arrives with a ``traceparent``
     (the caller traces: its trace goes on through here)."""
+
+    metrics_endpoint: Literal["auth", "open", "off"] = "auth"
+    """``GET /metrics`` (Prometheus text format) on the REST port: ``auth`` wants
+    ``Authorization: Bearer`` with ``metrics_token`` or an admin's token (every deployment)
+    or a member's user token (the deployments of the member's groups only); ``open``
+    serves every deployment to anyone (only where nobody but Prometheus reaches the port);
+    ``off``: no such route. See docs/decisions/0030."""
+
+    metrics_token: str = ""
+    """The scrape token: ``Authorization: Bearer <it>`` on ``GET /metrics`` sees every
+    deployment, and nothing else (give it to Prometheus, not the internal token). Empty:
+    only user tokens are accepted."""
+
+    otlp_metrics_interval_seconds: float = Field(default=15.0, gt=0)
+    """How often the request metrics are exported over OTLP when ``otlp_endpoint`` is set
+    (the same counters as ``/metrics``, cumulative)."""
 
     gateway_id: str = ""
     """The id of this gateway process in load reports and metrics. Empty:

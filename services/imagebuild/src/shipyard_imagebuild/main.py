@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from shipyard.imagebuild.v1 import imagebuild_pb2_grpc
+from shipyard_core.aggregate import Repository
 from shipyard_core.auth import Authenticator
+from shipyard_core.errors import ShipyardError
 from shipyard_core.grpckit.server import ServiceHost
 from shipyard_core.logs import configure_logging
 from shipyard_core.objectstore import open_store
@@ -14,11 +17,24 @@ from shipyard_core.telemetry import configure_tracing
 from shipyard_imagebuild.adapters import envpack
 from shipyard_imagebuild.api import ImageBuildApi
 from shipyard_imagebuild.app import buildlogs
+from shipyard_imagebuild.app.backends import make_backend
 from shipyard_imagebuild.app.builder import Builder
 from shipyard_imagebuild.app.commands import ImageCommands
 from shipyard_imagebuild.app.queries import ImageQueries
+from shipyard_imagebuild.domain import IMAGEBUILD_EVENTS, IMAGEBUILD_UPCASTERS, ImageRepo
 from shipyard_imagebuild.projections import SCHEMA, CatalogProjection, UsageProjection
-from shipyard_imagebuild.settings import ImageBuildSettings
+from shipyard_imagebuild.settings import ImageBuildSettings, load_settings
+
+
+def kubernetes_client() -> Any:
+    """The Kubernetes client of the kubernetes build backend, made as the scheduler's
+    kubernetes backend makes its own: the pod's service account in a cluster, else the
+    kubeconfig. ``FailedPrecondition`` when there is neither."""
+    # The scheduler's function, reused rather than copied; it belongs in
+    # shipyard_core.kube (decision 0029 notes the move).
+    from shipyard_scheduler.adapters.kubernetes import load_api_client
+
+    return load_api_client()
 
 
 async def build(
@@ -26,13 +42,32 @@ async def build(
     authenticator: Authenticator | None = None,
     *,
     ack_wait: float = 60.0,
+    kube_client: Any = None,
 ) -> ServiceHost:
-    """The service, ready to start (tests start it on port 0)."""
-    svc = EventSourcedService(settings, SCHEMA, [CatalogProjection(), UsageProjection()])
+    """The service, ready to start (tests start it on port 0). With the kubernetes build
+    backend, ``kube_client`` is the Kubernetes ``ApiClient`` to use (left open); without
+    one it is made from the environment (:func:`kubernetes_client`) and closed at exit."""
+    owned_client = None
+    if settings.build_backend == "kubernetes" and kube_client is None:
+        # Before anything is opened: a missing cluster configuration fails the start.
+        kube_client = owned_client = kubernetes_client()
+    svc = EventSourcedService(
+        settings,
+        SCHEMA,
+        [CatalogProjection(), UsageProjection()],
+        upcasters=IMAGEBUILD_UPCASTERS,
+    )
     await svc.open()
     async with svc.pool.acquire() as conn:
         await buildlogs.ensure_table(conn)
     objects = open_store(settings.store_url())
+    backend = make_backend(
+        settings,
+        objects,
+        Repository(svc.store, ImageRepo, IMAGEBUILD_EVENTS),
+        runtime_source=settings.runtime_source or envpack.default_runtime_source(),
+        api_client=kube_client,
+    )
     queries = ImageQueries(svc.pool)
     commands = ImageCommands(
         svc.pool,
@@ -40,16 +75,14 @@ async def build(
         objects,
         queries,
         projection_wait_seconds=settings.projection_wait_seconds,
+        cache_key=backend.cache_key,
     )
     builder = Builder(
         svc.pool,
         svc.store,
         svc.js,
-        objects,
+        backend,
         work_dir=settings.builds_path(),
-        uv_cache_dir=settings.uv_cache_path(),
-        runtime_source=settings.runtime_source or envpack.default_runtime_source(),
-        size_limit_bytes=settings.image_size_limit_bytes,
         concurrency=settings.build_concurrency,
         max_attempts=settings.max_build_attempts,
         ack_wait=ack_wait,
@@ -62,18 +95,25 @@ async def build(
     if settings.build_concurrency > 0:
         host.add_background("imagebuild-builder", builder.run)
     svc.attach(host)
+    if owned_client is not None:
+        host.add_close_hook(owned_client.close)
     return host
 
 
-async def serve() -> int:
-    """Runs until SIGTERM; returns the exit code."""
-    settings = ImageBuildSettings()
+async def serve(settings: ImageBuildSettings | None = None) -> int:
+    """Runs until SIGTERM; returns the exit code. A configuration that cannot work (no
+    cluster for the kubernetes backend, say) ends the process with one line saying why."""
+    settings = settings or load_settings()
     configure_logging(settings)
     configure_tracing(settings.service_name, settings.otlp_endpoint)
-    host = await build(settings, ack_wait=settings.build_ack_wait_seconds)
+    try:
+        host = await build(settings, ack_wait=settings.build_ack_wait_seconds)
+    except ShipyardError as exc:
+        raise SystemExit(f"imagebuild: cannot start: {' '.join(exc.message.split())}") from None
     return await host.run()
 
 
 def main() -> None:
     """Console entry point."""
-    raise SystemExit(asyncio.run(serve()))
+    settings = load_settings()
+    raise SystemExit(asyncio.run(serve(settings)))

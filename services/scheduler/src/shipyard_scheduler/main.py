@@ -121,6 +121,8 @@ async def build_scheduler(
     host.add_background("scheduler-load-reports", load_reports)
     if settings.ship_logs:
         _ship_logs(host, backend, svc)
+    if settings.prefetch_images:
+        _prefetch_images(host, backend, svc, settings.image_cache_keep)
     host.add_close_hook(peers.close)
     svc.attach(host)
     return Scheduler(host, commands, queries, reconciler, autoscaler, backend)
@@ -134,6 +136,17 @@ def _ship_logs(host: ServiceHost, backend: RuntimeBackend, svc: EventSourcedServ
     if isinstance(backend, LocalBackend):
         shipper = LocalLogShipper(backend.root / "logs", JetStreamLogPublisher(svc.js))
         host.add_background("scheduler-log-shipper", shipper.run)
+
+
+def _prefetch_images(
+    host: ServiceHost, backend: RuntimeBackend, svc: EventSourcedService, keep: int
+) -> None:
+    """Unpacks new images before their first deployment (local backend only)."""
+    from shipyard_scheduler.adapters.local import LocalBackend
+    from shipyard_scheduler.adapters.prefetch import ImagePrefetcher
+
+    if isinstance(backend, LocalBackend):
+        host.add_background("scheduler-prefetch", ImagePrefetcher(svc.nc, backend, keep).run)
 
 
 def _observe(autoscaler: Autoscaler) -> Callable[[Msg], Awaitable[None]]:

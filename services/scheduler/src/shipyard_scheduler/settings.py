@@ -43,6 +43,15 @@ class SchedulerSettings(CommonSettings):
     instance_host: str = "127.0.0.1"
     """Local backend: the address model servers bind to and the gateway connects to."""
 
+    prefetch_images: bool = True
+    """Local backend: fetch, unpack and byte-compile every new image as soon as it is
+    built, so its first deployment starts without waiting for that (costs the unpacked
+    image's disk space for images never deployed)."""
+
+    image_cache_keep: int = Field(default=8, ge=0)
+    """Local backend with prefetch: unpacked images that no instance uses are deleted
+    beyond this many (the most recently used are kept)."""
+
     ship_logs: bool = True
     """Local backend: send every instance's output to the ``LOGS`` stream, where the
     logging service collects it (``shipyard deploy logs``)."""

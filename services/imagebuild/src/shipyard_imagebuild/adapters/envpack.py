@@ -337,6 +337,35 @@ def _parse_check(stdout: Sequence[str]) -> tuple[int, dict[str, Any] | None]:
     return -1, None
 
 
+parse_check = _parse_check
+"""The check's result line (index, value) among output lines: also how cluster builds find
+the verdict in a Kaniko log, where the check ran as a RUN step."""
+
+
+async def build_runtime_wheel(
+    runtime_source: Path, out_dir: Path, *, uv_cache_dir: Path, log: Log
+) -> Path:
+    """Builds the ``shipyard_runtime-*.whl`` of ``runtime_source`` into the empty or new
+    folder ``out_dir`` with ``uv build`` (what cluster builds put into their context);
+    returns its path. uv's output goes to ``log``; ``FailedPrecondition`` when it fails."""
+    for folder in (out_dir, uv_cache_dir):
+        await asyncio.to_thread(folder.mkdir, parents=True, exist_ok=True)
+    code, tail = await _run(
+        [find_uv_bin(), "build", "--wheel", "--out-dir", str(out_dir), str(runtime_source)],
+        log=log,
+        cwd=out_dir,
+        env=_uv_env(uv_cache_dir),
+    )
+    wheels = await asyncio.to_thread(lambda: sorted(out_dir.glob("shipyard_runtime-*.whl")))
+    if code != 0 or len(wheels) != 1:
+        detail = _uv_error(tail) or f"exit code {code}, {len(wheels)} wheel(s)"
+        raise FailedPrecondition(
+            f"building the shipyard-runtime wheel from {runtime_source} failed: {detail} "
+            "(set SHIPYARD_RUNTIME_WHEEL to a prebuilt wheel to skip this step)"
+        )
+    return wheels[0]
+
+
 def _prepare(work_dir: Path, uv_cache_dir: Path) -> bool:
     """Creates the folders, removes a leftover env of an interrupted attempt (the build
     starts from nothing) and tells whether cache and work dir share a file system."""

@@ -117,6 +117,9 @@ class KanikoBuild:
     name: str
     """The image name (``name:version`` in the catalog)."""
     version: int
+    """The version the build expects to become, for labels and the annotation only: the
+    catalog numbers versions when a build succeeds, so a concurrent build of the same name
+    can take it first (which is why imagebuild tags images with the build id)."""
     source_url: str
     """``s3://bucket/key.tar.gz`` or ``https://...`` of the context :func:`write_context`
     made. Kaniko downloads it itself; ``s3://`` uses the ``shipyard-object-store`` secret."""
@@ -276,9 +279,17 @@ CMD {cmd}
 """
 
 
-def write_context(folder: Path, runtime_wheel: Path, dest: Path, *, python: str) -> tuple[str, int]:
+def write_context(
+    folder: Path,
+    runtime_wheel: Path,
+    dest: Path,
+    *,
+    python: str,
+    install_dependencies: bool | None = None,
+) -> tuple[str, int]:
     """Packs the build context of ``folder`` into a deterministic tar.gz at ``dest``;
-    returns its sha256 (hex) and size.
+    returns its sha256 (hex) and size. ``install_dependencies`` overrides the folder's
+    (``--skip-dependency-install``), as it does for local builds.
 
     The layout is the module docstring's: the runtime wheel and ``requirements.txt`` (the
     resolved requirement lines; only a comment when there are none or
@@ -296,8 +307,9 @@ def write_context(folder: Path, runtime_wheel: Path, dest: Path, *, python: str)
             "build it with `uv build --wheel libs/runtime`",
         )
     model = inspect_folder(folder)
+    install = model.install_dependencies if install_dependencies is None else install_dependencies
     requirements: list[str] = []
-    if model.install_dependencies:
+    if install:
         for line in model.requirements:
             if _LOCAL_REQUIREMENT.search(line):
                 raise InvalidArgument(
@@ -307,7 +319,7 @@ def write_context(folder: Path, runtime_wheel: Path, dest: Path, *, python: str)
                     "list the requirements themselves in requirements.txt or shipyard.yaml",
                 )
             requirements.append(line)
-    why_none = "install_dependencies is false" if not model.install_dependencies else "none given"
+    why_none = "install_dependencies is false" if not install else "none given"
     manifest = model.manifest(source_digest=source_digest(model.path), python_version=python)
 
     with tempfile.TemporaryDirectory(prefix="shipyard-context-") as tmp:

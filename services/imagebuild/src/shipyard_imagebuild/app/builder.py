@@ -5,7 +5,10 @@ Each ``BuildQueued`` event is a unit of work on a durable consumer whose
 alive with in-progress acks; if the builder dies, JetStream redelivers it after
 ``ack_wait`` and the build is resumed (redone from its stored source) as attempt n+1,
 up to ``max_attempts``, after which it is failed explicitly. A build is never left
-``building`` forever."""
+``building`` forever.
+
+What a build makes is its backend's business (``app/backends.py``): an environment pack
+built here, or an OCI image built by a Kaniko Job on a cluster."""
 
 from __future__ import annotations
 
@@ -27,10 +30,8 @@ from shipyard_core.aggregate import Repository, retry_on_conflict
 from shipyard_core.bus import EVENTS_STREAM
 from shipyard_core.errors import ShipyardError
 from shipyard_core.eventstore import EventStore, StoredEvent
-from shipyard_core.objectstore import ObjectStore
-from shipyard_imagebuild.adapters import envpack, folder
+from shipyard_imagebuild.app.backends import BuildBackend, BuildTask
 from shipyard_imagebuild.app.buildlogs import BuildLogWriter, last_seq
-from shipyard_imagebuild.app.commands import read_readme
 from shipyard_imagebuild.domain import IMAGEBUILD_EVENTS, Build, ImageRepo
 from shipyard_imagebuild.domain.events import BuildQueued, ImageVersionCreated
 from shipyard_imagebuild.projections import SCHEMA
@@ -48,12 +49,9 @@ class Builder:
         pool: asyncpg.Pool,
         store: EventStore,
         js: JetStreamContext,
-        objects: ObjectStore,
+        backend: BuildBackend,
         *,
         work_dir: Path,
-        uv_cache_dir: Path,
-        runtime_source: Path,
-        size_limit_bytes: int,
         concurrency: int = 2,
         max_attempts: int = 3,
         ack_wait: float = 60.0,
@@ -61,11 +59,8 @@ class Builder:
         self.pool = pool
         self.store = store
         self.js = js
-        self.objects = objects
+        self.backend = backend
         self.work_dir = work_dir
-        self.uv_cache_dir = uv_cache_dir
-        self.runtime_source = runtime_source
-        self.size_limit_bytes = size_limit_bytes
         self.concurrency = concurrency
         self.max_attempts = max_attempts
         self.ack_wait = ack_wait
@@ -155,6 +150,12 @@ class Builder:
                 "interrupted",
             )
             await self.builds.save(build)
+            # What the last attempt left running (a cluster build's Job) goes too.
+            logs = BuildLogWriter(self.pool, build_id)
+            await logs.start(await last_seq(self.pool, build_id))
+            work = self.work_dir / f"{build_id}-{build.attempts}"
+            await self._cleanup(BuildTask(build.request, build.attempts, work, logs))
+            await logs.close()
             return
         attempt = build.start()
         await self.builds.save(build)
@@ -163,15 +164,18 @@ class Builder:
         await logs.start(await last_seq(self.pool, build_id))
         logs.write(f"build {build_id} attempt {attempt}: {request.group}/{request.name}")
         work = self.work_dir / f"{build_id}-{attempt}"
+        task = BuildTask(request, attempt, work, logs)
         started = time.monotonic()
+        ended = True  # False when the builder stops mid-build: the build will be resumed
         try:
-            created = await self._make(request, work, logs)
+            created = await self.backend.make(task)
             await self._succeed(build_id, request, created, time.monotonic() - started)
             logs.write(f"succeeded in {time.monotonic() - started:.1f}s")
         except ShipyardError as exc:
             logs.write(f"failed: {exc.message}")
             await self._fail(build_id, exc.message, "build", logs.tail())
         except asyncio.CancelledError:
+            ended = False
             logs.write("interrupted: the builder is stopping; the build will be resumed")
             raise
         except Exception:
@@ -185,45 +189,16 @@ class Builder:
                 logs.tail(),
             )
         finally:
+            if ended:
+                await self._cleanup(task)
             await logs.close()
             await asyncio.to_thread(shutil.rmtree, work, True)
 
-    async def _make(
-        self, request: BuildQueued, work: Path, logs: BuildLogWriter
-    ) -> ImageVersionCreated:
-        await asyncio.to_thread(_fresh_dir, work)
-        tarball = work / "source.tar.gz"
-        await self.objects.get_file(request.source_key, tarball)
-        src = work / "src"
-        model, readme = await asyncio.to_thread(_unpack, tarball, src)
-        pack = await envpack.build_pack(
-            src,
-            work / "pack",
-            runtime_source=self.runtime_source,
-            uv_cache_dir=self.uv_cache_dir,
-            python=request.python,
-            install_dependencies=request.install_dependencies,
-            size_limit_bytes=self.size_limit_bytes,
-            log=logs.write,
-        )
-        digest, key, size = await self.objects.put_content_addressed(pack.path, "packs")
-        logs.write(f"stored pack sha256:{digest} ({size} bytes)")
-        return ImageVersionCreated(
-            version=0,
-            build_id=request.build_id,
-            digest=digest,
-            size_bytes=size,
-            pack_key=key,
-            python=pack.python_version,
-            packages=list(pack.packages),
-            script=model.script,
-            workers=model.workers,
-            source_digest=request.source_digest,
-            source_name=request.source_name,
-            cache_key=request.cache_key,
-            created_by=request.requested_by,
-            readme=readme,
-        )
+    async def _cleanup(self, task: BuildTask) -> None:
+        try:
+            await self.backend.cleanup(task)
+        except Exception:
+            log.exception("cleaning up after build %s failed", task.request.build_id)
 
     async def _succeed(
         self, build_id: str, request: BuildQueued, created: ImageVersionCreated, seconds: float
@@ -248,14 +223,3 @@ class Builder:
             await self.builds.save(build)
 
         await retry_on_conflict(command)
-
-
-def _fresh_dir(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)
-    path.mkdir(parents=True)
-
-
-def _unpack(tarball: Path, src: Path) -> tuple[folder.ModelFolder, str]:
-    folder.extract_tarball(tarball, src)
-    model = folder.inspect_folder(src)
-    return model, read_readme(src, model.readme)

@@ -6,6 +6,7 @@ import asyncio
 import sys
 import tempfile
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +38,15 @@ class BuildOptions:
     skip_dependency_install: bool = False
 
 
+CacheKey = Callable[[str, str, bool], str]
+"""``(source digest, python, install dependencies) -> cache key``: the build backend's."""
+
+
+def pack_cache_key(source_digest: str, python: str, install_dependencies: bool) -> str:
+    """The cache key of environment packs (the local backend's)."""
+    return envpack.cache_key(source_digest, python, install_dependencies, envpack.runtime_version())
+
+
 def host_python() -> str:
     """The builder's own Python (``3.11``): the default environment version."""
     return f"{sys.version_info.major}.{sys.version_info.minor}"
@@ -53,8 +63,10 @@ class ImageCommands:
         queries: ImageQueries,
         *,
         projection_wait_seconds: float = 5.0,
+        cache_key: CacheKey = pack_cache_key,
     ) -> None:
         self.pool = pool
+        self.cache_key = cache_key
         self.store = store
         self.objects = objects
         self.queries = queries
@@ -80,7 +92,8 @@ class ImageCommands:
         model, source_digest, readme = await asyncio.to_thread(_inspect_upload, upload)
         python = options.python or model.python or host_python()
         install = model.install_dependencies and not options.skip_dependency_install
-        key = envpack.cache_key(source_digest, python, install, envpack.runtime_version())
+        # The backend's key: an image of the other backend is never a cache hit.
+        key = self.cache_key(source_digest, python, install)
         _, source_key, _ = await self.objects.put_content_addressed(upload, "sources")
         build_id = f"b-{uuid.uuid4().hex[:16]}"
         request = BuildQueued(

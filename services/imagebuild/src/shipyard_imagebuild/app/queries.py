@@ -144,4 +144,6 @@ def _image(r: asyncpg.Record) -> ImageView:
         readme=r["readme"],
         readme_updated_at=r["readme_updated_at"],
         readme_updated_by=r["readme_updated_by"],
+        kind=r["kind"],
+        image_ref=r["image_ref"],
     )

@@ -52,6 +52,15 @@ class ImageView:
     readme: str = ""
     readme_updated_at: datetime | None = None
     readme_updated_by: str = ""
+    kind: str = "pack"
+    """``pack`` (an environment pack at ``pack_key``) or ``oci`` (an image at ``image_ref``)."""
+    image_ref: str = ""
+    """The OCI image pinned by digest (``registry/repo@sha256:<hex>``); empty for packs."""
+
+    @property
+    def location(self) -> str:
+        """Where the image is: the pack's object store key, or the OCI reference."""
+        return self.image_ref if self.kind == "oci" else self.pack_key
 
     @property
     def ref(self) -> str:

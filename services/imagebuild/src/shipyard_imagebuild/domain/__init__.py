@@ -1,6 +1,13 @@
 """Imagebuild's domain: builds and the image catalog."""
 
 from shipyard_imagebuild.domain.aggregates import Build, BuildState, ImageRepo, ImageVersion
-from shipyard_imagebuild.domain.events import IMAGEBUILD_EVENTS
+from shipyard_imagebuild.domain.events import IMAGEBUILD_EVENTS, IMAGEBUILD_UPCASTERS
 
-__all__ = ["IMAGEBUILD_EVENTS", "Build", "BuildState", "ImageRepo", "ImageVersion"]
+__all__ = [
+    "IMAGEBUILD_EVENTS",
+    "IMAGEBUILD_UPCASTERS",
+    "Build",
+    "BuildState",
+    "ImageRepo",
+    "ImageVersion",
+]

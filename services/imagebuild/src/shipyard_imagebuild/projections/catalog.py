@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from shipyard_core.db import Conn
 from shipyard_core.eventstore import StoredEvent
-from shipyard_core.projections import Projection, Statement
+from shipyard_core.projections import Projection, Statement, Tables
+from shipyard_imagebuild.domain.events import IMAGEBUILD_UPCASTERS
 
 SCHEMA = "imagebuild"
 
@@ -34,10 +36,33 @@ class CatalogProjection(Projection):
             "cache_key text NOT NULL, build_id text NOT NULL, created_by text NOT NULL, "
             "created_at timestamptz NOT NULL, readme text NOT NULL, "
             "readme_updated_at timestamptz NOT NULL, readme_updated_by text NOT NULL, "
-            "deleted bool NOT NULL DEFAULT false, PRIMARY KEY (group_name, name, version)"
+            "deleted bool NOT NULL DEFAULT false, "
+            # ImageVersionCreated v2 (cluster builds). Last, in the order _ADDED_COLUMNS
+            # adds them to older tables, so live and rebuilt tables compare equal.
+            "kind text NOT NULL DEFAULT 'pack', image_ref text NOT NULL DEFAULT '', "
+            "PRIMARY KEY (group_name, name, version)"
         ),
     }
     indexes = (("builds", "group_name, name"), ("images", "cache_key"))
+    upcasters = IMAGEBUILD_UPCASTERS
+
+    @classmethod
+    async def create_tables(cls, conn: Conn, tables: Tables | None = None) -> None:
+        """Creates the tables if missing, and adds the columns of later versions to tables
+        made before them (``CREATE TABLE IF NOT EXISTS`` leaves an existing table as is)."""
+        await super().create_tables(conn, tables)
+        tables = tables or cls.live_tables()
+        for table, column in _ADDED_COLUMNS:
+            schema, name = tables[table].split(".", 1)
+            exists = await conn.fetchval(
+                "SELECT true FROM information_schema.columns "
+                "WHERE table_schema = $1 AND table_name = $2 AND column_name = $3",
+                schema,
+                name,
+                column.split()[0],
+            )
+            if not exists:  # ALTER TABLE locks the table even when it has nothing to do
+                await conn.execute(f"ALTER TABLE {tables[table]} ADD COLUMN IF NOT EXISTS {column}")
 
     def handle(self, event: StoredEvent) -> Iterable[Statement]:
         p, at = event.payload, event.recorded_at
@@ -81,9 +106,10 @@ class CatalogProjection(Projection):
             yield Statement(
                 "INSERT INTO {images} (group_name, name, version, digest, size_bytes, pack_key, "
                 "python, packages, script, workers, source_digest, source_name, cache_key, "
-                "build_id, created_by, created_at, readme, readme_updated_at, readme_updated_by) "
+                "build_id, created_by, created_at, readme, readme_updated_at, readme_updated_by, "
+                "kind, image_ref) "
                 "VALUES ($1, $2, $3, $4, $5, $6, $7, $8::jsonb, $9, $10, $11, $12, $13, $14, "
-                "$15, $16, $17, $16, $15)",
+                "$15, $16, $17, $16, $15, $18, $19)",
                 (
                     group,
                     name,
@@ -102,6 +128,8 @@ class CatalogProjection(Projection):
                     p["created_by"],
                     at,
                     p["readme"],
+                    p["kind"],
+                    p["image_ref"],
                 ),
             )
         elif t == "ImageReadmeSet":
@@ -118,3 +146,10 @@ class CatalogProjection(Projection):
                 "WHERE group_name = $1 AND name = $2 AND version = $3",
                 (group, name, p["version"]),
             )
+
+
+_ADDED_COLUMNS = (
+    ("images", "kind text NOT NULL DEFAULT 'pack'"),
+    ("images", "image_ref text NOT NULL DEFAULT ''"),
+)
+"""Columns added after the first release, in table order (see ``create_tables``)."""

@@ -13,6 +13,7 @@ adopts what is still running.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -108,6 +109,12 @@ class RuntimeBackend(Protocol):
 
     async def logs_tail(self, instance_id: str, lines: int = 50) -> str:
         """The last ``lines`` lines the instance wrote (stdout and stderr), or ``""``."""
+        ...
+
+    def on_change(self, wake: Callable[[], None]) -> None:
+        """Registers ``wake``, called whenever an instance's phase changes, so the
+        reconciler looks at once rather than at its next interval. A backend that cannot
+        tell may ignore it (the reconciler still looks every interval)."""
         ...
 
     async def close(self) -> None:

@@ -495,6 +495,10 @@ class KubernetesBackend:
             return data.decode("utf-8", errors="replace")
         return ""
 
+    def on_change(self, wake: Callable[[], None]) -> None:
+        """Ignored: pod changes are seen by ``observe`` on the reconciler's interval (a
+        watch on pods would be the way to wake it sooner)."""
+
     async def close(self) -> None:
         """Forgets what it applied and closes the client it built; the revisions keep
         running in the cluster."""

@@ -45,6 +45,7 @@ import socket
 import string
 import subprocess
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -75,6 +76,9 @@ _READY_REQUEST = b"GET /v2/health/ready HTTP/1.1\r\nHost: localhost\r\nConnectio
 # timeout still keeps one hung server from stalling its supervisor for long.
 _PROBE_TIMEOUT = 2.0
 _FAILED_CHECKS_BEFORE_UNREADY = 3
+# Until an instance is ready its check repeats this often: a refused connection costs
+# microseconds, and every interval is added to a deploy's or a cold start's wait.
+_STARTING_PROBE_INTERVAL = 0.05
 _MESSAGE_LOG_LINES = 20
 # After SIGKILL a process is gone within milliseconds unless stuck in the kernel.
 _KILL_WAIT = 5.0
@@ -357,6 +361,35 @@ def _install_pack(pack: Path, tmp: Path, dest: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+_COMPILED_MARKER = ".shipyard-compiled"
+
+
+def _compile_bytecode(env_dir: Path) -> None:
+    """Compiles every Python file of an unpacked environment with its own interpreter
+    (blocking; in a thread), niced: background work for the next start, never in the way
+    of a running one. Failures are logged, not raised: bytecode is only a speed-up."""
+    cmd = [str(env_dir / "bin" / "python"), "-m", "compileall", "-q", "-j", "1", str(env_dir)]
+    nice = shutil.which("nice")
+    if nice:
+        cmd = [nice, "-n", "10", *cmd]
+    done = subprocess.run(
+        cmd,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        env={"PATH": os.environ.get("PATH", ""), "PYTHONNOUSERSITE": "1"},
+        check=False,
+    )
+    if done.returncode != 0:
+        # compileall exits 1 when one file does not compile (a test fixture with a
+        # syntax error in some package): everything else was compiled.
+        log.info(
+            "compiling %s to bytecode: exit %d: %s",
+            env_dir.name[:12],
+            done.returncode,
+            done.stdout.decode(errors="replace")[-500:],
+        )
+
+
 # --- instances ---------------------------------------------------------------------------
 
 
@@ -432,6 +465,7 @@ class LocalBackend:
         self._stopping: dict[str, _Instance] = {}
         self._image_locks: dict[str, asyncio.Lock] = {}
         self._opened = False
+        self._on_change: Callable[[], None] | None = None
 
     # --- paths ---------------------------------------------------------------------------
 
@@ -452,7 +486,16 @@ class LocalBackend:
         for sub in ("images", "instances", "logs"):
             (self._root / sub).mkdir(parents=True, exist_ok=True)
 
+    def _changed(self) -> None:
+        if self._on_change is not None:
+            self._on_change()
+
     # --- the RuntimeBackend protocol -----------------------------------------------------
+
+    def on_change(self, wake: Callable[[], None]) -> None:
+        """Calls ``wake`` whenever an instance's phase changes (the reconciler then looks
+        at once instead of at its next interval)."""
+        self._on_change = wake
 
     async def open(self) -> None:
         """Creates the folders and adopts the instances of the state files: running ones
@@ -621,14 +664,15 @@ class LocalBackend:
             # restart when it adopts the instance.
             inst.restart_due = True
             self._save(inst)
+            self._changed()
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, self._max_backoff)
 
     async def _start(self, inst: _Instance) -> None:
         """Fetches the image if needed and starts the model server (phase STARTING)."""
         inst.phase = InstancePhase.PENDING
-        env_dir = await self._ensure_image(inst.spec)
         spec = inst.spec
+        env_dir = await self._ensure_image(spec.image, spec.image_digest, spec.pack_key)
         port = _free_port(self._host)
         cmd = [
             str(env_dir / "bin" / "python"),
@@ -674,6 +718,7 @@ class LocalBackend:
         inst.phase = InstancePhase.STARTING
         inst.message = ""
         self._save(inst)
+        self._changed()
         log.info("instance %s started: pid %d, port %d", inst.instance_id, popen.pid, port)
 
     async def _watch(self, inst: _Instance) -> str:
@@ -690,35 +735,98 @@ class LocalBackend:
                 if inst.phase is not InstancePhase.READY:
                     inst.phase = InstancePhase.READY
                     inst.message = ""
+                    self._changed()
             else:
                 failures += 1
                 if inst.phase is InstancePhase.READY and failures >= _FAILED_CHECKS_BEFORE_UNREADY:
                     inst.phase = InstancePhase.STARTING
                     inst.message = f"readiness check failed {failures} times in a row"
-            await process.wait_exit(self._health_interval)
+                    self._changed()
+            interval = (
+                self._health_interval
+                if inst.phase is InstancePhase.READY
+                else min(self._health_interval, _STARTING_PROBE_INTERVAL)
+            )
+            await process.wait_exit(interval)
         inst.process = None
         return process.reap()
 
-    async def _ensure_image(self, spec: RevisionSpec) -> Path:
-        """The unpacked environment of ``spec``'s image, fetched and unpacked on first use
+    async def prefetch(self, image: str, image_digest: str, pack_key: str) -> bool:
+        """Fetches and unpacks an image before any instance needs it, then compiles its
+        Python files to bytecode, so a deployment of it starts without either (what a
+        node pre-pulling images does). Returns False if it was already prefetched.
+
+        The compilation runs at low priority after the image is visible: an instance
+        starting meanwhile does not wait for it."""
+        env_dir = await self._ensure_image(image, image_digest, pack_key)
+        marker = env_dir / _COMPILED_MARKER
+        if marker.exists():
+            return False
+        started = time.monotonic()
+        await asyncio.to_thread(_compile_bytecode, env_dir)
+        marker.touch()
+        log.info("image %s compiled to bytecode in %.2fs", image, time.monotonic() - started)
+        return True
+
+    async def prune_images(self, keep: int) -> list[str]:
+        """Deletes unpacked images no instance uses, beyond the ``keep`` most recently used
+        ones; returns the digests deleted. An image is in use while this backend knows an
+        instance of it (in any phase, stopping included)."""
+        folder = self._root / "images"
+        if not folder.is_dir():
+            return []
+        # No await until every doomed image is renamed away: an instance being created
+        # meanwhile (on this event loop) either counts as a user or finds its image gone
+        # and unpacks it again; it never starts from a half-deleted folder.
+        used = {
+            _digest(i.spec.image_digest)
+            for i in [*self._instances.values(), *self._stopping.values()]
+        }
+        unused = [
+            d
+            for d in folder.iterdir()
+            if d.is_dir() and _DIGEST.match(d.name) and d.name not in used
+        ]
+        unused.sort(key=lambda d: d.stat().st_mtime, reverse=True)
+        doomed: list[tuple[str, Path]] = []
+        for d in unused[max(keep, 0) :]:
+            lock = self._image_locks.get(d.name)
+            if lock is not None and lock.locked():
+                continue
+            away = d.with_name(f".tmp-{d.name[:16]}-{secrets.token_hex(4)}")
+            try:
+                d.rename(away)
+            except OSError:
+                continue
+            doomed.append((d.name, away))
+        for _, away in doomed:
+            await asyncio.to_thread(shutil.rmtree, away, True)
+        return [name for name, _ in doomed]
+
+    async def _ensure_image(self, image: str, image_digest: str, pack_key: str) -> Path:
+        """The unpacked environment of an image, fetched and unpacked on first use
         (once per digest, however many instances ask at the same time)."""
-        digest = _digest(spec.image_digest)
+        digest = _digest(image_digest)
         dest = self._root / "images" / digest
         if dest.is_dir():
+            with contextlib.suppress(OSError):
+                os.utime(dest)  # most recently used: the last one pruned
             return dest
         lock = self._image_locks.setdefault(digest, asyncio.Lock())
         async with lock:
             if dest.is_dir():
                 return dest
+            if not self._opened:
+                self._prepare()
             started = time.monotonic()
             tmp = dest.with_name(f".tmp-{digest[:16]}-{secrets.token_hex(4)}")
             pack = tmp.with_name(tmp.name + ".tar.gz")
             try:
-                await self._objects.get_file(spec.pack_key, pack)
+                await self._objects.get_file(pack_key, pack)
             except NotFound:
                 pack.unlink(missing_ok=True)
                 raise FailedPrecondition(
-                    f"the environment pack of image {spec.image} ({spec.pack_key}) is not in "
+                    f"the environment pack of image {image} ({pack_key}) is not in "
                     "the object store (rebuild the image)"
                 ) from None
             except BaseException:
@@ -728,13 +836,13 @@ class LocalBackend:
             if actual != digest:
                 pack.unlink(missing_ok=True)
                 raise FailedPrecondition(
-                    f"the environment pack of image {spec.image} ({spec.pack_key}) has sha256 "
+                    f"the environment pack of image {image} ({pack_key}) has sha256 "
                     f"{actual}, not the image's digest {digest} (rebuild the image)"
                 )
             await asyncio.to_thread(_install_pack, pack, tmp, dest)
             log.info(
                 "image %s (%s) unpacked in %.2fs",
-                spec.image,
+                image,
                 digest[:12],
                 time.monotonic() - started,
             )

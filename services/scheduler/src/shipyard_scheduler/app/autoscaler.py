@@ -47,6 +47,7 @@ class Autoscaler:
         self._reports: dict[str, dict[str, _Report]] = {}
         self._last_busy: dict[str, float] = {}
         self._lower_since: dict[str, float] = {}
+        self._current: dict[str, int] = {}
 
     def observe(self, data: bytes, now: float | None = None) -> None:
         """Takes one gateway report (malformed ones are ignored: telemetry)."""
@@ -84,6 +85,12 @@ class Autoscaler:
     ) -> tuple[int, str] | None:
         """The new target and why, or None to stay."""
         now = time.monotonic() if now is None else now
+        if current > 0 and self._current.get(name) == 0:
+            # Woken from zero: the request that woke it waits for the cold start and is not
+            # in any report yet. Count the wake-up as the last request, or the idle time
+            # from before the sleep would put it right back to zero.
+            self._last_busy[name] = now
+        self._current[name] = current
         if min_replicas == max_replicas:
             self._lower_since.pop(name, None)
             return None
@@ -116,3 +123,4 @@ class Autoscaler:
         self._reports.pop(name, None)
         self._last_busy.pop(name, None)
         self._lower_since.pop(name, None)
+        self._current.pop(name, None)

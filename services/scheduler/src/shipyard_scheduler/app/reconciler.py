@@ -81,6 +81,7 @@ class Reconciler:
         self._wake = asyncio.Event()
         self.leading = False
         self.passes = 0
+        backend.on_change(self.wake)
 
     def wake(self) -> None:
         """Runs a pass soon (a command changed something)."""
