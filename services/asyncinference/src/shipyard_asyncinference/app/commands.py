@@ -180,8 +180,21 @@ class AsyncCommands:
 
         return await retry_on_conflict(attempt)
 
-    async def payload(self, agg: AsyncRequest) -> bytes:
-        """The request's payload."""
+    async def inline_payload(self, request_id: str) -> bytes | None:
+        """The request's payload if it is stored inline, else None: read by the worker
+        while it records the attempt, which saves a round trip before the model call."""
+        async with self.pool.acquire() as conn:
+            body = await conn.fetchval(
+                f"SELECT body FROM {self.blobs.schema}.blobs WHERE request_id = $1 AND kind = $2",
+                request_id,
+                PAYLOAD,
+            )
+        return None if body is None else bytes(body)
+
+    async def payload(self, agg: AsyncRequest, prefetched: bytes | None = None) -> bytes:
+        """The request's payload (``prefetched``: what :meth:`inline_payload` read)."""
+        if prefetched is not None and agg.payload_location == INLINE:
+            return prefetched
         async with self.pool.acquire() as conn:
             return await self.blobs.read(conn, agg.id, PAYLOAD, agg.payload_location)
 
@@ -193,14 +206,18 @@ class AsyncCommands:
         content_type: str,
         body: bytes,
         worker: str,
+        agg: AsyncRequest | None = None,
     ) -> bool:
         """Stores the result of ``attempt``; False when it was not this attempt's to
-        store (the request moved on): then nothing is written."""
+        store (the request moved on): then nothing is written. ``agg``: the request as
+        the worker started it, tried first (the usual case: nothing happened since);
+        the concurrency check catches it when something did."""
         location = await self.blobs.stage(request_id, RESULT, body, attempt)
         stored = False
         try:
             while True:
-                agg = await self.repo.load(request_id)
+                if agg is None:
+                    agg = await self.repo.load(request_id)
                 if not agg.complete(
                     attempt,
                     status=status,
@@ -216,6 +233,7 @@ class AsyncCommands:
                         await self.blobs.write_inline(conn, request_id, RESULT, location, body)
                         await self.repo.save(agg, conn=conn, actor=worker)
                 except (ConcurrencyError, asyncpg.UniqueViolationError):
+                    agg = None
                     continue  # reload: someone else moved it; decide again
                 stored = True
                 return True
