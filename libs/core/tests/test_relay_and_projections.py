@@ -281,3 +281,40 @@ async def test_a_batch_in_the_wrong_order_is_applied_in_stream_order(kit: Kit) -
     assert [i.event.version for i in done] == [1, 2]
     assert [(i.event.stream_id, i.event.version) for i in rest] == [("thing:c", 2)]
     assert await kit.totals() == {"thing:b": (3, 2)}
+
+
+async def test_an_append_wakes_its_own_relay_only(kit: Kit) -> None:
+    """Appends NOTIFY their service's relay at once (it does not wait for its poll), and
+    a relay of another service is not woken by them."""
+    other_schema = f"{SERVICE}_other"
+    async with kit.pool.acquire() as conn:
+        await ensure_schema(conn, other_schema)
+    relay = OutboxRelay(kit.dsn, kit.js, SERVICE, poll_interval=60)
+    other = OutboxRelay(kit.dsn, kit.js, other_schema, poll_interval=60)
+    woken: list[str] = []
+    for r in (relay, other):
+        wake = r._wake
+        original = wake.set
+
+        def counting(original: Callable[[], None] = original, name: str = r.service) -> None:
+            woken.append(name)
+            original()
+
+        wake.set = counting  # type: ignore[method-assign]
+    kit.start(relay.run)
+    kit.start(other.run)
+
+    async def published(n: int) -> bool:
+        info = await kit.js.stream_info(bus.EVENTS_STREAM)
+        return bool(info.state.messages >= n)
+
+    # One event each, relayed by the relays' first look: from then on both listen.
+    await kit.store.append([thing("woken", 0)], expected_version=0)
+    await EventStore(kit.pool, other_schema).append([thing("other", 0)], expected_version=0)
+    await wait_for(lambda: published(2), timeout=10, message="the relays never started")
+    woken.clear()
+    for n in range(1, 6):
+        await kit.store.append([thing("woken", n)], expected_version=n)
+    # Well within the 60 s poll: only a NOTIFY can have woken it.
+    await wait_for(lambda: published(7), timeout=10, message="the relay was not woken")
+    assert woken and set(woken) == {SERVICE}, woken

@@ -18,10 +18,10 @@ import asyncpg
 from nats.js import JetStreamContext
 
 from shipyard_core import db
-from shipyard_core.aio import pause
+from shipyard_core.aio import pause, wait_either
 from shipyard_core.db import Conn
 from shipyard_core.eventstore.schema import validate_identifier
-from shipyard_core.eventstore.store import OUTBOX_CHANNEL
+from shipyard_core.eventstore.store import outbox_channel
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ class OutboxRelay:
     async def _lead(self, stop: asyncio.Event) -> None:
         conn = await db.connect(self.dsn)
         try:
-            await conn.add_listener(OUTBOX_CHANNEL, self._on_notify)
+            await conn.add_listener(outbox_channel(self.service), self._on_notify)
             key = f"shipyard.outbox.{self.service}"
             while not stop.is_set():
                 if await conn.fetchval("SELECT pg_try_advisory_lock(hashtext($1))", key):
@@ -77,15 +77,13 @@ class OutboxRelay:
                 if moved == 0:
                     # Woken by NOTIFY from an appending transaction's commit, or poll:
                     # rows can be committed yet still hidden behind an older open xmin.
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._wake.wait(), self.poll_interval)
+                    await wait_either(stop, self._wake, self.poll_interval)
         finally:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(conn.close(), 2)
 
-    def _on_notify(self, _conn: Any, _pid: int, _channel: str, payload: object) -> None:
-        if payload == self.service:
-            self._wake.set()
+    def _on_notify(self, _conn: Any, _pid: int, _channel: str, _payload: object) -> None:
+        self._wake.set()
 
     async def relay_once(self, conn: Conn) -> int:
         """Publishes one batch of committed rows and deletes them; returns how many."""

@@ -17,6 +17,14 @@ from shipyard_core.eventstore.upcasting import Upcasters
 
 OUTBOX_CHANNEL = "shipyard_outbox"
 
+
+def outbox_channel(service: str) -> str:
+    """The NOTIFY channel an append wakes ``service``'s outbox relay on. One per service:
+    on a shared channel every relay of every service woke (and PostgreSQL signalled each
+    listening backend) for every append anywhere."""
+    return f"{OUTBOX_CHANNEL}_{service}"
+
+
 _COLUMNS = (
     "position, stream_id, version, event_id, aggregate, event_type, schema_version, "
     "payload, metadata, recorded_at"
@@ -65,7 +73,7 @@ class EventStore:
         )
         SELECT array_agg(ins.position ORDER BY ins.position) AS positions,
                (SELECT count(*) FROM ob) AS outboxed,
-               pg_notify('{OUTBOX_CHANNEL}', '{s}') IS NULL AS _
+               pg_notify('{outbox_channel(s)}', '') IS NULL AS _
         FROM ins
         """
 
@@ -86,7 +94,7 @@ class EventStore:
             SELECT event_id, $10, $11::jsonb, $12 FROM ins
         )
         SELECT ARRAY[position] AS positions,
-               pg_notify('{OUTBOX_CHANNEL}', '{s}') IS NULL AS _
+               pg_notify('{outbox_channel(s)}', '') IS NULL AS _
         FROM ins
         """
 
