@@ -43,6 +43,8 @@ async def test_cli_predict_async_wait_and_follow_up(stack: Stack, tmp_path: Path
     )
     assert done.exit_code == 0, done.output
     assert json.loads(done.stdout) == {"echo": {"tag": "cli"}, "user": "ana"}
+    # The id goes to stderr, so the result alone is on stdout.
+    assert done.stderr.startswith("async request ") and "accepted" in done.stderr
 
     submitted = await shipyard(
         stack, tmp_path, "predict", "echo", "-d", '{"tag": "cli-2"}', "--async"
@@ -67,6 +69,18 @@ async def test_cli_predict_async_wait_and_follow_up(stack: Stack, tmp_path: Path
     await wait_for(listed, timeout=10, interval=0.1, message="listed")
     table = await shipyard(stack, tmp_path, "async", "list", "echo", "--status", "completed")
     assert table.exit_code == 0 and "REQUEST ID" in table.stdout
+    recent = await shipyard(stack, tmp_path, "async", "list", "echo", "--since", "1h", "--json")
+    assert recent.exit_code == 0, recent.output
+    assert request_id in [r["request_id"] for r in json.loads(recent.stdout)]
+    future = await shipyard(
+        stack, tmp_path, "async", "list", "echo", "--since", "2999-01-01T00:00Z", "--json"
+    )
+    assert future.exit_code == 0 and json.loads(future.stdout) == []
+    bad = await shipyard(stack, tmp_path, "async", "list", "echo", "--since", "soon")
+    assert bad.exit_code == 2 and "neither a duration" in bad.stderr
+    # Another group cannot tell the deployment from one that does not exist.
+    hidden = await shipyard(stack, tmp_path, "async", "list", "echo", token="bob-token")
+    assert hidden.exit_code == 1 and "deployment 'echo' does not exist" in hidden.stderr
     cancel = await shipyard(stack, tmp_path, "async", "cancel", "echo", request_id)
     assert cancel.exit_code == 1
     assert cancel.stderr.startswith("error: ") and "only a queued request" in cancel.stderr

@@ -80,7 +80,7 @@ from shipyard_gateway.errors import (
     PayloadTooLarge,
     http_status_for_exception,
 )
-from shipyard_gateway.handler import RAW_PREDICT_PATH, PredictHandler
+from shipyard_gateway.handler import RAW_PREDICT_PATH, PredictHandler, not_found
 from shipyard_gateway.http import PREDICT_ROUTE, error_response
 from shipyard_gateway.metrics import MetricsRecorder
 from shipyard_gateway.protocols import (
@@ -312,10 +312,11 @@ class AsyncApi:
         except PermissionDenied:
             what = "batch job" if "job_id" in request.match_info else "async request"
             ident = request.match_info.get("job_id") or request.match_info.get("request_id", "")
+            # Worded like a deployment that does not exist: another group cannot tell.
+            if listing:
+                raise not_found(deployment) from None
             raise NotFound(
-                f"deployment {deployment!r} has nothing you may see"
-                if listing
-                else f"{what} {ident[:64]!r} of deployment {deployment!r} does not exist"
+                f"{what} {ident[:64]!r} of deployment {deployment!r} does not exist"
             ) from None
 
     # -- submission ----------------------------------------------------------------------

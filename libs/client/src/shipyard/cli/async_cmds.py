@@ -17,6 +17,7 @@ from shipyard.cli._output import (
     when,
 )
 from shipyard.client import ASYNC_STATUSES, AsyncRequestView
+from shipyard.client.logs import parse_duration
 
 
 def print_request(view: AsyncRequestView) -> None:
@@ -39,13 +40,20 @@ def print_request(view: AsyncRequestView) -> None:
 
 
 def _since(value: str | None) -> datetime | None:
+    """``--since``: a duration before now (``30s``, ``15m``, ``1h``, ``2d``, as for
+    ``deploy logs``) or an ISO 8601 time (UTC unless it names its zone)."""
     if not value:
         return None
+    try:
+        return datetime.now(UTC) - parse_duration(value)
+    except ValueError:
+        pass
     try:
         moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
         raise click.BadParameter(
-            f"{value!r} is not a time: use ISO 8601, e.g. 2026-01-31T12:00Z", param_hint="--since"
+            f"{value!r} is neither a duration (30s, 15m, 1h, 2d) nor a time (2026-01-31T12:00Z)",
+            param_hint="--since",
         ) from None
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
@@ -58,7 +66,12 @@ def async_group() -> None:
 @async_group.command("list")
 @click.argument("deployment")
 @click.option("--status", type=click.Choice(ASYNC_STATUSES), default=None, help="Only these.")
-@click.option("--since", default=None, metavar="TIME", help="Only those created since (ISO 8601).")
+@click.option(
+    "--since",
+    default=None,
+    metavar="WHEN",
+    help="Only those created since a time or a duration ago (1h).",
+)
 @click.option("--limit", type=click.IntRange(1, 1000), default=None, help="At most this many.")
 @json_option
 @click.pass_context

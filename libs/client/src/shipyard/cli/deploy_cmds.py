@@ -974,6 +974,9 @@ def _predict_async(
         else:
             click.echo(submitted.request_id)
         return
+    # On stderr: the result alone stays on stdout for scripts, and the id is at hand to
+    # look the request up again.
+    click.echo(f"async request {submitted.request_id} accepted; waiting for it", err=True)
     final = requests.wait(deployment, submitted.request_id, timeout=timeout, gateway_url=gateway)
     if final.status != "completed":
         reason = f": {final.error}" if final.error else ""
