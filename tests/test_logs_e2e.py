@@ -208,6 +208,9 @@ async def test_the_cli_shows_logs_and_metrics(
         assert [json.loads(x)["text"] for x in found.stdout.splitlines()] == [
             "request 1 failed: boom"
         ]
+        nothing = await sy(address, tmp_path, "ana", "deploy", "logs", "echo", "--grep", "zebra")
+        assert nothing.exit_code == 0 and nothing.stdout == ""
+        assert "no log line of echo in this range contains 'zebra'" in nothing.stderr
         target = tmp_path / "replica.log"
         saved = await sy(
             address, tmp_path, "ana", "deploy", "logs", "echo", "--download", str(target)
@@ -230,6 +233,8 @@ async def test_the_cli_shows_logs_and_metrics(
         shown = await sy(address, tmp_path, "ana", "deploy", "metrics", "echo", "--since", "10m")
         assert shown.exit_code == 0, shown.output
         assert "80.0%" in shown.stdout and "qps" in shown.stdout
+        # 10 requests in 10 minutes: the rate shows its digits, not "0.00".
+        assert "0.017" in shown.stdout or "0.016" in shown.stdout, shown.stdout
         assert any(ch in shown.stdout for ch in "▁▂▃▄▅▆▇█")
     finally:
         await nc.close()

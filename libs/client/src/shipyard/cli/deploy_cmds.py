@@ -721,7 +721,20 @@ def logs(
     for line in lines:
         emit(line)
     if not lines and not as_json:
-        note(f"no log lines of {instance or name} stored (yet)")
+        if grep:
+            note(f"no log line of {instance or name} in this range contains {grep!r}")
+        else:
+            note(f"no log lines of {instance or name} stored (yet)")
+
+
+def _qps(value: float) -> str:
+    """Requests per second with the digits that matter: 13 requests in an hour are
+    0.0036 qps, not 0.00."""
+    if value == 0:
+        return "0"
+    if value < 1:
+        return f"{value:.2g}"
+    return f"{value:.2f}" if value < 10 else f"{value:.1f}"
 
 
 _SPARKS = "▁▂▃▄▅▆▇█"
@@ -795,7 +808,7 @@ def metrics(
         [
             [
                 t.requests,
-                f"{t.qps:.2f}",
+                _qps(t.qps),
                 _pct(t.success_rate) if t.requests else "-",
                 _pct(t.rate_4xx) if t.requests else "-",
                 _pct(t.rate_5xx) if t.requests else "-",
@@ -813,7 +826,7 @@ def metrics(
     series = found.series
     served = [p for p in series if p.requests]
     rows: list[tuple[str, list[float | None], str]] = [
-        ("qps", [p.qps for p in series], f"max {max(p.qps for p in series):.2f}"),
+        ("qps", [p.qps for p in series], f"max {_qps(max(p.qps for p in series))}"),
         (
             "success",
             [p.success_rate if p.requests else None for p in series],
