@@ -8,9 +8,11 @@ import os
 import signal
 import subprocess
 import sys
+import uuid
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import asyncpg
 import pytest
@@ -318,3 +320,30 @@ async def test_an_append_wakes_its_own_relay_only(kit: Kit) -> None:
     # Well within the 60 s poll: only a NOTIFY can have woken it.
     await wait_for(lambda: published(7), timeout=10, message="the relay was not woken")
     assert woken and set(woken) == {SERVICE}, woken
+
+
+async def test_a_message_sent_after_commit_leaves_with_its_transaction_only(kit: Kit) -> None:
+    kit.start(OutboxRelay(kit.dsn, kit.js, SERVICE, poll_interval=60).run)
+    await kit.js.add_stream(name="WORK", subjects=["work.>"])
+    kept, dropped = uuid.uuid4(), uuid.uuid4()
+    async with kit.pool.acquire() as conn:
+        with contextlib.suppress(RuntimeError):
+            async with conn.transaction():
+                await kit.store.send_after_commit(conn, "work.items", b"dropped", dropped)
+                raise RuntimeError("the command failed: nothing may leave")
+        async with conn.transaction():
+            await kit.store.append([thing("sender", 0)], expected_version=0, conn=conn)
+            await kit.store.send_after_commit(
+                conn, "work.items", b"kept", kept, headers={"x-kind": "item"}
+            )
+
+    async def delivered() -> list[Any]:
+        info = await kit.js.stream_info("WORK")
+        if info.state.messages < 1:
+            return []
+        return [await kit.js.get_msg("WORK", seq) for seq in range(1, info.state.messages + 1)]
+
+    msgs = await wait_for(delivered, timeout=10, message="the message never left")
+    assert [m.data for m in msgs] == [b"kept"]
+    assert msgs[0].headers is not None
+    assert msgs[0].headers["Nats-Msg-Id"] == str(kept) and msgs[0].headers["x-kind"] == "item"

@@ -9,7 +9,6 @@ import asyncio
 import os
 import select
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -35,7 +34,7 @@ from shipyard_gateway.async_api import AsyncApi
 from shipyard_gateway.main import GatewayHost
 from shipyard_gateway.main import build as build_gateway
 from shipyard_gateway.settings import GatewaySettings
-from shipyard_testing import StaticAuthenticator, wait_for, wait_for_sync
+from shipyard_testing import StaticAuthenticator, wait_for
 
 INTERNAL = "internal-secret"
 TOKENS = {
@@ -290,46 +289,6 @@ class Stack:
         """The types of a request's events, in order."""
         stored = await self.service.service.store.read_stream(f"async_request:{request_id}")
         return [e.event_type for e in stored]
-
-
-@pytest.fixture(scope="module")
-def moto_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real moto S3 server on a free loopback port (the S3-speaking test server), with
-    fake credentials in the environment (the worker process inherits them)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = int(sock.getsockname()[1])
-    log = (tmp_path_factory.mktemp("moto") / "moto.log").open("wb")
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-
-    def accepts() -> bool:
-        with socket.socket() as probe:
-            probe.settimeout(0.5)
-            return proc.poll() is None and probe.connect_ex(("127.0.0.1", port)) == 0
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("AWS_ACCESS_KEY_ID", "testing")
-        mp.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-        mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
-        for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL"):
-            mp.delenv(name, raising=False)
-        endpoint = f"http://127.0.0.1:{port}"
-        mp.setenv("SHIPYARD_S3_ENDPOINT", endpoint)
-        try:
-            wait_for_sync(accepts, timeout=30, message="moto_server to listen")
-            yield endpoint
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            log.close()
 
 
 @pytest.fixture(scope="module")

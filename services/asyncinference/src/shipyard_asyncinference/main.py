@@ -1,9 +1,9 @@
 """Runs the async inference service: ``python -m shipyard_asyncinference``.
 
 One process serves the gRPC API (``AsyncInferenceService``: Submit for the gateway;
-status, result, list, cancel), and runs in the background the outbox relay, the
-``async_requests`` projection, the dispatcher (accepted requests to the ``ASYNC`` work
-queue), ``worker_concurrency`` workers and the retention sweeper. Any number of replicas
+status, result, list, cancel), and runs in the background the outbox relay (which also
+puts accepted requests on the ``ASYNC`` work queue), the ``async_requests`` projection,
+``worker_concurrency`` workers and the retention sweeper. Any number of replicas
 may run: they share the work queue.
 """
 
@@ -21,7 +21,6 @@ from shipyard_asyncinference.app import (
     AsyncCommands,
     AsyncQueries,
     Blobs,
-    Dispatcher,
     Sweeper,
     Worker,
     ensure_blobs_table,
@@ -58,7 +57,6 @@ class AsyncInference:
     queries: AsyncQueries
     worker: Worker | None
     sweeper: Sweeper
-    dispatcher: Dispatcher
     batches: BatchCommands
     batch_runner: BatchRunner | None
 
@@ -87,7 +85,6 @@ async def build(
     commands = AsyncCommands(
         svc.store,
         blobs,
-        svc.js,
         max_payload_bytes=settings.max_payload_bytes,
         max_attempts=settings.max_attempts,
         retention_seconds=settings.retention_seconds,
@@ -113,9 +110,7 @@ async def build(
         asyncinference_pb2_grpc.add_AsyncInferenceServiceServicer_to_server,
         AsyncInferenceServicer(commands, queries, batches),
     )
-    dispatcher = Dispatcher(svc.js)
-    await dispatcher.ensure_consumer()
-    host.add_background("async-dispatcher", dispatcher.run)
+    await queue.retire_dispatcher(svc.js)
     runner = GatewayRunner(
         settings.gateway_url, settings.internal_token, settings.run_timeout_seconds
     )
@@ -145,9 +140,7 @@ async def build(
     sweeper = Sweeper(commands, queries, settings.sweep_interval_seconds)
     host.add_background("async-sweeper", sweeper.run)
     svc.attach(host)
-    return AsyncInference(
-        host, svc, commands, queries, worker, sweeper, dispatcher, batches, batch_runner
-    )
+    return AsyncInference(host, svc, commands, queries, worker, sweeper, batches, batch_runner)
 
 
 async def serve(settings: AsyncInferenceSettings) -> int:

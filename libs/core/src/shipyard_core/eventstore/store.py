@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import uuid
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -173,6 +174,30 @@ class EventStore:
             first = stored[0]
             raise ConcurrencyError(first.stream_id, first.version - 1)
         return [replace(ev, position=pos) for ev, pos in zip(stored, positions, strict=True)]
+
+    async def send_after_commit(
+        self,
+        conn: Conn,
+        subject: str,
+        body: bytes,
+        message_id: uuid.UUID,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        """Puts a message (not an event) in the outbox, in ``conn``'s transaction: the
+        relay publishes it once the transaction commits, to whichever stream takes
+        ``subject``, with ``Nats-Msg-Id`` = ``message_id``. A command's side message
+        (e.g. a work item) then leaves exactly when its events do, whatever crashes."""
+        s = self.service
+        all_headers = {**(headers or {}), "Nats-Msg-Id": str(message_id)}
+        await conn.execute(
+            f"WITH ins AS (INSERT INTO {s}.outbox (event_id, subject, headers, body) "
+            f"VALUES ($1, $2, $3::jsonb, $4) RETURNING 1) "
+            f"SELECT pg_notify('{outbox_channel(s)}', '') FROM ins",
+            message_id,
+            subject,
+            json.dumps(all_headers),
+            body,
+        )
 
     def _envelope(self, event: NewEvent, version: int) -> StoredEvent:
         return StoredEvent(

@@ -3,13 +3,15 @@
 
 The queue only says "look at request X"; PostgreSQL says what X is and where it stands.
 So a message delivered twice, late, or for a request that ended is harmless: the worker
-loads the request and does what its state allows. Messages carry ``Nats-Msg-Id`` =
-request id, so the two publishers of one request (the submit fast path and the
-dispatcher following the event) make one message within the duplicate window.
+loads the request and does what its state allows. Submit writes the message into its
+service's outbox in the transaction that records the request, so the relay publishes it
+exactly when the request exists; ``Nats-Msg-Id`` = request id makes a re-publish (a relay
+killed between publishing and deleting its rows) one message within the window.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 from nats.js import JetStreamContext
@@ -75,11 +77,27 @@ def subject(deployment: str) -> str:
     return f"{SUBJECT_PREFIX}.{subject_token(deployment)}"
 
 
+_RETIRED_DISPATCHER = "policy_asyncinference_dispatch"
+
+
+async def retire_dispatcher(js: JetStreamContext) -> None:
+    """Deletes the ``EVENTS`` consumer of the dispatcher older versions ran (queue
+    messages now leave through the outbox), so it stops tracking every event."""
+    with contextlib.suppress(NotFoundError):
+        await js.delete_consumer("EVENTS", _RETIRED_DISPATCHER)
+
+
+def message(request_id: str) -> bytes:
+    """The body of a queue message: which request to look at."""
+    return json.dumps({"request_id": request_id}).encode()
+
+
 async def enqueue(js: JetStreamContext, request_id: str, deployment: str) -> None:
-    """Puts ``request_id`` on the queue (deduplicated by id within the window)."""
+    """Puts ``request_id`` on the queue directly (deduplicated by id within the window);
+    Submit does it through the outbox instead, in its transaction."""
     await js.publish(
         subject(deployment),
-        json.dumps({"request_id": request_id}).encode(),
+        message(request_id),
         stream=ASYNC_STREAM,
         headers={"Nats-Msg-Id": request_id},
     )

@@ -1,7 +1,6 @@
-"""Command handlers, queries, the workers, the dispatcher and the sweeper."""
+"""Command handlers, queries, the workers and the sweeper."""
 
 from shipyard_asyncinference.app.commands import AsyncCommands
-from shipyard_asyncinference.app.dispatcher import Dispatcher
 from shipyard_asyncinference.app.payloads import Blobs, ensure_blobs_table
 from shipyard_asyncinference.app.queries import AsyncQueries
 from shipyard_asyncinference.app.sweeper import Sweeper
@@ -12,7 +11,6 @@ __all__ = [
     "AsyncCommands",
     "AsyncQueries",
     "Blobs",
-    "Dispatcher",
     "RequestView",
     "ResultView",
     "Submission",

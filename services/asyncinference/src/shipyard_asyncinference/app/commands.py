@@ -16,7 +16,6 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
-from nats.js import JetStreamContext
 
 from shipyard_asyncinference.adapters import queue
 from shipyard_asyncinference.app.payloads import PAYLOAD, RESULT, Blobs
@@ -63,7 +62,6 @@ class AsyncCommands:
         self,
         store: EventStore,
         blobs: Blobs,
-        js: JetStreamContext | None,
         *,
         max_payload_bytes: int,
         max_attempts: int,
@@ -74,7 +72,6 @@ class AsyncCommands:
         self.pool = store.pool
         self.repo: Repository[AsyncRequest] = Repository(store, AsyncRequest, EVENTS)
         self.blobs = blobs
-        self.js = js
         self.max_payload_bytes = max_payload_bytes
         self.max_attempts = max_attempts
         self.retention = timedelta(seconds=retention_seconds)
@@ -125,16 +122,17 @@ class AsyncCommands:
             async with self.pool.acquire() as conn, conn.transaction():
                 await self.blobs.write_inline(conn, request_id, PAYLOAD, location, sub.body)
                 await self.repo.save(agg, conn=conn, actor=sub.caller or "anonymous")
+                # The work item leaves through the outbox with the event: on the queue
+                # once committed, whatever crashes (decision 0033).
+                await self.store.send_after_commit(
+                    conn,
+                    queue.subject(sub.deployment),
+                    queue.message(request_id),
+                    uuid.UUID(request_id),
+                )
         except BaseException:
             await self.blobs.discard(location)
             raise
-        # The fast path to the queue; the dispatcher following AsyncRequestQueued puts it
-        # there too (deduplicated), so a crash right here loses nothing.
-        if self.js is not None:
-            try:
-                await queue.enqueue(self.js, request_id, sub.deployment)
-            except Exception as exc:  # the dispatcher will
-                log.warning("async request %s: queue publish failed (%s)", request_id, exc)
         return RequestView.of(agg)
 
     async def cancel(self, caller: Principal, deployment: str, request_id: str) -> RequestView:
