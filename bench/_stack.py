@@ -233,3 +233,37 @@ async def client_key(stack: Stack, deployment: str, client: str = "bench") -> st
             metadata=stack.metadata,
         )
     return str(created.secret)
+
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pids: tuple[int, ...], *, descendants: bool = True) -> float:
+    """User + system CPU time of ``pids`` and (unless ``descendants`` is false) all their
+    descendants alive now."""
+    total = 0.0
+    todo = list(pids)
+    while todo:
+        pid = todo.pop()
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / _TICK
+            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+            if descendants:
+                todo.extend(int(child) for child in children)
+    return total
+
+
+def runtime_pid(name: str) -> int:
+    """The supervising process of the model server serving ``name``."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            if b"shipyard_runtime" in argv and name.encode() in argv and b"serve" in argv:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                parent_argv = Path(f"/proc/{parent}/cmdline").read_bytes().split(b"\0")
+                if b"shipyard_runtime" not in parent_argv:  # the supervisor, not a worker
+                    return int(entry.name)
+    raise RuntimeError(f"no model server process for {name}")

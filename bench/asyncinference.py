@@ -31,7 +31,17 @@ from typing import Any
 import aiohttp
 
 from bench._machine import describe
-from bench._stack import Stack, build_image, client_key, deploy, running, tar_folder, until
+from bench._stack import (
+    Stack,
+    build_image,
+    client_key,
+    cpu_seconds,
+    deploy,
+    running,
+    runtime_pid,
+    tar_folder,
+    until,
+)
 
 RESULTS = Path(__file__).parent / "results" / "asyncinference.json"
 CLIENTS = 16
@@ -156,6 +166,30 @@ async def _closed_loop(call: Any, seconds: float) -> list[Any]:
     return results
 
 
+def _components(stack: Stack) -> dict[str, tuple[tuple[int, ...], bool]]:
+    """Each part of the platform: its pids, and whether its descendants count (not the
+    scheduler's: its children are the model servers, counted on their own)."""
+    parts: dict[str, tuple[tuple[int, ...], bool]] = {
+        name.removeprefix("shipyard_"): ((proc.pid,), name != "shipyard_scheduler")
+        for name, proc in stack.procs.items()
+    }
+    parts["postgres"] = ((stack.pg.pid or 0,), True)
+    parts["nats"] = ((stack.nats.pid or 0,), True)
+    parts["model server"] = ((runtime_pid("clock"),), True)
+    return parts
+
+
+def _cpu(parts: dict[str, tuple[tuple[int, ...], bool]]) -> dict[str, float]:
+    return {name: cpu_seconds(pids, descendants=d) for name, (pids, d) in parts.items()}
+
+
+def _per_request(before: dict[str, float], after: dict[str, float], n: int) -> dict[str, float]:
+    """Milliseconds of CPU per request, per part (the load generator not included)."""
+    out = {name: round((after[name] - before[name]) / n * 1000, 3) for name in before}
+    out["total"] = round(sum(out.values()), 3)
+    return out
+
+
 async def run(quick: bool = False) -> None:
     """Runs the benchmark and writes ``bench/results/asyncinference.json``."""
     seconds = 3.0 if quick else 10.0
@@ -182,12 +216,16 @@ async def run(quick: bool = False) -> None:
                 "p99": round(_pct(overhead, 0.99), 2),
             }
 
+            parts = _components(stack)
+            before = _cpu(parts)
             statuses = await _closed_loop(api.sync, seconds)
             ok = sum(1 for s in statuses if s == 200)
             if ok != len(statuses):
                 raise RuntimeError(f"sync: {len(statuses) - ok} of {len(statuses)} failed")
             sync_rps = ok / seconds
+            sync_cpu = _per_request(before, _cpu(parts), ok)
 
+            before = _cpu(parts)
             first = time.monotonic()
             ids = await _closed_loop(api.submit, seconds)
             accepted_rps = len(ids) / (time.monotonic() - first)
@@ -199,12 +237,15 @@ async def run(quick: bool = False) -> None:
 
             await until(all_done, 600, "every async request completed")
             completed_rps = len(ids) / (time.monotonic() - first)
+            async_cpu = _per_request(before, _cpu(parts), len(ids))
             failed = await api.listed("failed")
     results["sync_rps"] = round(sync_rps, 1)
     results["async_accepted_rps"] = round(accepted_rps, 1)
     results["async_completed_rps"] = round(completed_rps, 1)
     results["async_failed"] = failed
     results["async_completed_over_sync"] = round(completed_rps / sync_rps, 3)
+    # Where the difference goes (the status polls of the completion check are in it).
+    results["cpu_ms_per_request"] = {"sync": sync_cpu, "async": async_cpu}
     results["targets"] = {
         "queue_overhead_p50_under_10ms": results["queue_overhead_ms"]["p50"] < 10,
         "async_at_least_80pct_of_sync": completed_rps >= 0.8 * sync_rps,

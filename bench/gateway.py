@@ -45,7 +45,15 @@ from pathlib import Path
 from typing import Any
 
 from bench._machine import describe
-from bench._stack import build_image, client_key, deploy, running, tar_folder
+from bench._stack import (
+    build_image,
+    client_key,
+    cpu_seconds,
+    deploy,
+    running,
+    runtime_pid,
+    tar_folder,
+)
 from shipyard_core.embedded._process import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -95,38 +103,6 @@ class Target:
     headers: dict[str, str]
     pids: tuple[int, ...] = ()
     """The server-side processes (their children included) whose CPU time is counted."""
-
-
-_TICK = os.sysconf("SC_CLK_TCK")
-
-
-def _cpu_seconds(pids: tuple[int, ...]) -> float:
-    """User + system CPU time of ``pids`` and all their descendants (alive now)."""
-    total = 0.0
-    todo = list(pids)
-    while todo:
-        pid = todo.pop()
-        with contextlib.suppress(OSError, IndexError, ValueError):
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / _TICK
-            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-            todo.extend(int(child) for child in children)
-    return total
-
-
-def _runtime_pid(name: str) -> int:
-    """The supervising process of the model server serving ``name``."""
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        with contextlib.suppress(OSError):
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-            if b"shipyard_runtime" in argv and name.encode() in argv and b"serve" in argv:
-                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-                parent_argv = Path(f"/proc/{parent}/cmdline").read_bytes().split(b"\0")
-                if b"shipyard_runtime" not in parent_argv:  # the supervisor, not a worker
-                    return int(entry.name)
-    raise RuntimeError(f"no model server process for {name}")
 
 
 def _venv_python() -> Path:
@@ -306,7 +282,7 @@ def wrk(target: Target, connections: int, seconds: float) -> dict[str, Any]:
     script += [f"wrk.headers['{k}'] = '{v}'" for k, v in headers.items()]
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as fh:
         fh.write("\n".join(script) + "\n")
-    cpu_before = _cpu_seconds(target.pids)
+    cpu_before = cpu_seconds(target.pids)
     try:
         out = subprocess.run(
             [
@@ -326,7 +302,7 @@ def wrk(target: Target, connections: int, seconds: float) -> dict[str, Any]:
         ).stdout
     finally:
         os.unlink(fh.name)
-    cpu = _cpu_seconds(target.pids) - cpu_before
+    cpu = cpu_seconds(target.pids) - cpu_before
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     done = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
     pct = dict(re.findall(r"^\s+(50|99)%\s+(\S+)$", out, re.MULTILINE))
@@ -350,7 +326,7 @@ async def _deploy(stack: Any) -> tuple[Target, Target]:
     )
     address = (await deploy(stack, "iris-bench", image))[0]
     secret = await client_key(stack, "iris-bench")
-    runtime = _runtime_pid("iris-bench")
+    runtime = runtime_pid("iris-bench")
     gateway = Target(
         "shipyard",
         f"http://127.0.0.1:{stack.http_port}/v2/models/iris-bench/infer",
