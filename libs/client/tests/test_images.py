@@ -95,7 +95,21 @@ def _image(name: str, version: int, group: str = "team-a") -> pb.Image:
         script="serve.py",
         workers=2,
         pack_url=f"file:///packs/{name}-{version}.tar.zst",
+        kind="pack",
     )
+
+
+OCI_REF = "registry.example/shipyard/team-a/iris-k8s@" + DIGEST
+
+
+def _oci_image(name: str, version: int) -> pb.Image:
+    """A cluster-built image as imagebuild answers it: no pack, a reference, size 0."""
+    image = _image(name, version)
+    image.pack_url = ""
+    image.kind = "oci"
+    image.image_ref = OCI_REF
+    image.size_bytes = 0
+    return image
 
 
 @dataclass
@@ -113,7 +127,11 @@ class FakeImageBuild(pb_grpc.ImageBuildServiceServicer):
         self.builds.clear()
         self.plans.clear()
         self.uploads.clear()
-        self.images = {"iris:1": _image("iris", 1), "iris:2": _image("iris", 2)}
+        self.images = {
+            "iris:1": _image("iris", 1),
+            "iris:2": _image("iris", 2),
+            "iris-k8s:1": _oci_image("iris-k8s", 1),
+        }
         self.readmes = {"iris:2": pb.Readme(image="iris:2", markdown="# Iris\n\nFlowers.\n")}
         self.usage = {"iris:2": ["iris-prod", "iris-canary"]}
 
@@ -565,6 +583,10 @@ async def test_catalog_calls_convert_to_dataclasses(fake: Fake) -> None:
     assert latest.created_at is not None and latest.created_at.tzinfo is not None
     assert latest.to_dict()["packages"][0] == {"name": "scikit-learn", "version": "1.5.2"}
     assert [i.ref for i in await run(images.list_images, name="iris")] == ["iris:1", "iris:2"]
+    assert (latest.kind, latest.image_ref) == ("pack", "")
+    oci = await run(images.get, "iris-k8s:1")
+    assert (oci.kind, oci.image_ref, oci.pack_url) == ("oci", OCI_REF, "")
+    assert oci.to_dict()["image_ref"] == OCI_REF
     usage = await run(images.usage, "iris:2")
     assert usage.deployments == ["iris-prod", "iris-canary"]
     assert await run(images.readme, "iris:2") == "# Iris\n\nFlowers.\n"
@@ -676,6 +698,30 @@ async def test_list_and_show_text(fake: Fake) -> None:
     assert ["scikit-learn", "1.5.2"] in [line.split() for line in shown.stdout.splitlines()]
     missing = await shipyard(fake.home, "image", "show", "nope:1")
     assert assert_one_line_error(missing) == "error: image nope:1 not found"
+
+
+def _fields(stdout: str) -> dict[str, str]:
+    """The ``name: value`` lines of ``show`` (before the packages table)."""
+    head = stdout.split("\n\n", 1)[0]
+    return {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in head.splitlines())}
+
+
+async def test_show_says_the_kind_and_where_the_image_is(fake: Fake) -> None:
+    pack = _fields((await shipyard(fake.home, "image", "show", "iris:2")).stdout)
+    assert pack["kind"] == "pack"
+    assert pack["pack"] == "file:///packs/iris-2.tar.zst" and "reference" not in pack
+    assert pack["size"] == f"145 MiB ({145 * 1024 * 1024} bytes)"
+
+    oci = _fields((await shipyard(fake.home, "image", "show", "iris-k8s:1")).stdout)
+    assert oci["kind"] == "oci"
+    assert oci["reference"] == OCI_REF and "pack" not in oci
+    assert oci["digest"] == DIGEST
+    assert oci["size"] == "-"  # the registry knows it, the build does not
+    listed = await shipyard(fake.home, "image", "list", "--name", "iris-k8s")
+    assert listed.stdout.splitlines()[1].split()[:4] == ["iris-k8s:1", "team-a", "-", "3.11"]
+
+    as_json = json.loads((await shipyard(fake.home, "image", "show", "iris-k8s", "--json")).stdout)
+    assert (as_json["kind"], as_json["image_ref"], as_json["pack_url"]) == ("oci", OCI_REF, "")
 
 
 async def test_logs_and_follow(fake: Fake, model: Path) -> None:

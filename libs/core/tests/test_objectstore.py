@@ -1,7 +1,8 @@
 """The object store, both backends through the same tests.
 
 The S3 backend talks to a real moto server (``moto_server`` in a subprocess, over HTTP on
-loopback) through boto3: no moto decorators, nothing patched in this process.
+loopback: shipyard_testing's ``moto_endpoint`` fixture) through boto3: no moto decorators,
+nothing patched in this process.
 """
 
 from __future__ import annotations
@@ -9,12 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
-import signal
-import socket
-import subprocess
-import sys
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import boto3
@@ -23,57 +19,6 @@ import pytest
 from shipyard_core.errors import FailedPrecondition, InvalidArgument, NotFound
 from shipyard_core.objectstore import FileStore, ObjectStore, open_store
 from shipyard_core.objectstore.s3 import S3Store
-from shipyard_testing import wait_for_sync
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def _accepts(port: int) -> bool:
-    with socket.socket() as s:
-        s.settimeout(0.5)
-        return s.connect_ex(("127.0.0.1", port)) == 0
-
-
-@pytest.fixture(scope="module")
-def moto_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real moto S3 server on a free loopback port, and fake credentials for boto3."""
-    port = _free_port()
-    exe = Path(sys.executable).parent / "moto_server"
-    log = (tmp_path_factory.mktemp("moto") / "moto.log").open("wb")
-    proc = subprocess.Popen(
-        [str(exe), "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT
-    )
-    with pytest.MonkeyPatch.context() as mp:
-        for name, value in {
-            "AWS_ACCESS_KEY_ID": "testing",
-            "AWS_SECRET_ACCESS_KEY": "testing",
-            "AWS_DEFAULT_REGION": "us-east-1",
-        }.items():
-            mp.setenv(name, value)
-        # Nothing from the host's AWS setup may redirect the client elsewhere.
-        for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "SHIPYARD_S3_ENDPOINT"):
-            mp.delenv(name, raising=False)
-        try:
-            wait_for_sync(
-                lambda: proc.poll() is None and _accepts(port),
-                timeout=30,
-                message=f"moto_server to listen on {port}",
-            )
-            assert proc.poll() is None, "moto_server exited at start"
-            yield f"http://127.0.0.1:{port}"
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            log.close()
 
 
 def _new_bucket(endpoint: str) -> str:

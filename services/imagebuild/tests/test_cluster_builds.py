@@ -40,7 +40,6 @@ from pydantic import ValidationError
 from shipyard.imagebuild.v1 import imagebuild_pb2 as pb
 from shipyard.imagebuild.v1 import imagebuild_pb2_grpc
 from shipyard_core import db
-from shipyard_core.embedded import free_port
 from shipyard_core.eventstore import EventStore, NewEvent, ensure_schema
 from shipyard_core.grpckit.server import ServiceHost
 from shipyard_imagebuild.adapters import kaniko
@@ -60,7 +59,7 @@ from shipyard_imagebuild.settings import (
     ImageBuildSettings,
     settings_error,
 )
-from shipyard_testing import StaticAuthenticator, fake_kube, wait_for, wait_for_sync
+from shipyard_testing import StaticAuthenticator, fake_kube, wait_for
 
 from .test_service import EXAMPLES, TOKENS, _finished, _md, _start, _tar
 
@@ -229,46 +228,15 @@ def kube_client(cluster: tuple[ClusterAPI, str]) -> Iterator[k8s.ApiClient]:
 
 
 # --------------------------------------------------------------------------- S3 (moto)
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real moto S3 server on loopback, with fake credentials and SHIPYARD_S3_ENDPOINT
-    in the environment (the object store and builder processes read them)."""
-    port = free_port("127.0.0.1")
-    log = (tmp_path_factory.mktemp("moto") / "moto.log").open("wb")
-    exe = str(Path(sys.executable).parent / "moto_server")
-    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=log)
-    endpoint = f"http://127.0.0.1:{port}"
-
-    def listening() -> bool:
-        assert proc.poll() is None, "moto_server exited"
-        try:
-            boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").list_buckets()
-        except Exception:
-            return False
-        return True
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("AWS_ACCESS_KEY_ID", "testing")
-        mp.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-        mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
-        mp.setenv("SHIPYARD_S3_ENDPOINT", endpoint)
-        for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL"):
-            mp.delenv(name, raising=False)
-        try:
-            wait_for_sync(listening, timeout=30, interval=0.1, message="moto_server to listen")
-            yield endpoint
-        finally:
-            proc.terminate()
-            proc.wait(10)
-            log.close()
+# moto_endpoint: shipyard_testing's moto server, with SHIPYARD_S3_ENDPOINT and fake
+# credentials in the environment (the object store and builder processes read them).
 
 
 @pytest.fixture
-def bucket(s3_endpoint: str) -> str:
+def bucket(moto_endpoint: str) -> str:
     name = f"shipyard-{uuid.uuid4().hex[:12]}"
-    boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(Bucket=name)
+    s3 = boto3.client("s3", endpoint_url=moto_endpoint, region_name="us-east-1")
+    s3.create_bucket(Bucket=name)
     return name
 
 
@@ -346,7 +314,7 @@ async def _job_deleted(api: ClusterAPI, job: str) -> None:
 
 
 async def test_a_cluster_build_pushes_an_image_the_catalog_pins_by_digest(
-    host: ServiceHost, cluster: tuple[ClusterAPI, str], bucket: str, s3_endpoint: str
+    host: ServiceHost, cluster: tuple[ClusterAPI, str], bucket: str, moto_endpoint: str
 ) -> None:
     api, _ = cluster
     api.outcomes["iris"] = Outcome(IRIS_LOG)
@@ -360,8 +328,12 @@ async def test_a_cluster_build_pushes_an_image_the_catalog_pins_by_digest(
         image = await stub.GetImage(pb.GetImageRequest(image="iris:1"), metadata=_md("ana"))
         hexdigest = DIGEST.removeprefix("sha256:")
         assert image.digest == hexdigest
-        assert image.pack_url == f"{REGISTRY}/team-a/iris@{DIGEST}"
+        # Its own fields: kind and the reference pinned by digest; no pack.
+        assert image.kind == "oci" and image.image_ref == f"{REGISTRY}/team-a/iris@{DIGEST}"
+        assert image.pack_url == ""
         assert image.script == "serve.py" and image.size_bytes == 0
+        listed = await stub.ListImages(pb.ListImagesRequest(name="iris"), metadata=_md("ana"))
+        assert [(i.kind, i.image_ref) for i in listed.images] == [("oci", image.image_ref)]
         packages = {(p.name, p.version) for p in image.packages}
         assert ("scikit-learn", "1.5.2") in packages  # from pip's line in the pod log
 
@@ -381,7 +353,7 @@ async def test_a_cluster_build_pushes_an_image_the_catalog_pins_by_digest(
 
         prefix = f"s3://{bucket}/"
         assert args["context"].startswith(prefix + "shipyard/contexts/sha256/")
-        s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+        s3 = boto3.client("s3", endpoint_url=moto_endpoint, region_name="us-east-1")
         body = s3.get_object(Bucket=bucket, Key=args["context"].removeprefix(prefix))["Body"]
         with tarfile.open(fileobj=io.BytesIO(body.read())) as tar:
             names = set(tar.getnames())
@@ -528,7 +500,7 @@ async def test_a_killed_builder_is_resumed_by_another_that_follows_the_same_job(
             assert any(line.startswith(found) for line in lines), lines
             await _job_deleted(api, job)
             image = await stub.GetImage(pb.GetImageRequest(image="iris:1"), metadata=_md("ana"))
-            assert image.pack_url == f"{REGISTRY}/team-a/iris@{DIGEST}"
+            assert image.kind == "oci" and image.image_ref == f"{REGISTRY}/team-a/iris@{DIGEST}"
     finally:
         for proc in procs:
             if proc.poll() is None:
@@ -640,6 +612,7 @@ async def test_version_1_image_events_read_as_packs(host: ServiceHost, database_
 
         image = await wait_for(shown, timeout=20, interval=0.1, message="legacy image shown")
         assert image.pack_url == payload["pack_key"] and image.digest == payload["digest"]
+        assert image.kind == "pack" and image.image_ref == ""
 
 
 async def test_catalog_tables_of_older_releases_get_the_new_columns(database_url: str) -> None:

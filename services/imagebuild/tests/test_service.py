@@ -113,6 +113,9 @@ async def test_iris_builds_then_answers_from_the_cache(host: ServiceHost) -> Non
 
         image = await stub.GetImage(pb.GetImageRequest(image="iris:1"), metadata=_md("ana"))
         assert image.digest and image.size_bytes > 0 and image.script == "serve.py"
+        # A local build makes an environment pack: its key, no OCI reference.
+        assert image.kind == "pack" and image.image_ref == ""
+        assert image.pack_url == f"packs/sha256/{image.digest}", image.pack_url
         assert "scikit-learn" in {p.name for p in image.packages}
         assert image.python.startswith("3.")
 

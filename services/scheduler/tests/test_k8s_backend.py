@@ -14,6 +14,11 @@
   schedules the pods, or that the pack downloads and serves in them.
 - fetchpack (the init container's command) runs for real, in-process and as
   ``python -m``, against a file:// object store holding a small hand-made pack.
+- Revisions of OCI images (built on a cluster by imagebuild's Kaniko Job) get the same
+  strict validation; their pod runs the image reference itself with no init container,
+  and what it runs is checked against the Dockerfile imagebuild builds such images with
+  (its USER, WORKDIR, EXPOSE and CMD). No image is pulled or run: there is no registry
+  or cluster here.
 """
 
 from __future__ import annotations
@@ -36,8 +41,10 @@ import pytest
 import yaml
 from kubernetes import client as k8s
 
+from shipyard_core import kube
 from shipyard_core.errors import FailedPrecondition, InvalidArgument, Unavailable
 from shipyard_core.objectstore import open_store
+from shipyard_imagebuild.adapters.kaniko import dockerfile
 from shipyard_runtime.__main__ import build_parser as runtime_parser
 from shipyard_scheduler import fetchpack
 from shipyard_scheduler.adapters import k8s_manifests, kubernetes
@@ -83,6 +90,17 @@ def make_spec(**overrides: Any) -> RevisionSpec:
     }
     values.update(overrides)
     return RevisionSpec(**values)
+
+
+OCI_REF = f"registry.example/shipyard/team-a/iris@sha256:{DIGEST}"
+
+
+def make_oci_spec(**overrides: Any) -> RevisionSpec:
+    """A revision of an OCI image as the reconciler passes it: the reference pinned by the
+    image's digest, no pack."""
+    values: dict[str, Any] = {"image_kind": "oci", "image_ref": OCI_REF, "pack_key": ""}
+    values.update(overrides)
+    return make_spec(**values)
 
 
 INSTANCE_TYPES = {
@@ -366,6 +384,180 @@ def test_digest_with_prefix_is_accepted() -> None:
     assert init["command"][-2:] == ["--sha256", DIGEST]
 
 
+# --------------------------------------------------------------------------- OCI images
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+@pytest.mark.parametrize("settings", list(SETTINGS), ids=list(SETTINGS))
+@pytest.mark.parametrize("itype", [*INSTANCE_TYPES, "long-name"])
+def test_oci_manifests_validate_strictly(version: str, settings: str, itype: str) -> None:
+    if itype == "long-name":
+        spec = make_oci_spec(deployment=LONG_NAME, revision=123456)
+    else:
+        spec = make_oci_spec(**INSTANCE_TYPES[itype])
+    for manifest in (
+        deployment_manifest(spec, SETTINGS[settings]),
+        service_manifest(spec, SETTINGS[settings]),
+    ):
+        kubernetes_validate.validate(manifest, version, strict=True)
+
+
+def test_an_oci_revision_runs_its_image_with_no_pack_download() -> None:
+    settings = SETTINGS["private-minio"]
+    env = {"MODEL_THREADS": "2"}
+    oci = deployment_manifest(make_oci_spec(env=env), settings)
+    pack = deployment_manifest(make_spec(env=env), settings)
+    pod = oci["spec"]["template"]["spec"]
+    assert "initContainers" not in pod
+    (main,) = pod["containers"]
+    _, pack_main = containers(pack)
+    # The image is the reference, pinned by digest: every pod runs the same bytes.
+    assert main["image"] == OCI_REF and main["image"].endswith(f"@sha256:{DIGEST}")
+    assert main["name"] == "model"
+    assert main["command"] == [
+        "python",
+        "-m",
+        "shipyard_runtime",
+        "serve",
+        "--model-dir",
+        "/model",
+        "--host",
+        "0.0.0.0",  # noqa: S104 - the pod's server, as the manifest must run it
+        "--port",
+        "8080",
+        "--workers",
+        "2",
+        "--name",
+        "iris-prod",
+        "--graceful-timeout",
+        "49",
+    ]
+    # Nothing of the object store reaches the pod: no secret, no store settings.
+    assert "envFrom" not in main
+    assert {e["name"] for e in main["env"]} == {"MODEL_THREADS", "HOME", "PYTHONUNBUFFERED"}
+    assert main["volumeMounts"] == [{"name": "tmp", "mountPath": "/tmp"}]  # noqa: S108
+    assert pod["volumes"] == [{"name": "tmp", "emptyDir": {"sizeLimit": "2Gi"}}]
+    assert main["lifecycle"]["preStop"]["exec"]["command"] == [
+        "python",
+        "-c",
+        "import time; time.sleep(10)",
+    ]
+    # The same serving contract as a pack's pod: port, probes, resources, security, env.
+    for key in (
+        "env",
+        "ports",
+        "resources",
+        "startupProbe",
+        "readinessProbe",
+        "livenessProbe",
+        "securityContext",
+        "terminationMessagePolicy",
+    ):
+        assert main[key] == pack_main[key], key
+    pack_pod = pack["spec"]["template"]["spec"]
+    for key in (
+        "automountServiceAccountToken",
+        "enableServiceLinks",
+        "terminationGracePeriodSeconds",
+        "imagePullSecrets",  # also the login to the registry the image was pushed to
+    ):
+        assert pod[key] == pack_pod[key], key
+    # As the image's own user, not the Shipyard image's.
+    assert pod["securityContext"] == {
+        "runAsNonRoot": True,
+        "runAsUser": 10001,
+        "runAsGroup": 10001,
+        "fsGroup": 10001,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    # The same labels, selector, annotations and Service as any revision.
+    assert oci["metadata"] == pack["metadata"]
+    assert oci["spec"]["selector"] == pack["spec"]["selector"]
+    assert service_manifest(make_oci_spec(), settings) == service_manifest(make_spec(), settings)
+    gpu = deployment_manifest(make_oci_spec(**INSTANCE_TYPES["gpu.a100"]), settings)
+    assert gpu["spec"]["template"]["spec"]["tolerations"][0]["key"] == "nvidia.com/gpu"
+
+
+def _instructions(text: str) -> dict[str, str]:
+    """The last argument of each Dockerfile instruction (continuations joined)."""
+    found: dict[str, str] = {}
+    for line in text.replace("\\\n", " ").splitlines():
+        if line and not line.startswith(("#", " ")):
+            word, _, rest = line.partition(" ")
+            found[word] = rest
+    return found
+
+
+@pytest.mark.parametrize("check", [True, False])
+def test_the_oci_pod_runs_the_image_as_its_dockerfile_builds_it(check: bool) -> None:
+    """The pod spec against the Dockerfile of imagebuild's cluster builds: the image's
+    user, model folder, port and server command (the pod's command replaces the CMD, so
+    it must run the same server, from the same place, as the same user)."""
+    steps = _instructions(dockerfile("3.11", check=check))
+    pod = deployment_manifest(make_oci_spec(), PodSettings())["spec"]["template"]["spec"]
+    (main,) = pod["containers"]
+    uid, gid = (int(x) for x in steps["USER"].split(":"))
+    assert (pod["securityContext"]["runAsUser"], pod["securityContext"]["runAsGroup"]) == (
+        uid,
+        gid,
+    )
+    assert int(steps["EXPOSE"]) == main["ports"][0]["containerPort"] == k8s_manifests.SERVE_PORT
+    cmd = yaml.safe_load(steps["CMD"])  # a JSON array (exec form)
+    image_server = runtime_parser().parse_args(cmd[3:])
+    pod_server = runtime_parser().parse_args(main["command"][3:])
+    assert main["command"][:3] == cmd[:3] == [kube.MODEL_IMAGE_PYTHON, "-m", "shipyard_runtime"]
+    assert pod_server.command == image_server.command == "serve"
+    assert pod_server.model_dir == image_server.model_dir == Path(steps["WORKDIR"])
+    assert steps["WORKDIR"] == kube.MODEL_IMAGE_DIR == "/model"
+    assert pod_server.port == image_server.port and pod_server.host == image_server.host
+    # What the CMD leaves to defaults, the pod sets from the revision.
+    assert pod_server.workers == 2 and pod_server.name == "iris-prod"
+    # The preStop hook is valid Python (run with this interpreter, no delay).
+    hook = deployment_manifest(make_oci_spec(), SETTINGS["no-secrets"])["spec"]["template"]
+    command = hook["spec"]["containers"][0]["lifecycle"]["preStop"]["exec"]["command"]
+    subprocess.run([sys.executable, *command[1:]], check=True, timeout=30)
+
+
+def test_oci_pods_set_what_the_restricted_profile_checks() -> None:
+    pod = deployment_manifest(make_oci_spec(), PodSettings())["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] > 0
+    assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+    for c in pod["containers"]:
+        sc = c["securityContext"]
+        assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True
+        assert sc["capabilities"]["drop"] == ["ALL"] and "add" not in sc["capabilities"]
+    assert all(set(v) <= {"name", "emptyDir"} for v in pod["volumes"])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        # A tag can move: only a digest says which image the revision was made with.
+        ({"image_ref": "registry.example/shipyard/team-a/iris:b-1"}, "image_ref"),
+        ({"image_ref": ""}, "image_ref"),
+        ({"image_ref": f"https://registry.example/iris@sha256:{DIGEST}"}, "image_ref"),
+        ({"image_ref": f"registry.example/ir is@sha256:{DIGEST}"}, "image_ref"),
+        ({"image_ref": f"registry.example/iris@sha256:{'cd' * 32}"}, "image_ref"),
+        ({"image_kind": "wasm"}, "image_kind"),
+        ({"image_digest": "md5:abc"}, "image_digest"),
+    ],
+)
+def test_oci_specs_the_manifests_cannot_carry_are_refused(
+    overrides: dict[str, Any], field: str
+) -> None:
+    with pytest.raises(InvalidArgument) as err:
+        deployment_manifest(make_oci_spec(**overrides), PodSettings())
+    assert err.value.field == field
+
+
+def test_an_oci_reference_without_a_recorded_digest_is_pinned_by_its_own() -> None:
+    (main,) = deployment_manifest(make_oci_spec(image_digest=""), PodSettings())["spec"][
+        "template"
+    ]["spec"]["containers"]
+    assert main["image"] == OCI_REF
+
+
 def test_module_exports() -> None:
     assert set(k8s_manifests.__all__) <= set(dir(k8s_manifests))
     assert set(kubernetes.__all__) <= set(dir(kubernetes))
@@ -568,6 +760,45 @@ async def test_apply_creates_the_deployment_and_service(fake: Fake) -> None:
     assert pod["imagePullSecrets"] == [{"name": "registry-login"}]
     assert pod["initContainers"][0]["image"] == "registry.example/shipyard:1"
     assert set(api.objects) == {("deployments", name), ("services", name)}
+
+
+async def test_apply_sends_an_oci_revision_as_its_image(fake: Fake) -> None:
+    api, backend = fake.api, fake.backend
+    spec = make_oci_spec()
+    await backend.apply(spec)
+    deployment, service = (r.body for r in api.requests)
+    assert deployment == deployment_manifest(spec, backend.settings)
+    assert service == service_manifest(spec, backend.settings)
+    pod = api.objects[("deployments", "sy-iris-prod-r3")]["spec"]["template"]["spec"]
+    assert "initContainers" not in pod
+    assert [c["image"] for c in pod["containers"]] == [OCI_REF]
+    assert pod["imagePullSecrets"] == [{"name": "registry-login"}]
+    kubernetes_validate.validate(deployment, K8S_VERSIONS[-1], strict=True)
+
+
+def test_an_oci_pod_that_cannot_pull_its_image_is_pending_with_why() -> None:
+    pulling = _pod(
+        "sy-iris-prod-r3-abc",
+        phase="Pending",
+        main=_cs(
+            "model",
+            state={
+                "waiting": {
+                    "reason": "ImagePullBackOff",
+                    "message": f'Back-off pulling image "{OCI_REF}"',
+                }
+            },
+        ),
+    )
+    instance = instance_from_pod(pulling)
+    assert instance is not None and instance.phase is InstancePhase.PENDING
+    assert instance.message == f'ImagePullBackOff: Back-off pulling image "{OCI_REF}"'
+    running = _pod(
+        "sy-iris-prod-r3-abc", phase="Running", ip="10.1.2.3", ready=True, main=_cs("model")
+    )
+    ready = instance_from_pod(running)
+    assert ready is not None and ready.phase is InstancePhase.READY
+    assert ready.address == "10.1.2.3:8080"
 
 
 async def test_apply_again_patches_instead_of_duplicating(fake: Fake) -> None:

@@ -406,6 +406,33 @@ async def test_a_missing_pack_fails_the_start_and_is_retried(
     assert list((backend.root / "images").iterdir()) == []
 
 
+async def test_an_oci_revision_fails_its_instances_saying_why(
+    backend: LocalBackend, spec: RevisionSpec, store: CountingStore
+) -> None:
+    # The scheduler refuses OCI images on this backend; one made while it ran the
+    # kubernetes backend reaches it only after a switch, and then fails saying so.
+    oci = replace(
+        spec,
+        image_kind="oci",
+        image_ref=f"registry.example/team-a/echo@sha256:{'ab' * 32}",
+        image_digest="ab" * 32,
+        pack_key="",
+    )
+    await backend.apply(oci)
+
+    async def failed() -> ObservedInstance | None:
+        (inst,) = await backend.observe()
+        return inst if inst.phase is InstancePhase.FAILED else None
+
+    inst = await wait_for(failed, timeout=10, message="the OCI instance to fail")
+    assert inst.message.startswith(
+        "could not start: image echo:1 is a container image built for a cluster (kind oci); "
+        "the local runtime runs environment packs"
+    ), inst.message
+    assert "runtime_backend=kubernetes" in inst.message
+    assert store.gets == 0 and backend.pid(inst.instance_id) is None
+
+
 async def test_shutdown_all_without_open_stops_what_the_state_files_name(
     backends: BackendFactory, spec: RevisionSpec
 ) -> None:

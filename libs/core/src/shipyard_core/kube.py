@@ -1,5 +1,11 @@
-"""Calling the Kubernetes API with Shipyard's errors (for the adapters that drive a
-cluster: imagebuild's Kaniko builds, the scheduler's kubernetes backend).
+"""Reaching and calling the Kubernetes API with Shipyard's errors (for the adapters that
+drive a cluster: imagebuild's Kaniko builds, the scheduler's kubernetes backend).
+
+- :func:`load_api_client`: a client from the pod's service account, else the kubeconfig.
+- :func:`call`: one API call, its failures turned into Shipyard errors.
+- ``MODEL_IMAGE_*``: what an OCI model image built by a cluster build holds and how it
+  runs, the one contract between the Dockerfile that builds it (imagebuild) and the pods
+  that run it (the scheduler's kubernetes backend).
 
 Needs the ``kubernetes`` client (the ``shipyard-core[kubernetes]`` extra); the services
 that use it depend on it."""
@@ -7,11 +13,15 @@ that use it depend on it."""
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from typing import Any
 
 import urllib3.exceptions
+from kubernetes import client as k8s
+from kubernetes import config as k8s_config
 from kubernetes.client.exceptions import ApiException
+from kubernetes.config.config_exception import ConfigException
 
 from shipyard_core.errors import (
     AlreadyExists,
@@ -20,6 +30,40 @@ from shipyard_core.errors import (
     ShipyardError,
     Unavailable,
 )
+
+# The OCI model image (imagebuild's ``kaniko.dockerfile()`` makes it; the scheduler's
+# ``k8s_manifests`` runs it): the model server from ``shipyard_runtime``, installed into the
+# base image's Python, serving the model folder.
+MODEL_IMAGE_UID = 10001
+"""The unprivileged uid and gid the model server runs as (the image's ``USER``)."""
+MODEL_IMAGE_DIR = "/model"
+"""The model folder in the image (its ``WORKDIR``; root's files, read-only to the user)."""
+MODEL_IMAGE_PORT = 8080
+"""The port the model server listens on (the image's ``EXPOSE``)."""
+MODEL_IMAGE_PYTHON = "python"
+"""The interpreter, on the image's ``PATH``, that has ``shipyard_runtime`` installed."""
+
+
+def load_api_client(context: str | None = None, config_file: str | None = None) -> k8s.ApiClient:
+    """An ``ApiClient`` from the pod's service account when running in a cluster, else
+    from the kubeconfig (``config_file``, else ``$KUBECONFIG`` as it is now, else
+    ``~/.kube/config``; ``context`` or its current one). ``FailedPrecondition`` when there
+    is neither. The caller closes it."""
+    configuration = k8s.Configuration()
+    try:
+        k8s_config.load_incluster_config(client_configuration=configuration)
+    except ConfigException:
+        # The client reads $KUBECONFIG once, when it is imported; read it here instead.
+        path = config_file or os.environ.get("KUBECONFIG") or None
+        try:
+            k8s_config.load_kube_config(
+                config_file=path, context=context, client_configuration=configuration
+            )
+        except (ConfigException, OSError) as exc:
+            raise FailedPrecondition(
+                f"no Kubernetes configuration: not in a cluster and no usable kubeconfig ({exc})"
+            ) from exc
+    return k8s.ApiClient(configuration)
 
 
 def api_message(exc: ApiException) -> str:

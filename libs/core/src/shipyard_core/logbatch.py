@@ -3,8 +3,10 @@
 A *source* is one instance (replica) of a deployment, or one image build. Its log is a
 sequence of lines, each at an *offset*: its position in the source (the byte offset in
 the instance's log file for the local runtime; any increasing number for other shippers,
-e.g. a line counter for pod logs). A shipper publishes consecutive batches; a batch
-covers the positions ``[start, end)`` and holds the lines that begin there.
+e.g. a line counter for pod logs; a build's line number, from 1). A shipper publishes
+consecutive batches; a batch covers the positions ``[start, end)`` and holds the lines
+that begin there (a position may hold no line: a source starts at position 0, a build's
+first line is at 1, so its first batch covers ``[0, n + 1)``).
 
 Subject: ``logs.<kind>.<deployment>.<source>`` (``kind`` is ``instance`` or ``build``;
 a build has ``-`` for the deployment). ``Nats-Msg-Id``: ``<source>:<start>-<end>``, so a
@@ -19,6 +21,17 @@ Body (JSON, compact)::
      "revision": 1, "stream": "output", "start": 0, "end": 96,
      "lines": [[0, 1763798400123456, "text", false], ...]}
 
+    {"v": 1, "kind": "build", "source": "b-3f9c0a7d5e1b2c4a", "deployment": "",
+     "revision": 0, "stream": "output", "start": 0, "end": 41,
+     "group": "team-a", "image": "iris", "lines": [[1, 1763798400123456, "...", false], ...]}
+
+A build's batch also names the build's ``group`` (members of it, and admins, read the
+log) and its ``image`` name. Both fields are optional, added within format 1: they are
+left out when empty (an instance's batch is byte for byte what it was before them), a
+batch without them decodes with both empty (a build whose group is unknown is readable
+by admins only, until a batch that names it arrives), and decoders that predate them
+ignore them.
+
 Each line is ``[offset, at (microseconds since the epoch, UTC), text, cut]``. Lines are
 bytes: they are decoded as UTF-8 with invalid sequences replaced by U+FFFD, NUL becomes
 U+FFFD too (PostgreSQL text cannot hold it), and a line longer than :data:`MAX_LINE_BYTES`
@@ -30,7 +43,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+if TYPE_CHECKING:
+    from nats.js import JetStreamContext
 
 FORMAT_VERSION = 1
 MAX_LINE_BYTES = 16 * 1024
@@ -99,6 +115,10 @@ class LogBatch:
     start: int
     end: int
     lines: list[Line] = field(default_factory=list)
+    group: str = ""
+    """The build's group (kind ``build``): who may read its lines. Optional."""
+    image: str = ""
+    """The name of the image the build makes (kind ``build``). Optional."""
 
     @property
     def subject(self) -> str:
@@ -112,7 +132,7 @@ class LogBatch:
 
     def encode(self) -> bytes:
         """The message body."""
-        body = {
+        body: dict[str, Any] = {
             "v": FORMAT_VERSION,
             "kind": self.kind,
             "source": self.source,
@@ -121,8 +141,13 @@ class LogBatch:
             "stream": self.stream,
             "start": self.start,
             "end": self.end,
-            "lines": [[ln.offset, to_micros(ln.at), ln.text, ln.cut] for ln in self.lines],
         }
+        # Optional fields only when set: instances' batches stay as they were.
+        if self.group:
+            body["group"] = self.group
+        if self.image:
+            body["image"] = self.image
+        body["lines"] = [[ln.offset, to_micros(ln.at), ln.text, ln.cut] for ln in self.lines]
         return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
 
     @classmethod
@@ -141,6 +166,9 @@ class LogBatch:
                 Line(int(o), from_micros(int(t)), _storable(str(x)), bool(c))
                 for o, t, x, c in body["lines"]
             ]
+            group, image = body.get("group", ""), body.get("image", "")
+            if not isinstance(group, str) or not isinstance(image, str):
+                raise ValueError("group and image must be strings")
             batch = cls(
                 kind=kind,
                 source=str(body["source"]),
@@ -150,6 +178,8 @@ class LogBatch:
                 start=int(body["start"]),
                 end=int(body["end"]),
                 lines=lines,
+                group=_storable(group),
+                image=_storable(image),
             )
         except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise ValueError(f"not a log batch: {exc}") from None
@@ -188,3 +218,33 @@ def split_lines(
         else:
             break
     return lines, start + pos
+
+
+class LogPublisher(Protocol):
+    """Where a shipper's batches go; returns once the batch is stored durably."""
+
+    async def publish(self, batch: LogBatch) -> None:
+        """Publishes one batch (raises when it was not acknowledged)."""
+        ...
+
+
+class JetStreamLogPublisher:
+    """:class:`LogPublisher` on the ``LOGS`` stream: subject :attr:`LogBatch.subject`,
+    ``Nats-Msg-Id`` :attr:`LogBatch.msg_id` (JetStream drops a batch published twice
+    within its duplicate window), returning after JetStream's acknowledgement."""
+
+    def __init__(self, js: JetStreamContext, *, timeout: float = 10.0) -> None:
+        self.js = js
+        self.timeout = timeout
+
+    async def publish(self, batch: LogBatch) -> None:
+        """Publishes and waits for JetStream's acknowledgement."""
+        from shipyard_core.bus import LOGS_STREAM
+
+        await self.js.publish(
+            batch.subject,
+            batch.encode(),
+            stream=LOGS_STREAM,
+            timeout=self.timeout,
+            headers={"Nats-Msg-Id": batch.msg_id},
+        )

@@ -1,4 +1,5 @@
-"""Test support for Shipyard: fixtures for real NATS and PostgreSQL, waiting helpers.
+"""Test support for Shipyard: fixtures for real NATS, PostgreSQL and S3 (moto's server),
+waiting helpers, a fake Kubernetes API (``fake_kube``).
 
 The fixtures come from the pytest plugin ``shipyard_testing.plugin`` (registered through
 the ``pytest11`` entry point, so installing this package is enough).

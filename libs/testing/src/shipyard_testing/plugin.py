@@ -8,6 +8,9 @@ Fixtures:
 - ``database_url`` (function): a fresh, empty database per test, dropped afterwards.
 - ``nats_server`` (function): a fresh NATS with JetStream per test, stopped afterwards.
 - ``nats_url`` (function): its ``nats://`` URL.
+- ``moto_endpoint`` (module): a real S3 server (moto's standalone server, see
+  ``shipyard_testing.s3``) on a free loopback port, with fake credentials and
+  ``SHIPYARD_S3_ENDPOINT`` pointing at it in the environment while the module runs.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from typing import Any, TypeVar, overload
 import pytest
 
 from shipyard_core.embedded import NatsProcess, PostgresProcess, start_nats, start_postgres
+from shipyard_testing.s3 import moto_server, s3_environment
 
 T = TypeVar("T")
 
@@ -174,3 +178,16 @@ def nats_server(tmp_path: Path) -> Iterator[NatsProcess]:
 def nats_url(nats_server: NatsProcess) -> str:
     """``nats://127.0.0.1:PORT`` of this test's NATS."""
     return nats_server.url
+
+
+@pytest.fixture(scope="module")
+def moto_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """``http://127.0.0.1:PORT`` of a moto S3 server for this test module, with fake
+    credentials and ``SHIPYARD_S3_ENDPOINT`` set in the environment meanwhile (processes
+    the tests start inherit them). Make a bucket per test: the server's state is shared."""
+    with (
+        moto_server(tmp_path_factory.mktemp("moto")) as endpoint,
+        pytest.MonkeyPatch.context() as mp,
+    ):
+        s3_environment(mp, endpoint)
+        yield endpoint

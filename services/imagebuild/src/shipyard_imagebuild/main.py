@@ -6,6 +6,7 @@ import asyncio
 from typing import Any
 
 from shipyard.imagebuild.v1 import imagebuild_pb2_grpc
+from shipyard_core import kube
 from shipyard_core.aggregate import Repository
 from shipyard_core.auth import Authenticator
 from shipyard_core.errors import ShipyardError
@@ -26,17 +27,6 @@ from shipyard_imagebuild.projections import SCHEMA, CatalogProjection, UsageProj
 from shipyard_imagebuild.settings import ImageBuildSettings, load_settings
 
 
-def kubernetes_client() -> Any:
-    """The Kubernetes client of the kubernetes build backend, made as the scheduler's
-    kubernetes backend makes its own: the pod's service account in a cluster, else the
-    kubeconfig. ``FailedPrecondition`` when there is neither."""
-    # The scheduler's function, reused rather than copied; it belongs in
-    # shipyard_core.kube (decision 0029 notes the move).
-    from shipyard_scheduler.adapters.kubernetes import load_api_client
-
-    return load_api_client()
-
-
 async def build(
     settings: ImageBuildSettings,
     authenticator: Authenticator | None = None,
@@ -46,11 +36,13 @@ async def build(
 ) -> ServiceHost:
     """The service, ready to start (tests start it on port 0). With the kubernetes build
     backend, ``kube_client`` is the Kubernetes ``ApiClient`` to use (left open); without
-    one it is made from the environment (:func:`kubernetes_client`) and closed at exit."""
+    one it is made from the environment as the scheduler's kubernetes backend makes its
+    own (:func:`shipyard_core.kube.load_api_client`: the pod's service account in a
+    cluster, else the kubeconfig) and closed at exit."""
     owned_client = None
     if settings.build_backend == "kubernetes" and kube_client is None:
         # Before anything is opened: a missing cluster configuration fails the start.
-        kube_client = owned_client = kubernetes_client()
+        kube_client = owned_client = kube.load_api_client()
     svc = EventSourcedService(
         settings,
         SCHEMA,

@@ -24,6 +24,7 @@ from shipyard_scheduler.app.commands import DeploymentCommands
 from shipyard_scheduler.app.queries import DeploymentQueries
 from shipyard_scheduler.app.reconciler import Reconciler
 from shipyard_scheduler.app.routes import RouteHub
+from shipyard_scheduler.domain import SCHEDULER_UPCASTERS
 from shipyard_scheduler.projections import SCHEMA, DeploymentsProjection
 from shipyard_scheduler.settings import SchedulerSettings
 
@@ -73,8 +74,11 @@ async def build_scheduler(
     backend: RuntimeBackend | None = None,
 ) -> Scheduler:
     """The service, ready to start (tests start it on port 0)."""
-    svc = EventSourcedService(settings, SCHEMA, [DeploymentsProjection()])
+    svc = EventSourcedService(
+        settings, SCHEMA, [DeploymentsProjection()], upcasters=SCHEDULER_UPCASTERS
+    )
     await svc.open()
+    backend = backend or make_backend(settings, open_store(settings.store_url()))
     peers = Peers(settings.quota_addr, settings.imagebuild_addr)
     queries = DeploymentQueries(svc.pool, settings.gateway_url)
     commands = DeploymentCommands(
@@ -84,8 +88,8 @@ async def build_scheduler(
         queries,
         default_target_inflight=settings.default_target_inflight,
         projection_wait_seconds=settings.projection_wait_seconds,
+        runtime_backend=backend.name,
     )
-    backend = backend or make_backend(settings, open_store(settings.store_url()))
     autoscaler = Autoscaler(
         scale_down_delay=settings.scale_down_delay_seconds,
         scale_to_zero_after=settings.scale_to_zero_after_seconds,

@@ -24,13 +24,16 @@ class SchedulerSettings(CommonSettings):
     reserves there first)."""
 
     imagebuild_addr: str = "127.0.0.1:50053"
-    """``host:port`` of the imagebuild service (resolves ``name:version`` to a pack)."""
+    """``host:port`` of the imagebuild service (resolves ``name:version`` to a pack, or
+    to an OCI image built on a cluster)."""
 
     gateway_url: str = "http://127.0.0.1:8080"
     """The gateway's public URL, shown as each deployment's endpoint."""
 
     runtime_backend: Literal["local", "kubernetes"] = "local"
-    """Where instances run: ``local`` processes on this machine, or ``kubernetes`` pods."""
+    """Where instances run: ``local`` processes on this machine (environment packs only:
+    deployments of OCI images are refused), or ``kubernetes`` pods (packs and OCI
+    images)."""
 
     object_store: str = ""
     """Where image packs are stored (as imagebuild's setting). Empty:
@@ -93,14 +96,16 @@ class SchedulerSettings(CommonSettings):
     """Kubernetes backend: the namespace of the model Deployments and Services."""
 
     k8s_service_image: str = "ghcr.io/shipyard/shipyard:latest"
-    """Kubernetes backend: the Shipyard image (its init container fetches the pack)."""
+    """Kubernetes backend: the Shipyard image (its init container fetches the pack; pods
+    of OCI images have none)."""
 
     k8s_runtime_image: str = "python:3.11-slim"
     """Kubernetes backend: the base image the environment pack runs in (same Python as
     the image builder)."""
 
     k8s_image_pull_secret: str = ""
-    """Kubernetes backend: the image pull secret of model pods (empty: none)."""
+    """Kubernetes backend: the image pull secret of model pods (empty: none); also the
+    login to the registry that cluster builds push OCI images to."""
 
     k8s_store_secret: str = "shipyard-object-store"  # noqa: S105 - a Secret's name
     """Kubernetes backend: a Secret with the object store's environment (S3 endpoint and

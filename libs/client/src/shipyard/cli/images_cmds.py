@@ -56,6 +56,14 @@ def _size(n: int) -> str:
     return f"{value:.1f} {unit}" if value < 10 else f"{value:.0f} {unit}"
 
 
+def _image_size(image: Image) -> str:
+    """An image's size; ``-`` for an OCI image, whose size the registry knows, not the
+    build."""
+    if image.kind == "oci" and not image.size_bytes:
+        return "-"
+    return _size(image.size_bytes)
+
+
 def _short_digest(digest: str) -> str:
     """``sha256:`` and the first 12 hex digits, enough to tell images apart."""
     if not digest:
@@ -196,7 +204,7 @@ def list_images(ctx: click.Context, group: str | None, name: str | None, as_json
     print_table(
         ["name:version", "group", "size", "python", "created", "by"],
         (
-            [i.ref, i.group, _size(i.size_bytes), i.python or "-", when(i.created_at), i.created_by]
+            [i.ref, i.group, _image_size(i), i.python or "-", when(i.created_at), i.created_by]
             for i in images
         ),
         empty="no images yet (build one with `shipyard image build DIR --name NAME`)",
@@ -209,20 +217,30 @@ def list_images(ctx: click.Context, group: str | None, name: str | None, as_json
 @json_option
 @click.pass_context
 def show(ctx: click.Context, ref: str, group: str | None, as_json: bool) -> None:
-    """Show IMAGE: digest, size, Python, packages, source, ...
+    """Show IMAGE: kind, digest, size, Python, packages, source, where it is, ...
 
-    IMAGE is NAME:VERSION, or NAME for its latest version.
+    IMAGE is NAME:VERSION, or NAME for its latest version. Its kind is "pack" (an
+    environment pack in the object store) or "oci" (a container image built on a
+    cluster, shown with its registry reference).
     """
     found = get_client(ctx).images.get(ref, group=group)
     if as_json:
         print_json(found)
         return
+    if found.kind == "oci":
+        where = ("reference", found.image_ref or "-")
+    else:
+        where = ("pack", found.pack_url or "-")
+    size = _image_size(found)
+    if size != "-":
+        size += f" ({found.size_bytes} bytes)"
     print_fields(
         [
             ("image", found.ref),
             ("group", found.group),
+            ("kind", found.kind),
             ("digest", found.digest or "-"),
-            ("size", f"{_size(found.size_bytes)} ({found.size_bytes} bytes)"),
+            ("size", size),
             ("python", found.python or "-"),
             ("script", found.script or "-"),
             ("workers", found.workers or "-"),
@@ -230,7 +248,7 @@ def show(ctx: click.Context, ref: str, group: str | None, as_json: bool) -> None
             ("build", found.build_id or "-"),
             ("created", when(found.created_at)),
             ("created by", found.created_by or "-"),
-            ("pack", found.pack_url or "-"),
+            where,
         ]
     )
     click.echo()
@@ -242,17 +260,40 @@ def show(ctx: click.Context, ref: str, group: str | None, as_json: bool) -> None
 
 
 @image.command("logs")
-@click.argument("build_id")
+@click.argument("build_or_image", metavar="BUILD_OR_IMAGE")
 @click.option("--follow", "-f", is_flag=True, help="Keep printing until the build ends.")
+@click.option(
+    "--tail",
+    "-n",
+    type=click.IntRange(1, 100_000),
+    default=None,
+    metavar="N",
+    help="Only the last N lines [default: all].",
+)
+@click.option("--grep", default=None, metavar="TEXT", help="Only lines containing TEXT (any case).")
+@_group_option
 @json_option
 @click.pass_context
-def logs(ctx: click.Context, build_id: str, follow: bool, as_json: bool) -> None:
-    """Print the log of build BUILD_ID.
+def logs(
+    ctx: click.Context,
+    build_or_image: str,
+    follow: bool,
+    tail: int | None,
+    grep: str | None,
+    group: str | None,
+    as_json: bool,
+) -> None:
+    """Print the log of a build: BUILD_OR_IMAGE is a build id, or an image (NAME:VERSION,
+    NAME for the latest) whose build it shows.
 
-    With --json: one JSON object ({"seq", "line", "at"}) per line.
+    The whole log comes from imagebuild; --tail and --grep ask the logging service (which
+    keeps build logs 3 days) and fall back to imagebuild's copy. With --json: one JSON
+    object ({"seq", "line", "at"}) per line.
     """
     try:
-        for line in get_client(ctx).images.log_lines(build_id, follow):
+        for line in get_client(ctx).logs.build_log(
+            build_or_image, tail=tail, grep=grep, follow=follow, group=group
+        ):
             if as_json:
                 print_json_line(line)
             else:

@@ -164,7 +164,9 @@ class Package(PlainData):
 
 @dataclass(frozen=True)
 class Image(PlainData):
-    """One image version (``name:version``): an environment pack, stored by digest."""
+    """One image version (``name:version``): an environment pack in the object store
+    (``kind`` ``pack``, at ``pack_url``) or, built on a cluster, an OCI image in a registry
+    (``kind`` ``oci``, at ``image_ref``, pinned by digest)."""
 
     group: str
     name: str
@@ -180,6 +182,11 @@ class Image(PlainData):
     script: str = ""
     workers: int = 0
     pack_url: str = ""
+    """The pack's object store key (empty for an OCI image)."""
+    kind: str = "pack"
+    """``pack`` or ``oci``."""
+    image_ref: str = ""
+    """The OCI image, ``registry/repository@sha256:<digest>`` (empty for a pack)."""
 
     @classmethod
     def from_proto(cls, msg: pb.Image) -> Image:
@@ -199,6 +206,9 @@ class Image(PlainData):
             script=msg.script,
             workers=msg.workers,
             pack_url=msg.pack_url,
+            # Servers from before the field made packs only.
+            kind=msg.kind or "pack",
+            image_ref=msg.image_ref,
         )
 
     @property

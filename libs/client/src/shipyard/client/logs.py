@@ -1,9 +1,16 @@
-"""The logging service: the log lines of deployments' instances (replicas).
+"""The logging service: the log lines of deployments' instances (replicas) and of image
+builds.
 
 >>> client.logs.tail("iris-prod")                       # the last 2000 lines, oldest first
 >>> client.logs.tail("iris-prod", instance="iris-prod-r1-x7k2p", tail=100, grep="error")
 >>> for line in client.logs.follow("iris-prod"): print(line.text)   # until interrupted
 >>> client.logs.download("iris-prod", "iris-prod-r1-x7k2p", "replica.log")
+
+A build's log (lines numbered from 1, as ``client.images.log_lines`` gives them):
+
+>>> for line in client.logs.build_log("iris:1", grep="error"): print(line.line)
+>>> client.logs.tail_build("b-3f9c0a7d5e1b2c4a", tail=50)   # the logging service only
+>>> client.logs.download_build("b-3f9c0a7d5e1b2c4a", "build.log")
 
 The same calls are on ``client.deployments`` as ``logs``, ``follow_logs`` and
 ``download_logs``. Times are aware UTC datetimes; ``since`` and ``until`` also take a
@@ -14,7 +21,8 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -24,7 +32,15 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from shipyard.client._channel import Transport
 from shipyard.client._convert import PlainData, enum_name, to_datetime
-from shipyard.client.errors import ShipyardClientError, from_rpc_error
+from shipyard.client.errors import (
+    NotFound,
+    ShipyardClientError,
+    Unavailable,
+    Unimplemented,
+    from_rpc_error,
+)
+from shipyard.client.images import ImagesClient
+from shipyard.client.images import LogLine as BuildLogLine
 from shipyard.logging.v1 import logging_pb2 as pb
 from shipyard.logging.v1 import logging_pb2_grpc as pb_grpc
 
@@ -32,6 +48,8 @@ SERVICE = "logging"
 DEFAULT_TAIL = 2000
 """Lines a tail returns when no number is given (the service's default too)."""
 
+# Build ids are ``b-`` and hex digits (16 of them today); anything else is an image.
+_BUILD_ID = re.compile(r"^b-[0-9a-f]+$")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|sec|m|min|h|d)?\s*$")
 _UNITS = {None: 1, "s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "d": 86400}
 
@@ -111,7 +129,12 @@ def timestamp(value: When) -> Timestamp | None:
 
 
 def _filter(
-    deployment: str, instance: str | None, since: When, until: When, grep: str | None
+    deployment: str,
+    instance: str | None,
+    since: When,
+    until: When,
+    grep: str | None,
+    build_id: str = "",
 ) -> pb.LogFilter:
     return pb.LogFilter(
         deployment=deployment,
@@ -119,7 +142,24 @@ def _filter(
         since=timestamp(since),
         until=timestamp(until),
         grep=grep or "",
+        build_id=build_id,
     )
+
+
+def _build_line(msg: pb.LogLine) -> BuildLogLine:
+    """A build's line from the logging service, as imagebuild gives it (its offset is the
+    line number)."""
+    return BuildLogLine(seq=msg.offset, line=msg.text, at=to_datetime(msg.at))
+
+
+def _matches(grep: str | None) -> Callable[[BuildLogLine], bool]:
+    """``grep`` as the logging service applies it: contained, in any case."""
+    needle = (grep or "").casefold()
+    return lambda line: needle in line.line.casefold()
+
+
+def _last(lines: Iterable[BuildLogLine], tail: int | None) -> list[BuildLogLine]:
+    return list(deque(lines, maxlen=tail)) if tail is not None else list(lines)
 
 
 class LogsClient:
@@ -141,18 +181,27 @@ class LogsClient:
             timeout=timeout,
         )
 
-    def _stream(self, method: str, request: Any, timeout: float | None) -> Iterator[LogLine]:
+    def _messages(self, method: str, request: Any, timeout: float | None) -> Iterator[pb.LogLine]:
         call = getattr(self._stub(), method)(
             request, metadata=self._transport.metadata(), timeout=timeout
         )
         try:
             for batch in call:
-                for line in batch.lines:
-                    yield LogLine.from_proto(line)
+                yield from batch.lines
         except grpc.RpcError as err:
             raise self._error(err, method, timeout) from None
         finally:
             call.cancel()  # a no-op once the stream ended; stops it when the reader quits
+
+    def _stream(self, method: str, request: Any, timeout: float | None) -> Iterator[LogLine]:
+        for line in self._messages(method, request, timeout):
+            yield LogLine.from_proto(line)
+
+    def _build_stream(
+        self, method: str, request: Any, timeout: float | None
+    ) -> Iterator[BuildLogLine]:
+        for line in self._messages(method, request, timeout):
+            yield _build_line(line)
 
     def tail(
         self,
@@ -222,3 +271,122 @@ class LogsClient:
             pb.ListLogSourcesRequest(deployment=deployment),
         )
         return [LogSource.from_proto(s) for s in reply.sources]
+
+    # Image builds' logs.
+
+    def tail_build(
+        self,
+        build_id: str,
+        *,
+        tail: int = DEFAULT_TAIL,
+        since: When = None,
+        until: When = None,
+        grep: str | None = None,
+    ) -> list[BuildLogLine]:
+        """The last ``tail`` lines of a build's log the logging service holds, oldest
+        first; only lines stamped in ``[since, until)`` and containing ``grep`` (any
+        case) when given. :class:`NotFound` when it holds none the caller may read (see
+        :meth:`build_log`, which falls back to imagebuild's own copy)."""
+        request = pb.TailLogsRequest(
+            filter=_filter("", None, since, until, grep, build_id), limit=tail
+        )
+        return list(self._build_stream("TailLogs", request, self._transport.timeout))
+
+    def follow_build(
+        self, build_id: str, *, tail: int = 10, since: When = None, grep: str | None = None
+    ) -> Iterator[BuildLogLine]:
+        """The last ``tail`` lines, then every new line as the logging service stores
+        it, until the caller stops iterating (it does not end with the build: see
+        :meth:`build_log` with ``follow``)."""
+        request = pb.FollowLogsRequest(
+            filter=_filter("", None, since, None, grep, build_id), tail=tail
+        )
+        return self._build_stream("FollowLogs", request, None)
+
+    def build_lines(self, build_id: str) -> Iterator[BuildLogLine]:
+        """Every line of a build's log the logging service holds, in order (no deadline)."""
+        request = pb.DownloadLogsRequest(build_id=build_id)
+        return self._build_stream("DownloadLogs", request, None)
+
+    def download_build(self, build_id: str, path: str | os.PathLike[str]) -> int:
+        """Writes the build's log the logging service holds to ``path`` (the file appears
+        only once complete); returns how many lines it has."""
+        count = 0
+        tmp = f"{os.fspath(path)}.part"
+        try:
+            with open(tmp, "w", encoding="utf-8", newline="\n") as out:
+                for line in self.build_lines(build_id):
+                    out.write(line.line + "\n")
+                    count += 1
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        return count
+
+    def resolve_build(self, build_or_image: str, group: str | None = None) -> str:
+        """The build id of ``build_or_image``: a build id (``b-`` and hex digits), or an
+        image (``name:version``, or ``name`` for the latest; an image whose name looks like
+        a build id needs its version) whose build it returns."""
+        if _BUILD_ID.match(build_or_image):
+            return build_or_image
+        found = self._images().get(build_or_image, group=group)
+        if not found.build_id:
+            raise NotFound(
+                f"image {found.name}:{found.version} names no build",
+                service="imagebuild",
+                hint=f"see `shipyard image builds --name {found.name}`",
+            )
+        return found.build_id
+
+    def build_log(
+        self,
+        build_or_image: str,
+        *,
+        tail: int | None = None,
+        grep: str | None = None,
+        follow: bool = False,
+        group: str | None = None,
+    ) -> Iterator[BuildLogLine]:
+        """A build's log, as ``shipyard image logs`` prints it, for a build id or an image
+        (``name:version``; ``group`` when the name is in several of the caller's groups).
+
+        Where it comes from (decision 0032): the whole log, and ``follow`` (live until
+        the build ends), from imagebuild's own copy, which holds every line before it is
+        published to the logging service and keeps it after the logs' retention. The
+        last ``tail`` lines and ``grep`` (contained, any case) are the logging service's
+        queries; when it is unreachable or holds no line of the build (retention passed,
+        not ingested yet, a build from before builds were published), imagebuild's copy
+        is read and filtered here. So every caller gets the whole log either way."""
+        build_id = self.resolve_build(build_or_image, group)
+        images = self._images()
+        keep = _matches(grep)
+        if follow:
+            # The last ``tail`` lines: where they start is known from one read of the log.
+            start = 1
+            if tail is not None:
+                matching = [ln.seq for ln in images.log_lines(build_id) if keep(ln)]
+                start = matching[-tail] if len(matching) >= tail else 1
+            for line in images.log_lines(build_id, follow=True):
+                if line.seq >= start and keep(line):
+                    yield line
+            return
+        if tail is None and grep is None:
+            yield from images.log_lines(build_id)
+            return
+        try:
+            found = self.tail_build(
+                build_id, tail=DEFAULT_TAIL if tail is None else tail, grep=grep
+            )
+        except (NotFound, Unavailable, Unimplemented):
+            found = []
+        if found:
+            yield from found
+            return
+        # Not (yet, or any more) in the logging service: imagebuild's copy, filtered here.
+        lines = (ln for ln in images.log_lines(build_id) if keep(ln))
+        yield from _last(lines, DEFAULT_TAIL if tail is None else tail)
+
+    def _images(self) -> ImagesClient:
+        return ImagesClient(self._transport)

@@ -66,9 +66,12 @@ contexts. Its keys are the variable names Kaniko reads: ``AWS_ACCESS_KEY_ID``,
 
 JOB_PREFIX = "shipyard-build-"
 CONTAINER = "kaniko"
-RUNTIME_UID = 10001
+RUNTIME_UID = kube.MODEL_IMAGE_UID
 """The unprivileged user the image's model server (and the build's check) runs as."""
-SERVE_PORT = 8080
+SERVE_PORT = kube.MODEL_IMAGE_PORT
+MODEL_DIR = kube.MODEL_IMAGE_DIR
+"""The model folder in the image. These three are the contract with the scheduler's
+kubernetes backend, which runs the image (``shipyard_core.kube``)."""
 
 LABEL_PART_OF = "app.kubernetes.io/part-of"
 LABEL_COMPONENT = "app.kubernetes.io/component"
@@ -226,24 +229,25 @@ def dockerfile(python: str, *, check: bool = True) -> str:
     if not _PYTHON.match(python):
         raise InvalidArgument("python", f"must be a version like 3.11, got {python!r}")
     if check:
-        verify = "RUN python -m shipyard_runtime check --model-dir /model"
+        verify = f"RUN python -m shipyard_runtime check --model-dir {MODEL_DIR}"
     else:
         # The same syntax-only check a local build does when dependencies are skipped.
         code = (
             "import pathlib; "
-            "p = next(f for f in map(pathlib.Path, ('/model/serve.py', '/model/score.py')) "
+            f"p = next(f for f in map(pathlib.Path, ('{MODEL_DIR}/serve.py', "
+            f"'{MODEL_DIR}/score.py')) "
             "if f.is_file()); "
             "compile(p.read_bytes(), str(p), 'exec')"
         )
         verify = "RUN " + json.dumps(["python", "-c", code])
     cmd = json.dumps(
         [
-            "python",
+            kube.MODEL_IMAGE_PYTHON,
             "-m",
             "shipyard_runtime",
             "serve",
             "--model-dir",
-            "/model",
+            MODEL_DIR,
             "--port",
             str(SERVE_PORT),
             "--host",
@@ -269,8 +273,8 @@ COPY shipyard_runtime-*.whl requirements.tx[t] /tmp/build/
 RUN touch /tmp/build/requirements.txt \\
  && pip install -r /tmp/build/requirements.txt /tmp/build/shipyard_runtime-*.whl \\
  && rm -rf /tmp/build
-COPY model/ /model/
-WORKDIR /model
+COPY model/ {MODEL_DIR}/
+WORKDIR {MODEL_DIR}
 # The model's own code runs from here on (the check imports it): as the unprivileged user.
 USER {RUNTIME_UID}:{RUNTIME_UID}
 {verify}

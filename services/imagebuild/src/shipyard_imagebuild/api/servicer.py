@@ -172,9 +172,9 @@ def image_message(v: ImageView) -> pb.Image:
         build_id=v.build_id,
         script=v.script,
         workers=v.workers,
-        # The proto has no field of its own for an OCI image's reference yet: pack_url
-        # ("where the image is") carries it for kind oci (decision 0029).
-        pack_url=v.location,
+        pack_url=v.pack_key,
+        kind=v.kind,
+        image_ref=v.image_ref,
     )
 
 

@@ -30,8 +30,9 @@ from shipyard_core.aggregate import Repository, retry_on_conflict
 from shipyard_core.bus import EVENTS_STREAM
 from shipyard_core.errors import ShipyardError
 from shipyard_core.eventstore import EventStore, StoredEvent
+from shipyard_core.logbatch import JetStreamLogPublisher
 from shipyard_imagebuild.app.backends import BuildBackend, BuildTask
-from shipyard_imagebuild.app.buildlogs import BuildLogWriter, last_seq
+from shipyard_imagebuild.app.buildlogs import BuildLogWriter, last_seq, ship_leftovers_until
 from shipyard_imagebuild.domain import IMAGEBUILD_EVENTS, Build, ImageRepo
 from shipyard_imagebuild.domain.events import BuildQueued, ImageVersionCreated
 from shipyard_imagebuild.projections import SCHEMA
@@ -67,6 +68,8 @@ class Builder:
         self.builds = Repository(store, Build, IMAGEBUILD_EVENTS)
         self.repos = Repository(store, ImageRepo, IMAGEBUILD_EVENTS)
         self.running: set[asyncio.Task[None]] = set()
+        # Build log lines go to LOGS too, for the logging service (app/buildlogs.py).
+        self.log_publisher = JetStreamLogPublisher(js)
 
     async def ensure_consumer(self) -> None:
         """The durable work consumer over build events."""
@@ -91,6 +94,7 @@ class Builder:
         await self.ensure_consumer()
         sub = await self.js.pull_subscribe_bind(DURABLE, stream=EVENTS_STREAM)
         slots = asyncio.Semaphore(self.concurrency)
+        leftovers = asyncio.create_task(ship_leftovers_until(self.pool, self.log_publisher, stop))
         try:
             while not stop.is_set():
                 await slots.acquire()
@@ -108,9 +112,10 @@ class Builder:
 
                 task.add_done_callback(done)
         finally:
+            leftovers.cancel()
             for task in list(self.running):
                 task.cancel()
-            for task in list(self.running):
+            for task in [leftovers, *self.running]:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
             with contextlib.suppress(Exception):
@@ -151,7 +156,7 @@ class Builder:
             )
             await self.builds.save(build)
             # What the last attempt left running (a cluster build's Job) goes too.
-            logs = BuildLogWriter(self.pool, build_id)
+            logs = self._log_writer(build_id, build.request)
             await logs.start(await last_seq(self.pool, build_id))
             work = self.work_dir / f"{build_id}-{build.attempts}"
             await self._cleanup(BuildTask(build.request, build.attempts, work, logs))
@@ -160,7 +165,7 @@ class Builder:
         attempt = build.start()
         await self.builds.save(build)
         request = build.request
-        logs = BuildLogWriter(self.pool, build_id)
+        logs = self._log_writer(build_id, request)
         await logs.start(await last_seq(self.pool, build_id))
         logs.write(f"build {build_id} attempt {attempt}: {request.group}/{request.name}")
         work = self.work_dir / f"{build_id}-{attempt}"
@@ -193,6 +198,15 @@ class Builder:
                 await self._cleanup(task)
             await logs.close()
             await asyncio.to_thread(shutil.rmtree, work, True)
+
+    def _log_writer(self, build_id: str, request: BuildQueued) -> BuildLogWriter:
+        return BuildLogWriter(
+            self.pool,
+            build_id,
+            publisher=self.log_publisher,
+            group=request.group,
+            image=request.name,
+        )
 
     async def _cleanup(self, task: BuildTask) -> None:
         try:

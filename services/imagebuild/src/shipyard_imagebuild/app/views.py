@@ -58,11 +58,6 @@ class ImageView:
     """The OCI image pinned by digest (``registry/repo@sha256:<hex>``); empty for packs."""
 
     @property
-    def location(self) -> str:
-        """Where the image is: the pack's object store key, or the OCI reference."""
-        return self.image_ref if self.kind == "oci" else self.pack_key
-
-    @property
     def ref(self) -> str:
         """``name:version``."""
         return f"{self.name}:{self.version}"

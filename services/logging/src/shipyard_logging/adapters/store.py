@@ -11,7 +11,14 @@ Two indexes serve the queries:
 
 ``logging.sources`` holds one row per source (instance or build): the position up to
 which its lines are stored (``next_offset``, the ingester's dedupe and gap check), its
-line count and time span.
+line count and time span, and for a build its group (who reads it) and image name.
+
+Build lines share the table with instances' lines (``kind`` ``build``, the build id as
+``source``, the line number as ``offset``, ``deployment`` empty): the same partitions,
+retention, ingest and queries serve both; ``(source, "offset")`` answers "last N lines
+of a build" and its download, ``(deployment, seq)`` with the empty deployment its follow.
+Sources are keyed by id alone: build ids (``b-`` and 16 hex digits) cannot be instance
+ids (``<deployment>-r<revision>-<suffix>``, or a pod name with two dashes at least).
 """
 
 from __future__ import annotations
@@ -69,6 +76,11 @@ _DDL = (
         updated_at timestamptz NOT NULL
     )""",
     f"CREATE INDEX IF NOT EXISTS sources__deployment ON {SOURCES} (deployment)",
+    # A build's group and image name (from its batches; empty for instances, and for a
+    # build whose batches did not say: then admins only read it). Added after the table
+    # existed, hence ALTER.
+    f"ALTER TABLE {SOURCES} ADD COLUMN IF NOT EXISTS group_name text NOT NULL DEFAULT ''",
+    f"ALTER TABLE {SOURCES} ADD COLUMN IF NOT EXISTS image text NOT NULL DEFAULT ''",
 )
 
 
@@ -186,20 +198,44 @@ async def save_sources(
     conn: Conn, updates: Sequence[tuple[LogBatch, int, int, datetime | None, datetime | None]]
 ) -> None:
     """Upserts each source's position: ``(last batch, next_offset, lines added, first
-    and last time of the added lines)``."""
+    and last time of the added lines)``. A build's group and image name are the last
+    ones a batch named (a batch without them keeps what is stored)."""
     await conn.executemany(
         f"""INSERT INTO {SOURCES} AS s (source, kind, deployment, revision, stream,
-                next_offset, lines, first_at, last_at, updated_at)
-            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, now())
+                next_offset, lines, first_at, last_at, updated_at, group_name, image)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, now(), $10, $11)
             ON CONFLICT (source) DO UPDATE SET
                 next_offset = GREATEST(s.next_offset, EXCLUDED.next_offset),
                 lines = s.lines + EXCLUDED.lines,
                 first_at = LEAST(s.first_at, EXCLUDED.first_at),
                 last_at = GREATEST(s.last_at, EXCLUDED.last_at),
                 revision = EXCLUDED.revision,
+                group_name = COALESCE(NULLIF(EXCLUDED.group_name, ''), s.group_name),
+                image = COALESCE(NULLIF(EXCLUDED.image, ''), s.image),
                 updated_at = now()""",
         [
-            (b.source, b.kind, b.deployment, b.revision, b.stream, pos, added, first, last)
+            (
+                b.source,
+                b.kind,
+                b.deployment,
+                b.revision,
+                b.stream,
+                pos,
+                added,
+                first,
+                last,
+                b.group,
+                b.image,
+            )
             for b, pos, added, first, last in updates
         ],
     )
+
+
+async def build_owner(conn: Conn, build_id: str) -> tuple[str, str] | None:
+    """``(group, image name)`` of a build with stored lines; None when none are stored."""
+    row = await conn.fetchrow(
+        f"SELECT group_name, image FROM {SOURCES} WHERE source = $1 AND kind = 'build'",
+        build_id,
+    )
+    return None if row is None else (row["group_name"], row["image"])

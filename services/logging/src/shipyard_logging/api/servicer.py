@@ -33,7 +33,7 @@ def request_time(request: Any, field: str) -> datetime | None:
 
 def _query(f: pb.LogFilter) -> LogQuery:
     since, until = request_time(f, "since"), request_time(f, "until")
-    return log_query(f.deployment, f.instance, since, until, f.grep)
+    return log_query(f.deployment, f.instance, since, until, f.grep, build=f.build_id)
 
 
 # One streamed message holds at most this many lines and about this many bytes of text
@@ -52,6 +52,7 @@ def _line(ln: LineView) -> pb.LogLine:
         offset=ln.offset,
         text=ln.text,
         cut=ln.cut,
+        build_id=ln.build,
     )
 
 
@@ -99,10 +100,8 @@ class LogApi(logging_pb2_grpc.LogServiceServicer):
     async def DownloadLogs(
         self, request: pb.DownloadLogsRequest, context: Any
     ) -> AsyncIterator[pb.LogBatch]:
-        log_query(request.deployment, request.instance)
-        async for lines in self.queries.download(
-            current_principal(), request.deployment, request.instance
-        ):
+        query = log_query(request.deployment, request.instance, build=request.build_id)
+        async for lines in self.queries.download(current_principal(), query):
             for batch in batches(lines):
                 yield batch
 

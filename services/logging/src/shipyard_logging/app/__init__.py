@@ -1,7 +1,13 @@
 """The logging service's use cases: ingesting LOGS, and reading logs for a caller."""
 
 from shipyard_logging.app.ingest import DURABLE, Ingester, IngestStats
-from shipyard_logging.app.queries import LineView, LogQueries, SourceView, deployment_not_found
+from shipyard_logging.app.queries import (
+    LineView,
+    LogQueries,
+    SourceView,
+    build_not_found,
+    deployment_not_found,
+)
 
 __all__ = [
     "DURABLE",
@@ -10,5 +16,6 @@ __all__ = [
     "LineView",
     "LogQueries",
     "SourceView",
+    "build_not_found",
     "deployment_not_found",
 ]

@@ -25,7 +25,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
@@ -76,7 +76,11 @@ class _SourceUpdate:
         self.last: datetime | None = None
 
     def add(self, batch: LogBatch, position: int, stamps: list[datetime]) -> None:
-        self.batch = batch
+        # A build's group and image: the last ones named (a batch without them, of the
+        # format before them, changes nothing).
+        self.batch = replace(
+            batch, group=batch.group or self.batch.group, image=batch.image or self.batch.image
+        )
         self.position = position
         self.added += len(stamps)
         if stamps:

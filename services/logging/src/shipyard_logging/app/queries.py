@@ -1,8 +1,11 @@
 """Reading logs: tail, follow, download and the list of sources, for the caller's groups.
 
-Every query first resolves which revisions of the deployment the caller may read (its
-lives in ``deployment_lives`` and their groups, :func:`visible_ranges`); a deployment
-that is not the caller's answers NOT_FOUND, word for word as one that does not exist.
+Every query first resolves what the caller may read. Of a deployment: which of its
+revisions (its lives in ``deployment_lives`` and their groups, :func:`visible_ranges`);
+a deployment that is not the caller's answers NOT_FOUND, word for word as one that does
+not exist. Of an image build: all of it or nothing, by the group its batches named
+(``logging.sources``); a build that is not the caller's, or has no stored line, answers
+NOT_FOUND as imagebuild words a build that does not exist. The same queries serve both.
 """
 
 from __future__ import annotations
@@ -18,19 +21,20 @@ import asyncpg
 from shipyard_core.aio import pause
 from shipyard_core.auth import Principal
 from shipyard_core.errors import InvalidArgument, NotFound
-from shipyard_logging.adapters.store import LINES, SOURCES
+from shipyard_logging.adapters.store import LINES, SOURCES, build_owner
 from shipyard_logging.domain import LogQuery, RevisionRange, visible_ranges
 from shipyard_logging.projections import DeploymentLivesProjection
 
 _LIVES = DeploymentLivesProjection.live_tables()["deployment_lives"]
-_COLUMNS = 'seq, at, deployment, revision, source, stream, "offset", text, cut'
+_COLUMNS = 'seq, at, kind, deployment, revision, source, stream, "offset", text, cut'
 PAGE = 1000
 """Lines per streamed batch."""
 
 
 @dataclass(frozen=True)
 class LineView:
-    """One line as queries return it."""
+    """One line as queries return it: of an instance, or of a build (``build`` set,
+    ``deployment`` and ``instance`` empty, ``offset`` its line number)."""
 
     seq: int
     at: datetime
@@ -41,6 +45,7 @@ class LineView:
     offset: int
     text: str
     cut: bool
+    build: str = ""
 
 
 @dataclass(frozen=True)
@@ -59,13 +64,21 @@ def deployment_not_found(deployment: str) -> NotFound:
     return NotFound(f"deployment {deployment!r} does not exist; see `shipyard deploy list`")
 
 
+def build_not_found(build_id: str) -> NotFound:
+    """The one answer for a build that does not exist, is not the caller's, or has no
+    stored line: the words imagebuild uses for a build that does not exist."""
+    return NotFound(f"build {build_id} does not exist; see `shipyard image builds`")
+
+
 def _view(row: asyncpg.Record) -> LineView:
+    build = row["kind"] == "build"
     return LineView(
         seq=row["seq"],
         at=row["at"],
         deployment=row["deployment"],
         revision=row["revision"],
-        instance=row["source"],
+        instance="" if build else row["source"],
+        build=row["source"] if build else "",
         stream=row["stream"],
         offset=row["offset"],
         text=row["text"],
@@ -106,6 +119,19 @@ class LogQueries:
         self.pool = pool
         self.poll_seconds = poll_seconds
 
+    async def _scope(self, caller: Principal, query: LogQuery) -> list[RevisionRange] | None:
+        """What of the query's lines the caller reads: the revisions of a deployment
+        (None: all), or a whole build; NotFound when nothing."""
+        if not query.build:
+            return await self._ranges(caller, query.deployment)
+        if not caller.admin:
+            async with self.pool.acquire() as conn:
+                owner = await build_owner(conn, query.build)
+            # A build whose batches named no group (the format before it) is the admins'.
+            if owner is None or not owner[0] or not caller.can_see(owner[0]):
+                raise build_not_found(query.build)
+        return None
+
     async def _ranges(self, caller: Principal, deployment: str) -> list[RevisionRange] | None:
         """The revisions the caller reads (None: all); NotFound when none."""
         rows = await self.pool.fetch(
@@ -120,8 +146,13 @@ class LogQueries:
 
     def _where(self, query: LogQuery, ranges: Sequence[RevisionRange] | None) -> _Where:
         where = _Where()
+        # A build's lines have no deployment: (deployment, seq) serves their follow too.
         where.add("deployment = ?", query.deployment)
-        where.add("kind = 'instance'")
+        if query.build:
+            where.add("kind = 'build'")
+            where.add("source = ?", query.build)
+        else:
+            where.add("kind = 'instance'")
         if query.instance:
             where.add("source = ?", query.instance)
         if query.since is not None:
@@ -143,12 +174,12 @@ class LogQueries:
         return where
 
     async def tail(self, caller: Principal, query: LogQuery, limit: int) -> list[LineView]:
-        """The last ``limit`` lines, oldest first: of one instance in its order, of a
-        deployment in the order they arrived."""
-        ranges = await self._ranges(caller, query.deployment)
+        """The last ``limit`` lines, oldest first: of one instance or build in its order,
+        of a deployment in the order they arrived."""
+        ranges = await self._scope(caller, query)
         where = self._where(query, ranges)
         limit_arg = where.next_arg(limit)
-        order = '"offset" DESC' if query.instance else "seq DESC"
+        order = '"offset" DESC' if query.one_source else "seq DESC"
         rows = await self.pool.fetch(
             f"SELECT {_COLUMNS} FROM {LINES} WHERE {where.sql} ORDER BY {order} LIMIT {limit_arg}",
             *where.args,
@@ -162,7 +193,7 @@ class LogQueries:
         until ``stop`` is set or the caller goes away."""
         if query.until is not None:
             raise InvalidArgument("until", "cannot be used with follow", "leave it out")
-        ranges = await self._ranges(caller, query.deployment)
+        ranges = await self._scope(caller, query)
         cursor = 0
         if tail > 0:
             backlog = await self.tail(caller, query, tail)
@@ -191,19 +222,19 @@ class LogQueries:
                     continue
             await pause(stop, self.poll_seconds)
 
-    async def download(
-        self, caller: Principal, deployment: str, instance: str
-    ) -> AsyncIterator[list[LineView]]:
-        """Every stored line of one instance, in order, in batches."""
-        if not instance:
+    async def download(self, caller: Principal, query: LogQuery) -> AsyncIterator[list[LineView]]:
+        """Every stored line of one instance or build (the query's other filters are
+        not used), in order, in batches."""
+        if not query.one_source:
             raise InvalidArgument(
                 "instance", "is required to download a log", "see `shipyard deploy instances`"
             )
-        ranges = await self._ranges(caller, deployment)
+        ranges = await self._scope(caller, query)
+        source = LogQuery(query.deployment, query.instance, build=query.build)
         after = -1
         found = False
         while True:
-            where = self._where(LogQuery(deployment, instance), ranges)
+            where = self._where(source, ranges)
             where.add('"offset" > ?', after)
             limit_arg = where.next_arg(PAGE * 5)
             rows = await self.pool.fetch(
@@ -216,10 +247,12 @@ class LogQueries:
             found = True
             after = rows[-1]["offset"]
             yield [_view(r) for r in rows]
+        if not found and query.build:
+            raise build_not_found(query.build)
         if not found:
             raise NotFound(
-                f"instance {instance!r} of deployment {deployment!r} has no stored log lines; "
-                f"see `shipyard deploy logs {deployment}`"
+                f"instance {query.instance!r} of deployment {query.deployment!r} has no "
+                f"stored log lines; see `shipyard deploy logs {query.deployment}`"
             )
 
     async def sources(self, caller: Principal, deployment: str) -> list[SourceView]:

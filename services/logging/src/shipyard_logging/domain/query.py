@@ -23,14 +23,21 @@ _INSTANCE = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,250}[a-z0-9])?$")
 
 @dataclass(frozen=True)
 class LogQuery:
-    """Which lines: of ``deployment`` (one ``instance`` of it, or every one), stamped in
-    ``[since, until)``, containing ``grep`` (case-insensitive)."""
+    """Which lines: of ``deployment`` (one ``instance`` of it, or every one), or of one
+    image ``build`` (``deployment`` and ``instance`` empty), stamped in ``[since,
+    until)``, containing ``grep`` (case-insensitive)."""
 
     deployment: str
     instance: str = ""
     since: datetime | None = None
     until: datetime | None = None
     grep: str = ""
+    build: str = ""
+
+    @property
+    def one_source(self) -> bool:
+        """Whether the lines are of one source (an instance or a build), in its order."""
+        return bool(self.instance or self.build)
 
 
 def log_query(
@@ -39,9 +46,26 @@ def log_query(
     since: datetime | None = None,
     until: datetime | None = None,
     grep: str = "",
+    *,
+    build: str = "",
 ) -> LogQuery:
-    """A checked :class:`LogQuery`; InvalidArgument names the field and the fix."""
-    deployment_name("deployment", deployment)
+    """A checked :class:`LogQuery` (of a deployment, or of a ``build`` with
+    ``deployment`` empty); InvalidArgument names the field and the fix."""
+    if build:
+        if deployment or instance:
+            raise InvalidArgument(
+                "build_id",
+                "cannot be combined with a deployment or an instance",
+                "ask for one build's log, or for a deployment's",
+            )
+        if not _INSTANCE.match(build):
+            raise InvalidArgument(
+                "build_id",
+                f"{build!r} is not a build id",
+                "see `shipyard image builds` for the ids",
+            )
+    else:
+        deployment_name("deployment", deployment)
     if instance and not _INSTANCE.match(instance):
         raise InvalidArgument(
             "instance",
@@ -58,7 +82,7 @@ def log_query(
         raise InvalidArgument("grep", f"is {len(grep)} characters long", f"use at most {MAX_GREP}")
     if "\x00" in grep:
         raise InvalidArgument("grep", "contains a NUL character", "search for other text")
-    return LogQuery(deployment, instance, since, until, grep)
+    return LogQuery(deployment, instance, since, until, grep, build)
 
 
 def check_limit(field: str, value: int, default: int = DEFAULT_TAIL) -> int:

@@ -46,9 +46,9 @@ class RevisionSpec:
     image: str
     """``name:version`` of the image, for labels and messages."""
     image_digest: str
-    """sha256 of the environment pack."""
+    """sha256 of the environment pack, or of the OCI image's manifest."""
     pack_key: str
-    """Object store key of the environment pack."""
+    """Object store key of the environment pack (empty for an OCI image)."""
     workers: int
     """Model server worker processes per instance."""
     instance_type: str
@@ -58,6 +58,11 @@ class RevisionSpec:
     gpu: int
     env: dict[str, str] = field(default_factory=dict)
     """Extra environment for the model server."""
+    image_kind: str = "pack"
+    """``pack`` (an environment pack at ``pack_key``) or ``oci`` (the OCI image
+    ``image_ref``, built on a cluster; only the kubernetes backend runs it)."""
+    image_ref: str = ""
+    """The OCI image pinned by digest (``registry/repo@sha256:<hex>``); empty for a pack."""
 
     @property
     def key(self) -> str:

@@ -5,17 +5,24 @@ plain JSON-ready dicts (what the API server receives; also valid as YAML for
 ``kubectl apply``). :class:`~shipyard_scheduler.adapters.kubernetes.KubernetesBackend`
 applies them; tests validate them against the Kubernetes OpenAPI schemas.
 
-An image is an environment pack in the object store, not an OCI image, so each pod has
+A revision runs one of two kinds of image (``RevisionSpec.image_kind``):
 
-- an init container ``fetch-pack`` (the Shipyard service image, which holds
+- ``pack``, an environment pack in the object store (built locally, decision 0015). Each
+  pod has an init container ``fetch-pack`` (the Shipyard service image, which holds
   ``shipyard_scheduler``) running ``python -m shipyard_scheduler.fetchpack`` to download
-  the pack and unpack it into the ``env`` emptyDir volume at ``/env``;
-- the ``model`` container (a plain Python base image, the same Python the packs were
-  built with: a pack's ``bin/python`` links to its base interpreter by absolute path)
-  running ``/env/bin/python -m shipyard_runtime serve`` on port 8080.
+  the pack and unpack it into the ``env`` emptyDir volume at ``/env``, and the ``model``
+  container (a plain Python base image, the same Python the packs were built with: a
+  pack's ``bin/python`` links to its base interpreter by absolute path) running
+  ``/env/bin/python -m shipyard_runtime serve`` on port 8080.
+- ``oci``, an OCI image built on a cluster by imagebuild's Kaniko Job (decision 0029). The
+  ``model`` container runs that image itself (``RevisionSpec.image_ref``, pinned by
+  digest): no init container, no pack, no object store access. It runs the image's
+  model server as the image's Dockerfile sets it up (``shipyard_core.kube``'s
+  ``MODEL_IMAGE_*``: ``python -m shipyard_runtime serve --model-dir /model`` as uid
+  10001), with the same flags, port, probes, resources and drain as a pack's.
 
-Both run as an unprivileged user with a read-only root filesystem (``/tmp`` is an
-emptyDir), which the Pod Security "restricted" profile admits.
+Every container runs as an unprivileged user with a read-only root filesystem (``/tmp``
+is an emptyDir), which the Pod Security "restricted" profile admits.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from shipyard_core import validation
+from shipyard_core import kube, validation
 from shipyard_core.errors import InvalidArgument
 from shipyard_core.objectstore import validate_key
 from shipyard_scheduler.adapters.backend import RevisionSpec
@@ -44,7 +51,10 @@ CONTAINER = "model"
 INIT_CONTAINER = "fetch-pack"
 ENV_DIR = "/env"
 RUN_AS = 65532
-"""The unprivileged uid and gid of both containers (the Shipyard image's user)."""
+"""The unprivileged uid and gid of a pack's containers (the Shipyard image's user)."""
+OCI_RUN_AS = kube.MODEL_IMAGE_UID
+"""The uid and gid an OCI image's model server runs as: the image's own ``USER``."""
+IMAGE_KINDS = ("pack", "oci")
 
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 MANAGED_BY = "shipyard"
@@ -65,6 +75,9 @@ _MAX_NAME = 63
 _HASH_CHARS = 8
 _QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
 _HEX_DIGEST = re.compile(r"^(sha256:)?(?P<hex>[0-9a-f]{64})$")
+# registry/repository@sha256:<hex>: what a cluster build records (never a tag, so every
+# pod of a revision runs the same bytes).
+_PINNED_REF = re.compile(r"^(?!.*://)[^\s@]+@sha256:(?P<hex>[0-9a-f]{64})$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
 # The model server's own settings: spec.env must not override what the manifest sets.
 _RESERVED_ENV = frozenset({"HOME", "TMPDIR", "PYTHONUNBUFFERED"})
@@ -187,7 +200,8 @@ def resources(cpu: float, memory_gib: float, gpu: int) -> dict[str, dict[str, st
 
 
 def _check(spec: RevisionSpec) -> str:
-    """Validates what goes into the manifests; returns the pack's hex digest ("" if none)."""
+    """Validates what goes into the manifests; returns the image's hex digest ("" if none):
+    the pack's, or the OCI image's (taken from its reference)."""
     validation.name("deployment", spec.deployment)
     validation.name("group", spec.group)
     validation.positive_int("revision", spec.revision)
@@ -200,16 +214,35 @@ def _check(spec: RevisionSpec) -> str:
         )
     if spec.gpu < 0:
         raise InvalidArgument("gpu", f"must be >= 0, got {spec.gpu}")
-    validate_key(spec.pack_key, field="pack_key")
     for name in spec.env:
         if not _ENV_NAME.match(name) or name in _RESERVED_ENV:
             raise InvalidArgument("env", f"{name!r} cannot be set", "use another variable name")
-    if not spec.image_digest:
-        return ""
-    m = _HEX_DIGEST.match(spec.image_digest)
-    if m is None:
-        raise InvalidArgument("image_digest", f"{spec.image_digest!r} is not a sha256 digest")
-    return m["hex"]
+    digest = ""
+    if spec.image_digest:
+        m = _HEX_DIGEST.match(spec.image_digest)
+        if m is None:
+            raise InvalidArgument("image_digest", f"{spec.image_digest!r} is not a sha256 digest")
+        digest = m["hex"]
+    if spec.image_kind not in IMAGE_KINDS:
+        raise InvalidArgument(
+            "image_kind", f"{spec.image_kind!r} is not an image kind", "pack or oci"
+        )
+    if spec.image_kind == "pack":
+        validate_key(spec.pack_key, field="pack_key")
+        return digest
+    pinned = _PINNED_REF.match(spec.image_ref)
+    if pinned is None:
+        raise InvalidArgument(
+            "image_ref",
+            f"{spec.image_ref!r} is not an image reference pinned by digest",
+            "registry/repository@sha256:<64 hex digits>, as a cluster build records it",
+        )
+    if digest and pinned["hex"] != digest:
+        raise InvalidArgument(
+            "image_ref",
+            f"{spec.image_ref!r} does not pin the image's digest sha256:{digest}",
+        )
+    return str(pinned["hex"])
 
 
 def _metadata(spec: RevisionSpec, settings: PodSettings) -> dict[str, Any]:
@@ -273,7 +306,19 @@ def _init_container(spec: RevisionSpec, settings: PodSettings, digest: str) -> d
 
 
 def _model_container(spec: RevisionSpec, settings: PodSettings) -> dict[str, Any]:
-    python = f"{ENV_DIR}/bin/python"
+    """The model server: a pack's from ``/env`` in the runtime image, or an OCI image's
+    own (the image is the reference; its Python has the runtime, its model is in
+    ``/model``)."""
+    if spec.image_kind == "oci":
+        image, python, model_dir = spec.image_ref, kube.MODEL_IMAGE_PYTHON, kube.MODEL_IMAGE_DIR
+        mounts = [{"name": "tmp", "mountPath": "/tmp"}]  # noqa: S108 - the pod's emptyDir
+    else:
+        image, python = settings.runtime_image, f"{ENV_DIR}/bin/python"
+        model_dir = f"{ENV_DIR}/model"
+        mounts = [
+            {"name": "env", "mountPath": ENV_DIR},
+            {"name": "tmp", "mountPath": "/tmp"},  # noqa: S108 - an emptyDir of the pod's own
+        ]
     # The model server drains (readiness 503, finishes requests in progress) within this
     # after SIGTERM; the kubelet kills it at the end of the grace period, which also
     # covers the preStop drain delay.
@@ -284,7 +329,7 @@ def _model_container(spec: RevisionSpec, settings: PodSettings) -> dict[str, Any
         "shipyard_runtime",
         "serve",
         "--model-dir",
-        f"{ENV_DIR}/model",
+        model_dir,
         "--host",
         "0.0.0.0",  # noqa: S104 - a pod's server must listen on the pod's IP
         "--port",
@@ -304,7 +349,7 @@ def _model_container(spec: RevisionSpec, settings: PodSettings) -> dict[str, Any
     ]
     return {
         "name": CONTAINER,
-        "image": settings.runtime_image,
+        "image": image,
         "command": command,
         "env": env,
         "ports": [{"name": "http", "containerPort": SERVE_PORT, "protocol": "TCP"}],
@@ -344,21 +389,23 @@ def _model_container(spec: RevisionSpec, settings: PodSettings) -> dict[str, Any
         "securityContext": _restricted(),
         # The last exit's log lines become the termination message observe() reports.
         "terminationMessagePolicy": "FallbackToLogsOnError",
-        "volumeMounts": [
-            {"name": "env", "mountPath": ENV_DIR},
-            {"name": "tmp", "mountPath": "/tmp"},  # noqa: S108 - an emptyDir of the pod's own
-        ],
+        "volumeMounts": mounts,
     }
 
 
 def deployment_manifest(spec: RevisionSpec, settings: PodSettings) -> dict[str, Any]:
-    """The revision's Deployment: ``spec.replicas`` pods of the pack's model server.
+    """The revision's Deployment: ``spec.replicas`` pods of the image's model server (a
+    pack's, fetched by an init container; or an OCI image's, run as it is).
 
     ``InvalidArgument`` when the spec holds something the manifest cannot carry (names
-    that are not DNS labels, a malformed key or digest, a reserved environment variable).
+    that are not DNS labels, a malformed key, digest or reference, a reserved environment
+    variable).
     """
     digest = _check(spec)
     metadata = _metadata(spec, settings)
+    oci = spec.image_kind == "oci"
+    run_as = OCI_RUN_AS if oci else RUN_AS
+    tmp = {"name": "tmp", "emptyDir": {"sizeLimit": settings.tmp_size_limit}}
     pod: dict[str, Any] = {
         # The model's code never talks to the Kubernetes API.
         "automountServiceAccountToken": False,
@@ -366,19 +413,25 @@ def deployment_manifest(spec: RevisionSpec, settings: PodSettings) -> dict[str, 
         "terminationGracePeriodSeconds": settings.grace_seconds,
         "securityContext": {
             "runAsNonRoot": True,
-            "runAsUser": RUN_AS,
-            "runAsGroup": RUN_AS,
-            "fsGroup": RUN_AS,
+            "runAsUser": run_as,
+            "runAsGroup": run_as,
+            "fsGroup": run_as,
             "seccompProfile": {"type": "RuntimeDefault"},
         },
-        "initContainers": [_init_container(spec, settings, digest)],
-        "containers": [_model_container(spec, settings)],
-        "volumes": [
-            {"name": "env", "emptyDir": {"sizeLimit": settings.env_size_limit}},
-            {"name": "tmp", "emptyDir": {"sizeLimit": settings.tmp_size_limit}},
-        ],
     }
+    if oci:
+        # The image holds the model and its environment: nothing to fetch.
+        pod["containers"] = [_model_container(spec, settings)]
+        pod["volumes"] = [tmp]
+    else:
+        pod["initContainers"] = [_init_container(spec, settings, digest)]
+        pod["containers"] = [_model_container(spec, settings)]
+        pod["volumes"] = [
+            {"name": "env", "emptyDir": {"sizeLimit": settings.env_size_limit}},
+            tmp,
+        ]
     if settings.pull_secret:
+        # Also the login to the registry an OCI image was pushed to.
         pod["imagePullSecrets"] = [{"name": settings.pull_secret}]
     if spec.gpu > 0:
         # GPU nodes are commonly tainted so that only pods asking for GPUs land there.
@@ -434,6 +487,7 @@ __all__ = [
     "DEFAULT_STORE_SECRET",
     "ENV_DIR",
     "GPU_RESOURCE",
+    "IMAGE_KINDS",
     "INIT_CONTAINER",
     "LABEL_DEPLOYMENT",
     "LABEL_GROUP",
@@ -441,6 +495,8 @@ __all__ = [
     "LABEL_REVISION",
     "MANAGED_BY",
     "MANAGED_SELECTOR",
+    "OCI_RUN_AS",
+    "RUN_AS",
     "SERVE_PORT",
     "SERVICE_PORT",
     "PodSettings",

@@ -25,16 +25,13 @@ import contextlib
 import dataclasses
 import datetime as dt
 import json
-import os
 import time
 from collections.abc import Callable
 from typing import Any
 
 import urllib3.exceptions
 from kubernetes import client as k8s
-from kubernetes import config as k8s_config
 from kubernetes.client.exceptions import ApiException
-from kubernetes.config.config_exception import ConfigException
 
 from shipyard_core import kube
 from shipyard_core.errors import (
@@ -64,28 +61,6 @@ FIELD_MANAGER = "shipyard-scheduler"
 APPLY_PATCH = "application/apply-patch+yaml"
 RBAC_FILE = "infra/k8s/scheduler-rbac.yaml"
 _MESSAGE_LIMIT = 2000
-
-
-def load_api_client(context: str | None = None, config_file: str | None = None) -> k8s.ApiClient:
-    """An ``ApiClient`` from the pod's service account when running in a cluster, else
-    from the kubeconfig (``config_file``, else ``$KUBECONFIG`` as it is now, else
-    ``~/.kube/config``; ``context`` or its current one). ``FailedPrecondition`` when there
-    is neither."""
-    configuration = k8s.Configuration()
-    try:
-        k8s_config.load_incluster_config(client_configuration=configuration)
-    except ConfigException:
-        # The client reads $KUBECONFIG once, when it is imported; read it here instead.
-        path = config_file or os.environ.get("KUBECONFIG") or None
-        try:
-            k8s_config.load_kube_config(
-                config_file=path, context=context, client_configuration=configuration
-            )
-        except (ConfigException, OSError) as exc:
-            raise FailedPrecondition(
-                f"no Kubernetes configuration: not in a cluster and no usable kubeconfig ({exc})"
-            ) from exc
-    return k8s.ApiClient(configuration)
 
 
 # --------------------------------------------------------------------------- errors
@@ -285,8 +260,9 @@ class KubernetesBackend:
     """Runs revisions as Deployments and Services in one namespace.
 
     ``api_client`` is used as given (and left open by :meth:`close`); without one, a client
-    is built from the in-cluster service account or the kubeconfig (and closed by
-    :meth:`close`). The other arguments are :class:`PodSettings`'.
+    is built from the in-cluster service account or the kubeconfig
+    (:func:`shipyard_core.kube.load_api_client`) and closed by :meth:`close`. The other
+    arguments are :class:`PodSettings`'.
 
     ``resync_seconds``: :meth:`apply` is called on every reconcile pass; it sends the
     manifests again only when they changed or this long after it last sent them (so an
@@ -328,7 +304,7 @@ class KubernetesBackend:
         )
         self.namespace = namespace
         self._owns_client = api_client is None
-        self._client = api_client if api_client is not None else load_api_client()
+        self._client = api_client if api_client is not None else kube.load_api_client()
         self._core = k8s.CoreV1Api(self._client)
         self._apps = k8s.AppsV1Api(self._client)
         self._timeout = request_timeout
@@ -512,6 +488,5 @@ __all__ = [
     "KubernetesBackend",
     "instance_from_pod",
     "latest_warning",
-    "load_api_client",
     "with_event",
 ]

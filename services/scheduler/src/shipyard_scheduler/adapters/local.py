@@ -672,6 +672,15 @@ class LocalBackend:
         """Fetches the image if needed and starts the model server (phase STARTING)."""
         inst.phase = InstancePhase.PENDING
         spec = inst.spec
+        if spec.image_kind != "pack":
+            # The scheduler refuses such deployments; this one was made while it ran the
+            # kubernetes backend. The instance fails (and with it the revision) saying so.
+            raise FailedPrecondition(
+                f"image {spec.image} is a container image built for a cluster (kind "
+                f"{spec.image_kind}); the local runtime runs environment packs: run the "
+                "scheduler with runtime_backend=kubernetes, or update the deployment to "
+                "an image built with build_backend=local"
+            )
         env_dir = await self._ensure_image(spec.image, spec.image_digest, spec.pack_key)
         port = _free_port(self._host)
         cmd = [

@@ -1,5 +1,5 @@
-"""The services the scheduler asks before it decides: imagebuild (which pack an image
-reference means) and quota (instance types, reservations).
+"""The services the scheduler asks before it decides: imagebuild (which pack or OCI
+image an image reference means) and quota (instance types, reservations).
 
 User commands forward the caller's own token, so those services apply their own
 permission checks to the person acting (a member of group A cannot reserve in B through
@@ -14,8 +14,15 @@ import grpc
 
 from shipyard.imagebuild.v1 import imagebuild_pb2, imagebuild_pb2_grpc
 from shipyard.quota.v1 import quota_pb2, quota_pb2_grpc
-from shipyard_core.errors import InvalidArgument, NotFound, ShipyardError, Unavailable
+from shipyard_core.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ShipyardError,
+    Unavailable,
+)
 from shipyard_core.grpckit import TracingClientInterceptor, bearer_metadata, error_from_rpc
+from shipyard_scheduler.domain.events import ImageKind
 
 
 @dataclass(frozen=True)
@@ -26,8 +33,18 @@ class ResolvedImage:
     version: int
     digest: str
     pack_key: str
+    """Object store key of the pack (empty for an OCI image)."""
     workers: int
     python: str
+    kind: ImageKind = "pack"
+    """``pack`` or ``oci`` (built on a cluster: only the kubernetes backend runs it)."""
+    image_ref: str = ""
+    """The OCI image pinned by digest; empty for a pack."""
+
+    @property
+    def ref(self) -> str:
+        """``name:version``."""
+        return f"{self.name}:{self.version}"
 
 
 @dataclass(frozen=True)
@@ -90,13 +107,25 @@ class Peers:
                 str(exc),
                 "build it with `shipyard image build` or pick one from `shipyard image list`",
             ) from None
+        kind = img.kind or "pack"  # an imagebuild from before the field made packs only
+        if kind not in ("pack", "oci"):
+            raise FailedPrecondition(
+                f"image {img.name}:{img.version} is of kind {kind!r}, which this scheduler "
+                "does not know (it runs kinds pack and oci); upgrade the scheduler"
+            )
+        if kind == "oci" and not img.image_ref:
+            raise FailedPrecondition(
+                f"image {img.name}:{img.version} (kind oci) has no image reference; build it again"
+            )
         return ResolvedImage(
             name=img.name,
             version=img.version,
             digest=img.digest,
-            pack_key=img.pack_url,
+            pack_key=img.pack_url if kind == "pack" else "",
             workers=max(img.workers, 1),
             python=img.python,
+            kind="oci" if kind == "oci" else "pack",
+            image_ref=img.image_ref,
         )
 
     async def instance_type(self, token: str, name: str) -> InstanceTypeInfo:

@@ -31,6 +31,8 @@ MAX_README_BYTES = 256 * 1024
 MAX_DESCRIPTION = 2000
 MAX_MESSAGE = 2000
 MAX_METADATA = 64
+OCI_BACKENDS = frozenset({"kubernetes"})
+"""The runtime backends that run OCI images (``local`` runs environment packs only)."""
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,20 @@ class SpecChange:
 def check_name(name: str) -> str:
     """A deployment name: it is part of every prediction URL and of Kubernetes names."""
     return validation.deployment_name("name", name)
+
+
+def _image_of(spec: Spec) -> ResolvedImage:
+    """The image a revision runs, as resolved when it was made."""
+    return ResolvedImage(
+        spec.image_name,
+        spec.image_version,
+        spec.image_digest,
+        spec.pack_key,
+        spec.workers,
+        spec.python,
+        spec.image_kind,
+        spec.image_ref,
+    )
 
 
 def _check_change(change: SpecChange) -> None:
@@ -90,6 +106,7 @@ class DeploymentCommands:
         *,
         default_target_inflight: int = 4,
         projection_wait_seconds: float = 5.0,
+        runtime_backend: str = "local",
     ) -> None:
         self.pool = pool
         self.store = store
@@ -97,6 +114,9 @@ class DeploymentCommands:
         self.queries = queries
         self.default_target_inflight = default_target_inflight
         self.projection_wait_seconds = projection_wait_seconds
+        self.runtime_backend = runtime_backend
+        """The backend the reconciler drives (``local`` or ``kubernetes``): what it cannot
+        run is refused before anything is reserved or recorded."""
         self.deployments = Repository(store, Deployment, SCHEDULER_EVENTS)
 
     async def _load_own(self, caller: Principal, name: str) -> Deployment:
@@ -105,6 +125,17 @@ class DeploymentCommands:
         if not deployment.live or not caller.can_see(deployment.group):
             raise not_found(name)
         return deployment
+
+    def _check_runnable(self, image: ResolvedImage) -> None:
+        """Refuses an image the runtime backend cannot run: an OCI image (built on a
+        cluster) runs only on the kubernetes backend; packs run on both."""
+        if image.kind == "oci" and self.runtime_backend not in OCI_BACKENDS:
+            raise FailedPrecondition(
+                f"image {image.ref} is a container image built for a cluster (kind oci); "
+                f"the {self.runtime_backend} runtime runs environment packs: build it with "
+                "build_backend=local (SHIPYARD_BUILD_BACKEND), or run the scheduler with "
+                "runtime_backend=kubernetes (SHIPYARD_RUNTIME_BACKEND)"
+            )
 
     def _spec(
         self,
@@ -120,6 +151,8 @@ class DeploymentCommands:
             image_version=image.version,
             image_digest=image.digest,
             pack_key=image.pack_key,
+            image_kind=image.kind,
+            image_ref=image.image_ref,
             workers=image.workers,
             python=image.python,
             instance_type=itype.name,
@@ -175,6 +208,7 @@ class DeploymentCommands:
                 existing.create(group, existing.spec, "", caller.user)  # raises AlreadyExists
             raise FailedPrecondition(f"the name {name!r} is taken; pick another deployment name")
         image = await self.peers.image(token, group, change.image)
+        self._check_runnable(image)
         itype = await self.peers.instance_type(token, change.instance_type or "")
         spec = self._spec(
             image,
@@ -210,15 +244,10 @@ class DeploymentCommands:
         image = (
             await self.peers.image(token, current.group, change.image)
             if change.image
-            else ResolvedImage(
-                old.image_name,
-                old.image_version,
-                old.image_digest,
-                old.pack_key,
-                old.workers,
-                old.python,
-            )
+            else _image_of(old)
         )
+        # Also an image kept from the current revision: the backend may have changed.
+        self._check_runnable(image)
         itype = (
             await self.peers.instance_type(token, change.instance_type)
             if change.instance_type and change.instance_type != old.instance_type
@@ -318,6 +347,7 @@ class DeploymentCommands:
         current = await self._load_own(caller, name)
         current.check_startable()  # before reserving
         spec = current.spec
+        self._check_runnable(_image_of(spec))
 
         async def command() -> list[StoredEvent]:
             deployment = await self._load_own(caller, name)

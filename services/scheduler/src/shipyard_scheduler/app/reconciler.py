@@ -272,6 +272,8 @@ class Reconciler:
             image=spec.image,
             image_digest=spec.image_digest,
             pack_key=spec.pack_key,
+            image_kind=spec.image_kind,
+            image_ref=spec.image_ref,
             workers=spec.workers,
             instance_type=spec.instance_type,
             cpu=spec.cpu,

@@ -1,4 +1,6 @@
-"""The scheduler's events (version 1 each; see docs/events.md).
+"""The scheduler's events (see docs/events.md): version 1 each, but ``DeploymentCreated``
+and ``DeploymentUpdated``, version 2 since their spec says what kind of image it runs
+(``image_kind``, ``image_ref``), with upcasters from version 1.
 
 Deployment streams (``deployment:<name>``) hold what users decided and what the
 reconciler concluded (activations, status); instance streams (``instance:<id>``) hold
@@ -8,9 +10,16 @@ asked for; scaling is not a revision (as in Kubernetes), so autoscaling never ma
 
 from __future__ import annotations
 
+from typing import Any, ClassVar, Literal
+
 from pydantic import BaseModel, ConfigDict
 
 from shipyard_core.aggregate import DomainEvent, EventRegistry
+from shipyard_core.eventstore import Upcasters
+
+ImageKind = Literal["pack", "oci"]
+"""What a revision runs: an environment pack from the object store (``pack``) or an OCI
+image from a registry (``oci``, built on a cluster; only the kubernetes backend runs it)."""
 
 
 class Spec(BaseModel):
@@ -22,7 +31,9 @@ class Spec(BaseModel):
     image_name: str
     image_version: int
     image_digest: str
+    """sha256 (hex) of the pack, or of the OCI image's manifest."""
     pack_key: str
+    """Object store key of the pack (empty for an OCI image)."""
     workers: int
     python: str
     instance_type: str
@@ -36,6 +47,11 @@ class Spec(BaseModel):
     """``private`` or ``public``."""
     description: str
     metadata: dict[str, str]
+    image_kind: ImageKind = "pack"
+    """``pack`` or ``oci`` (events of version 2)."""
+    image_ref: str = ""
+    """The OCI image pinned by digest (``registry/repo@sha256:<hex>``); empty for a pack
+    (events of version 2)."""
 
     @property
     def image(self) -> str:
@@ -44,7 +60,10 @@ class Spec(BaseModel):
 
 
 class DeploymentCreated(DomainEvent):
-    """A deployment exists, at revision 1 (again after a delete: same name, new life)."""
+    """A deployment exists, at revision 1 (again after a delete: same name, new life).
+    Version 2: the spec has ``image_kind`` and ``image_ref``."""
+
+    schema_version: ClassVar[int] = 2
 
     group: str
     revision: int
@@ -55,7 +74,10 @@ class DeploymentCreated(DomainEvent):
 
 
 class DeploymentUpdated(DomainEvent):
-    """A new revision: rolled out with no downtime by the reconciler."""
+    """A new revision: rolled out with no downtime by the reconciler. Version 2: the spec
+    has ``image_kind`` and ``image_ref``."""
+
+    schema_version: ClassVar[int] = 2
 
     revision: int
     spec: Spec
@@ -165,3 +187,17 @@ SCHEDULER_EVENTS = EventRegistry(
     InstanceFailed,
     InstanceTerminated,
 )
+
+
+SCHEDULER_UPCASTERS = Upcasters()
+"""Upcasters of the scheduler's stored events, used by its event store and projection."""
+
+SPEC_V1_DEFAULTS: dict[str, str] = {"image_kind": "pack", "image_ref": ""}
+"""What a version 1 spec meant by the fields version 2 added."""
+
+
+@SCHEDULER_UPCASTERS.register("DeploymentCreated", 1)
+@SCHEDULER_UPCASTERS.register("DeploymentUpdated", 1)
+def _spec_v1(payload: dict[str, Any]) -> dict[str, Any]:
+    """Version 1 specs ran environment packs only: kind ``pack``, no image reference."""
+    return {**payload, "spec": {**payload["spec"], **SPEC_V1_DEFAULTS}}

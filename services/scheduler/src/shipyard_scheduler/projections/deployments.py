@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 
+from shipyard_core.db import Conn
 from shipyard_core.eventstore import StoredEvent
-from shipyard_core.projections import Projection, Statement
+from shipyard_core.projections import Projection, Statement, Tables
+from shipyard_scheduler.domain.events import SCHEDULER_UPCASTERS, SPEC_V1_DEFAULTS
 
 SCHEMA = "scheduler"
 ROUTES_CHANNEL = "shipyard_routes"
@@ -80,6 +82,23 @@ class DeploymentsProjection(Projection):
         ("instances", "deployment, created_at"),
         ("instances", "status"),
     )
+    upcasters = SCHEDULER_UPCASTERS
+
+    @classmethod
+    async def create_tables(cls, conn: Conn, tables: Tables | None = None) -> None:
+        """Creates the tables if missing, and gives the specs that rows made before
+        version 2 of the deployment events hold what the upcaster gives their events
+        (``image_kind`` ``pack``, no ``image_ref``), so a table rebuilt by replay equals
+        the live one. Once done, the check finds nothing to change."""
+        await super().create_tables(conn, tables)
+        tables = tables or cls.live_tables()
+        # Constants of this module, as SQL literals (JSON strings need no escaping here).
+        defaults = ", ".join(f"'{k}', '{v}'" for k, v in SPEC_V1_DEFAULTS.items())
+        for table in ("deployments", "revisions", "history"):
+            await conn.execute(
+                f"UPDATE {tables[table]} SET spec = spec || jsonb_build_object({defaults}) "
+                "WHERE NOT spec ? 'image_kind'"
+            )
 
     def handle(self, event: StoredEvent) -> Iterable[Statement]:
         if event.aggregate == "instance":

@@ -25,15 +25,15 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'shipyard/imagebuild/v1/imagebuild.proto\x12\x16shipyard.imagebuild.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"?\n\x0c\x42uildOptions\x12\x0e\n\x06python\x18\x01 \x01(\t\x12\x1f\n\x17skip_dependency_install\x18\x02 \x01(\x08\"{\n\x10StartBuildHeader\x12\r\n\x05group\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x35\n\x07options\x18\x03 \x01(\x0b\x32$.shipyard.imagebuild.v1.BuildOptions\x12\x13\n\x0bsource_name\x18\x04 \x01(\t\"h\n\x11StartBuildRequest\x12:\n\x06header\x18\x01 \x01(\x0b\x32(.shipyard.imagebuild.v1.StartBuildHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"\x8d\x03\n\x05\x42uild\x12\x10\n\x08\x62uild_id\x18\x01 \x01(\t\x12\r\n\x05group\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x31\n\x05state\x18\x04 \x01(\x0e\x32\".shipyard.imagebuild.v1.BuildState\x12\x0f\n\x07version\x18\x05 \x01(\x05\x12\x11\n\tcache_hit\x18\x06 \x01(\x08\x12\x0e\n\x06reason\x18\x07 \x01(\t\x12\x10\n\x08log_tail\x18\x08 \x01(\t\x12\x14\n\x0crequested_by\x18\t \x01(\t\x12-\n\tqueued_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08\x61ttempts\x18\r \x01(\x05\x12\x15\n\rsource_digest\x18\x0e \x01(\t\x12\r\n\x05image\x18\x0f \x01(\t\"#\n\x0fGetBuildRequest\x12\x10\n\x08\x62uild_id\x18\x01 \x01(\t\"?\n\x11ListBuildsRequest\x12\r\n\x05group\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05limit\x18\x03 \x01(\x05\"C\n\x12ListBuildsResponse\x12-\n\x06\x62uilds\x18\x01 \x03(\x0b\x32\x1d.shipyard.imagebuild.v1.Build\":\n\x16StreamBuildLogsRequest\x12\x10\n\x08\x62uild_id\x18\x01 \x01(\t\x12\x0e\n\x06\x66ollow\x18\x02 \x01(\x08\"Q\n\x0c\x42uildLogLine\x12\x0b\n\x03seq\x18\x01 \x01(\x03\x12&\n\x02\x61t\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04line\x18\x03 \x01(\t\"(\n\x07Package\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"\xb5\x02\n\x05Image\x12\r\n\x05group\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x05\x12\x0e\n\x06\x64igest\x18\x04 \x01(\t\x12\x12\n\nsize_bytes\x18\x05 \x01(\x03\x12\x0e\n\x06python\x18\x06 \x01(\t\x12\x31\n\x08packages\x18\x07 \x03(\x0b\x32\x1f.shipyard.imagebuild.v1.Package\x12\x12\n\ncreated_by\x18\x08 \x01(\t\x12.\n\ncreated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06source\x18\n \x01(\t\x12\x10\n\x08\x62uild_id\x18\x0b \x01(\t\x12\x0e\n\x06script\x18\x0c \x01(\t\x12\x0f\n\x07workers\x18\r \x01(\x05\x12\x10\n\x08pack_url\x18\x0e \x01(\t\"0\n\x11ListImagesRequest\x12\r\n\x05group\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\"C\n\x12ListImagesResponse\x12-\n\x06images\x18\x01 \x03(\x0b\x32\x1d.shipyard.imagebuild.v1.Image\"/\n\x0fGetImageRequest\x12\r\n\x05group\x18\x01 \x01(\t\x12\r\n\x05image\x18\x02 \x01(\t\"4\n\x14GetImageUsageRequest\x12\r\n\x05group\x18\x01 \x01(\t\x12\r\n\x05image\x18\x02 \x01(\t\"0\n\nImageUsage\x12\r\n\x05image\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65ployments\x18\x02 \x03(\t\"0\n\x10GetReadmeRequest\x12\r\n\x05group\x18\x01 \x01(\t\x12\r\n\x05image\x18\x02 \x01(\t\"B\n\x10SetReadmeRequest\x12\r\n\x05group\x18\x01 \x01(\t\x12\r\n\x05image\x18\x02 \x01(\t\x12\x10\n\x08markdown\x18\x03 \x01(\t\"m\n\x06Readme\x12\r\n\x05image\x18\x01 \x01(\t\x12\x10\n\x08markdown\x18\x02 \x01(\t\x12.\n\nupdated_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nupdated_by\x18\x04 \x01(\t\"2\n\x12\x44\x65leteImageRequest\x12\r\n\x05group\x18\x01 \x01(\t\x12\r\n\x05image\x18\x02 \x01(\t\"\x15\n\x13\x44\x65leteImageResponse*\x8e\x01\n\nBuildState\x12\x1b\n\x17\x42UILD_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12\x42UILD_STATE_QUEUED\x10\x01\x12\x18\n\x14\x42UILD_STATE_BUILDING\x10\x02\x12\x19\n\x15\x42UILD_STATE_SUCCEEDED\x10\x03\x12\x16\n\x12\x42UILD_STATE_FAILED\x10\x04\x32\xc3\x07\n\x11ImageBuildService\x12X\n\nStartBuild\x12).shipyard.imagebuild.v1.StartBuildRequest\x1a\x1d.shipyard.imagebuild.v1.Build(\x01\x12R\n\x08GetBuild\x12\'.shipyard.imagebuild.v1.GetBuildRequest\x1a\x1d.shipyard.imagebuild.v1.Build\x12\x63\n\nListBuilds\x12).shipyard.imagebuild.v1.ListBuildsRequest\x1a*.shipyard.imagebuild.v1.ListBuildsResponse\x12i\n\x0fStreamBuildLogs\x12..shipyard.imagebuild.v1.StreamBuildLogsRequest\x1a$.shipyard.imagebuild.v1.BuildLogLine0\x01\x12\x63\n\nListImages\x12).shipyard.imagebuild.v1.ListImagesRequest\x1a*.shipyard.imagebuild.v1.ListImagesResponse\x12R\n\x08GetImage\x12\'.shipyard.imagebuild.v1.GetImageRequest\x1a\x1d.shipyard.imagebuild.v1.Image\x12\x61\n\rGetImageUsage\x12,.shipyard.imagebuild.v1.GetImageUsageRequest\x1a\".shipyard.imagebuild.v1.ImageUsage\x12U\n\tGetReadme\x12(.shipyard.imagebuild.v1.GetReadmeRequest\x1a\x1e.shipyard.imagebuild.v1.Readme\x12U\n\tSetReadme\x12(.shipyard.imagebuild.v1.SetReadmeRequest\x1a\x1e.shipyard.imagebuild.v1.Readme\x12\x66\n\x0b\x44\x65leteImage\x12*.shipyard.imagebuild.v1.DeleteImageRequest\x1a+.shipyard.imagebuild.v1.DeleteImageResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'shipyard/imagebuild/v1/imagebuild.proto\x12\x16shipyard.imagebuild.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"?\n\x0c\x42uildOptions\x12\x0e\n\x06python\x18\x01 \x01(\t\x12\x1f\n\x17skip_dependency_install\x18\x02 \x01(\x08\"{\n\x10StartBuildHeader\x12\r\n\x05group\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x35\n\x07options\x18\x03 \x01(\x0b\x32$.shipyard.imagebuild.v1.BuildOptions\x12\x13\n\x0bsource_name\x18\x04 \x01(\t\"h\n\x11StartBuildRequest\x12:\n\x06header\x18\x01 \x01(\x0b\x32(.shipyard.imagebuild.v1.StartBuildHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"\x8d\x03\n\x05\x42uild\x12\x10\n\x08\x62uild_id\x18\x01 \x01(\t\x12\r\n\x05group\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x31\n\x05state\x18\x04 \x01(\x0e\x32\".shipyard.imagebuild.v1.BuildState\x12\x0f\n\x07version\x18\x05 \x01(\x05\x12\x11\n\tcache_hit\x18\x06 \x01(\x08\x12\x0e\n\x06reason\x18\x07 \x01(\t\x12\x10\n\x08log_tail\x18\x08 \x01(\t\x12\x14\n\x0crequested_by\x18\t \x01(\t\x12-\n\tqueued_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08\x61ttempts\x18\r \x01(\x05\x12\x15\n\rsource_digest\x18\x0e \x01(\t\x12\r\n\x05image\x18\x0f \x01(\t\"#\n\x0fGetBuildRequest\x12\x10\n\x08\x62uild_id\x18\x01 \x01(\t\"?\n\x11ListBuildsRequest\x12\r\n\x05group\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05limit\x18\x03 \x01(\x05\"C\n\x12ListBuildsResponse\x12-\n\x06\x62uilds\x18\x01 \x03(\x0b\x32\x1d.shipyard.imagebuild.v1.Build\":\n\x16StreamBuildLogsRequest\x12\x10\n\x08\x62uild_id\x18\x01 \x01(\t\x12\x0e\n\x06\x66ollow\x18\x02 \x01(\x08\"Q\n\x0c\x42uildLogLine\x12\x0b\n\x03seq\x18\x01 \x01(\x03\x12&\n\x02\x61t\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04line\x18\x03 \x01(\t\"(\n\x07Package\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"\xd6\x02\n\x05Image\x12\r\n\x05group\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x05\x12\x0e\n\x06\x64igest\x18\x04 \x01(\t\x12\x12\n\nsize_bytes\x18\x05 \x01(\x03\x12\x0e\n\x06python\x18\x06 \x01(\t\x12\x31\n\x08packages\x18\x07 \x03(\x0b\x32\x1f.shipyard.imagebuild.v1.Package\x12\x12\n\ncreated_by\x18\x08 \x01(\t\x12.\n\ncreated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06source\x18\n \x01(\t\x12\x10\n\x08\x62uild_id\x18\x0b \x01(\t\x12\x0e\n\x06script\x18\x0c \x01(\t\x12\x0f\n\x07workers\x18\r \x01(\x05\x12\x10\n\x08pack_url\x18\x0e \x01(\t\x12\x0c\n\x04kind\x18\x0f \x01(\t\x12\x11\n\timage_ref\x18\x10 \x01(\t\"0\n\x11ListImagesRequest\x12\r\n\x05group\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\"C\n\x12ListImagesResponse\x12-\n\x06images\x18\x01 \x03(\x0b\x32\x1d.shipyard.imagebuild.v1.Image\"/\n\x0fGetImageRequest\x12\r\n\x05group\x18\x01 \x01(\t\x12\r\n\x05image\x18\x02 \x01(\t\"4\n\x14GetImageUsageRequest\x12\r\n\x05group\x18\x01 \x01(\t\x12\r\n\x05image\x18\x02 \x01(\t\"0\n\nImageUsage\x12\r\n\x05image\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65ployments\x18\x02 \x03(\t\"0\n\x10GetReadmeRequest\x12\r\n\x05group\x18\x01 \x01(\t\x12\r\n\x05image\x18\x02 \x01(\t\"B\n\x10SetReadmeRequest\x12\r\n\x05group\x18\x01 \x01(\t\x12\r\n\x05image\x18\x02 \x01(\t\x12\x10\n\x08markdown\x18\x03 \x01(\t\"m\n\x06Readme\x12\r\n\x05image\x18\x01 \x01(\t\x12\x10\n\x08markdown\x18\x02 \x01(\t\x12.\n\nupdated_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nupdated_by\x18\x04 \x01(\t\"2\n\x12\x44\x65leteImageRequest\x12\r\n\x05group\x18\x01 \x01(\t\x12\r\n\x05image\x18\x02 \x01(\t\"\x15\n\x13\x44\x65leteImageResponse*\x8e\x01\n\nBuildState\x12\x1b\n\x17\x42UILD_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12\x42UILD_STATE_QUEUED\x10\x01\x12\x18\n\x14\x42UILD_STATE_BUILDING\x10\x02\x12\x19\n\x15\x42UILD_STATE_SUCCEEDED\x10\x03\x12\x16\n\x12\x42UILD_STATE_FAILED\x10\x04\x32\xc3\x07\n\x11ImageBuildService\x12X\n\nStartBuild\x12).shipyard.imagebuild.v1.StartBuildRequest\x1a\x1d.shipyard.imagebuild.v1.Build(\x01\x12R\n\x08GetBuild\x12\'.shipyard.imagebuild.v1.GetBuildRequest\x1a\x1d.shipyard.imagebuild.v1.Build\x12\x63\n\nListBuilds\x12).shipyard.imagebuild.v1.ListBuildsRequest\x1a*.shipyard.imagebuild.v1.ListBuildsResponse\x12i\n\x0fStreamBuildLogs\x12..shipyard.imagebuild.v1.StreamBuildLogsRequest\x1a$.shipyard.imagebuild.v1.BuildLogLine0\x01\x12\x63\n\nListImages\x12).shipyard.imagebuild.v1.ListImagesRequest\x1a*.shipyard.imagebuild.v1.ListImagesResponse\x12R\n\x08GetImage\x12\'.shipyard.imagebuild.v1.GetImageRequest\x1a\x1d.shipyard.imagebuild.v1.Image\x12\x61\n\rGetImageUsage\x12,.shipyard.imagebuild.v1.GetImageUsageRequest\x1a\".shipyard.imagebuild.v1.ImageUsage\x12U\n\tGetReadme\x12(.shipyard.imagebuild.v1.GetReadmeRequest\x1a\x1e.shipyard.imagebuild.v1.Readme\x12U\n\tSetReadme\x12(.shipyard.imagebuild.v1.SetReadmeRequest\x1a\x1e.shipyard.imagebuild.v1.Readme\x12\x66\n\x0b\x44\x65leteImage\x12*.shipyard.imagebuild.v1.DeleteImageRequest\x1a+.shipyard.imagebuild.v1.DeleteImageResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'shipyard.imagebuild.v1.imagebuild_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_BUILDSTATE']._serialized_start=2041
-  _globals['_BUILDSTATE']._serialized_end=2183
+  _globals['_BUILDSTATE']._serialized_start=2074
+  _globals['_BUILDSTATE']._serialized_end=2216
   _globals['_BUILDOPTIONS']._serialized_start=100
   _globals['_BUILDOPTIONS']._serialized_end=163
   _globals['_STARTBUILDHEADER']._serialized_start=165
@@ -55,27 +55,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PACKAGE']._serialized_start=1110
   _globals['_PACKAGE']._serialized_end=1150
   _globals['_IMAGE']._serialized_start=1153
-  _globals['_IMAGE']._serialized_end=1462
-  _globals['_LISTIMAGESREQUEST']._serialized_start=1464
-  _globals['_LISTIMAGESREQUEST']._serialized_end=1512
-  _globals['_LISTIMAGESRESPONSE']._serialized_start=1514
-  _globals['_LISTIMAGESRESPONSE']._serialized_end=1581
-  _globals['_GETIMAGEREQUEST']._serialized_start=1583
-  _globals['_GETIMAGEREQUEST']._serialized_end=1630
-  _globals['_GETIMAGEUSAGEREQUEST']._serialized_start=1632
-  _globals['_GETIMAGEUSAGEREQUEST']._serialized_end=1684
-  _globals['_IMAGEUSAGE']._serialized_start=1686
-  _globals['_IMAGEUSAGE']._serialized_end=1734
-  _globals['_GETREADMEREQUEST']._serialized_start=1736
-  _globals['_GETREADMEREQUEST']._serialized_end=1784
-  _globals['_SETREADMEREQUEST']._serialized_start=1786
-  _globals['_SETREADMEREQUEST']._serialized_end=1852
-  _globals['_README']._serialized_start=1854
-  _globals['_README']._serialized_end=1963
-  _globals['_DELETEIMAGEREQUEST']._serialized_start=1965
-  _globals['_DELETEIMAGEREQUEST']._serialized_end=2015
-  _globals['_DELETEIMAGERESPONSE']._serialized_start=2017
-  _globals['_DELETEIMAGERESPONSE']._serialized_end=2038
-  _globals['_IMAGEBUILDSERVICE']._serialized_start=2186
-  _globals['_IMAGEBUILDSERVICE']._serialized_end=3149
+  _globals['_IMAGE']._serialized_end=1495
+  _globals['_LISTIMAGESREQUEST']._serialized_start=1497
+  _globals['_LISTIMAGESREQUEST']._serialized_end=1545
+  _globals['_LISTIMAGESRESPONSE']._serialized_start=1547
+  _globals['_LISTIMAGESRESPONSE']._serialized_end=1614
+  _globals['_GETIMAGEREQUEST']._serialized_start=1616
+  _globals['_GETIMAGEREQUEST']._serialized_end=1663
+  _globals['_GETIMAGEUSAGEREQUEST']._serialized_start=1665
+  _globals['_GETIMAGEUSAGEREQUEST']._serialized_end=1717
+  _globals['_IMAGEUSAGE']._serialized_start=1719
+  _globals['_IMAGEUSAGE']._serialized_end=1767
+  _globals['_GETREADMEREQUEST']._serialized_start=1769
+  _globals['_GETREADMEREQUEST']._serialized_end=1817
+  _globals['_SETREADMEREQUEST']._serialized_start=1819
+  _globals['_SETREADMEREQUEST']._serialized_end=1885
+  _globals['_README']._serialized_start=1887
+  _globals['_README']._serialized_end=1996
+  _globals['_DELETEIMAGEREQUEST']._serialized_start=1998
+  _globals['_DELETEIMAGEREQUEST']._serialized_end=2048
+  _globals['_DELETEIMAGERESPONSE']._serialized_start=2050
+  _globals['_DELETEIMAGERESPONSE']._serialized_end=2071
+  _globals['_IMAGEBUILDSERVICE']._serialized_start=2219
+  _globals['_IMAGEBUILDSERVICE']._serialized_end=3182
 # @@protoc_insertion_point(module_scope)

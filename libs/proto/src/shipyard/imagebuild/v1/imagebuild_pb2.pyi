@@ -330,6 +330,10 @@ Global___Package: _TypeAlias = Package  # noqa: Y015
 
 @_typing.final
 class Image(_message.Message):
+    """One image version: an environment pack (kind "pack", built locally) or an OCI image
+    (kind "oci", built by a Kaniko Job on a cluster).
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     GROUP_FIELD_NUMBER: _builtins.int
@@ -346,12 +350,15 @@ class Image(_message.Message):
     SCRIPT_FIELD_NUMBER: _builtins.int
     WORKERS_FIELD_NUMBER: _builtins.int
     PACK_URL_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    IMAGE_REF_FIELD_NUMBER: _builtins.int
     group: _builtins.str
     name: _builtins.str
     version: _builtins.int
     digest: _builtins.str
-    """sha256 of the pack"""
+    """sha256 (hex) of the pack, or of the OCI image manifest"""
     size_bytes: _builtins.int
+    """0 for an OCI image (the registry knows its size)"""
     python: _builtins.str
     created_by: _builtins.str
     source: _builtins.str
@@ -361,7 +368,11 @@ class Image(_message.Message):
     """serve.py or score.py"""
     workers: _builtins.int
     pack_url: _builtins.str
-    """where the pack is stored"""
+    """object store key of the pack; empty for an OCI image"""
+    kind: _builtins.str
+    """"pack" or "oci" """
+    image_ref: _builtins.str
+    """the OCI image pinned by digest (registry/repo@sha256:...); empty for a pack"""
     @_builtins.property
     def packages(self) -> _containers.RepeatedCompositeFieldContainer[Global___Package]: ...
     @_builtins.property
@@ -383,10 +394,12 @@ class Image(_message.Message):
         script: _builtins.str = ...,
         workers: _builtins.int = ...,
         pack_url: _builtins.str = ...,
+        kind: _builtins.str = ...,
+        image_ref: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["build_id", b"build_id", "created_at", b"created_at", "created_by", b"created_by", "digest", b"digest", "group", b"group", "name", b"name", "pack_url", b"pack_url", "packages", b"packages", "python", b"python", "script", b"script", "size_bytes", b"size_bytes", "source", b"source", "version", b"version", "workers", b"workers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["build_id", b"build_id", "created_at", b"created_at", "created_by", b"created_by", "digest", b"digest", "group", b"group", "image_ref", b"image_ref", "kind", b"kind", "name", b"name", "pack_url", b"pack_url", "packages", b"packages", "python", b"python", "script", b"script", "size_bytes", b"size_bytes", "source", b"source", "version", b"version", "workers", b"workers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

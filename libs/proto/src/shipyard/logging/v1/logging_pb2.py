@@ -25,33 +25,33 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!shipyard/logging/v1/logging.proto\x12\x13shipyard.logging.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xc4\x01\n\x07LogLine\x12&\n\x02\x61t\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\ndeployment\x18\x02 \x01(\t\x12\x10\n\x08revision\x18\x03 \x01(\x05\x12\x10\n\x08instance\x18\x04 \x01(\t\x12.\n\x06stream\x18\x05 \x01(\x0e\x32\x1e.shipyard.logging.v1.LogStream\x12\x0e\n\x06offset\x18\x06 \x01(\x03\x12\x0c\n\x04text\x18\x07 \x01(\t\x12\x0b\n\x03\x63ut\x18\x08 \x01(\x08\"7\n\x08LogBatch\x12+\n\x05lines\x18\x01 \x03(\x0b\x32\x1c.shipyard.logging.v1.LogLine\"\x95\x01\n\tLogFilter\x12\x12\n\ndeployment\x18\x01 \x01(\t\x12\x10\n\x08instance\x18\x02 \x01(\t\x12)\n\x05since\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05until\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04grep\x18\x05 \x01(\t\"P\n\x0fTailLogsRequest\x12.\n\x06\x66ilter\x18\x01 \x01(\x0b\x32\x1e.shipyard.logging.v1.LogFilter\x12\r\n\x05limit\x18\x02 \x01(\x05\"Q\n\x11\x46ollowLogsRequest\x12.\n\x06\x66ilter\x18\x01 \x01(\x0b\x32\x1e.shipyard.logging.v1.LogFilter\x12\x0c\n\x04tail\x18\x02 \x01(\x05\";\n\x13\x44ownloadLogsRequest\x12\x12\n\ndeployment\x18\x01 \x01(\t\x12\x10\n\x08instance\x18\x02 \x01(\t\"+\n\x15ListLogSourcesRequest\x12\x12\n\ndeployment\x18\x01 \x01(\t\"\x99\x01\n\tLogSource\x12\x10\n\x08instance\x18\x01 \x01(\t\x12\x10\n\x08revision\x18\x02 \x01(\x05\x12\r\n\x05lines\x18\x03 \x01(\x03\x12,\n\x08\x66irst_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x07last_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"I\n\x16ListLogSourcesResponse\x12/\n\x07sources\x18\x01 \x03(\x0b\x32\x1e.shipyard.logging.v1.LogSource*l\n\tLogStream\x12\x1a\n\x16LOG_STREAM_UNSPECIFIED\x10\x00\x12\x15\n\x11LOG_STREAM_STDOUT\x10\x01\x12\x15\n\x11LOG_STREAM_STDERR\x10\x02\x12\x15\n\x11LOG_STREAM_OUTPUT\x10\x03\x32\xfc\x02\n\nLogService\x12Q\n\x08TailLogs\x12$.shipyard.logging.v1.TailLogsRequest\x1a\x1d.shipyard.logging.v1.LogBatch0\x01\x12U\n\nFollowLogs\x12&.shipyard.logging.v1.FollowLogsRequest\x1a\x1d.shipyard.logging.v1.LogBatch0\x01\x12Y\n\x0c\x44ownloadLogs\x12(.shipyard.logging.v1.DownloadLogsRequest\x1a\x1d.shipyard.logging.v1.LogBatch0\x01\x12i\n\x0eListLogSources\x12*.shipyard.logging.v1.ListLogSourcesRequest\x1a+.shipyard.logging.v1.ListLogSourcesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!shipyard/logging/v1/logging.proto\x12\x13shipyard.logging.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xd6\x01\n\x07LogLine\x12&\n\x02\x61t\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\ndeployment\x18\x02 \x01(\t\x12\x10\n\x08revision\x18\x03 \x01(\x05\x12\x10\n\x08instance\x18\x04 \x01(\t\x12.\n\x06stream\x18\x05 \x01(\x0e\x32\x1e.shipyard.logging.v1.LogStream\x12\x0e\n\x06offset\x18\x06 \x01(\x03\x12\x0c\n\x04text\x18\x07 \x01(\t\x12\x0b\n\x03\x63ut\x18\x08 \x01(\x08\x12\x10\n\x08\x62uild_id\x18\t \x01(\t\"7\n\x08LogBatch\x12+\n\x05lines\x18\x01 \x03(\x0b\x32\x1c.shipyard.logging.v1.LogLine\"\xa7\x01\n\tLogFilter\x12\x12\n\ndeployment\x18\x01 \x01(\t\x12\x10\n\x08instance\x18\x02 \x01(\t\x12)\n\x05since\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05until\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04grep\x18\x05 \x01(\t\x12\x10\n\x08\x62uild_id\x18\x06 \x01(\t\"P\n\x0fTailLogsRequest\x12.\n\x06\x66ilter\x18\x01 \x01(\x0b\x32\x1e.shipyard.logging.v1.LogFilter\x12\r\n\x05limit\x18\x02 \x01(\x05\"Q\n\x11\x46ollowLogsRequest\x12.\n\x06\x66ilter\x18\x01 \x01(\x0b\x32\x1e.shipyard.logging.v1.LogFilter\x12\x0c\n\x04tail\x18\x02 \x01(\x05\"M\n\x13\x44ownloadLogsRequest\x12\x12\n\ndeployment\x18\x01 \x01(\t\x12\x10\n\x08instance\x18\x02 \x01(\t\x12\x10\n\x08\x62uild_id\x18\x03 \x01(\t\"+\n\x15ListLogSourcesRequest\x12\x12\n\ndeployment\x18\x01 \x01(\t\"\x99\x01\n\tLogSource\x12\x10\n\x08instance\x18\x01 \x01(\t\x12\x10\n\x08revision\x18\x02 \x01(\x05\x12\r\n\x05lines\x18\x03 \x01(\x03\x12,\n\x08\x66irst_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x07last_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"I\n\x16ListLogSourcesResponse\x12/\n\x07sources\x18\x01 \x03(\x0b\x32\x1e.shipyard.logging.v1.LogSource*l\n\tLogStream\x12\x1a\n\x16LOG_STREAM_UNSPECIFIED\x10\x00\x12\x15\n\x11LOG_STREAM_STDOUT\x10\x01\x12\x15\n\x11LOG_STREAM_STDERR\x10\x02\x12\x15\n\x11LOG_STREAM_OUTPUT\x10\x03\x32\xfc\x02\n\nLogService\x12Q\n\x08TailLogs\x12$.shipyard.logging.v1.TailLogsRequest\x1a\x1d.shipyard.logging.v1.LogBatch0\x01\x12U\n\nFollowLogs\x12&.shipyard.logging.v1.FollowLogsRequest\x1a\x1d.shipyard.logging.v1.LogBatch0\x01\x12Y\n\x0c\x44ownloadLogs\x12(.shipyard.logging.v1.DownloadLogsRequest\x1a\x1d.shipyard.logging.v1.LogBatch0\x01\x12i\n\x0eListLogSources\x12*.shipyard.logging.v1.ListLogSourcesRequest\x1a+.shipyard.logging.v1.ListLogSourcesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'shipyard.logging.v1.logging_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_LOGSTREAM']._serialized_start=1001
-  _globals['_LOGSTREAM']._serialized_end=1109
+  _globals['_LOGSTREAM']._serialized_start=1055
+  _globals['_LOGSTREAM']._serialized_end=1163
   _globals['_LOGLINE']._serialized_start=92
-  _globals['_LOGLINE']._serialized_end=288
-  _globals['_LOGBATCH']._serialized_start=290
-  _globals['_LOGBATCH']._serialized_end=345
-  _globals['_LOGFILTER']._serialized_start=348
-  _globals['_LOGFILTER']._serialized_end=497
-  _globals['_TAILLOGSREQUEST']._serialized_start=499
-  _globals['_TAILLOGSREQUEST']._serialized_end=579
-  _globals['_FOLLOWLOGSREQUEST']._serialized_start=581
-  _globals['_FOLLOWLOGSREQUEST']._serialized_end=662
-  _globals['_DOWNLOADLOGSREQUEST']._serialized_start=664
-  _globals['_DOWNLOADLOGSREQUEST']._serialized_end=723
-  _globals['_LISTLOGSOURCESREQUEST']._serialized_start=725
-  _globals['_LISTLOGSOURCESREQUEST']._serialized_end=768
-  _globals['_LOGSOURCE']._serialized_start=771
-  _globals['_LOGSOURCE']._serialized_end=924
-  _globals['_LISTLOGSOURCESRESPONSE']._serialized_start=926
-  _globals['_LISTLOGSOURCESRESPONSE']._serialized_end=999
-  _globals['_LOGSERVICE']._serialized_start=1112
-  _globals['_LOGSERVICE']._serialized_end=1492
+  _globals['_LOGLINE']._serialized_end=306
+  _globals['_LOGBATCH']._serialized_start=308
+  _globals['_LOGBATCH']._serialized_end=363
+  _globals['_LOGFILTER']._serialized_start=366
+  _globals['_LOGFILTER']._serialized_end=533
+  _globals['_TAILLOGSREQUEST']._serialized_start=535
+  _globals['_TAILLOGSREQUEST']._serialized_end=615
+  _globals['_FOLLOWLOGSREQUEST']._serialized_start=617
+  _globals['_FOLLOWLOGSREQUEST']._serialized_end=698
+  _globals['_DOWNLOADLOGSREQUEST']._serialized_start=700
+  _globals['_DOWNLOADLOGSREQUEST']._serialized_end=777
+  _globals['_LISTLOGSOURCESREQUEST']._serialized_start=779
+  _globals['_LISTLOGSOURCESREQUEST']._serialized_end=822
+  _globals['_LOGSOURCE']._serialized_start=825
+  _globals['_LOGSOURCE']._serialized_end=978
+  _globals['_LISTLOGSOURCESRESPONSE']._serialized_start=980
+  _globals['_LISTLOGSOURCESRESPONSE']._serialized_end=1053
+  _globals['_LOGSERVICE']._serialized_start=1166
+  _globals['_LOGSERVICE']._serialized_end=1546
 # @@protoc_insertion_point(module_scope)

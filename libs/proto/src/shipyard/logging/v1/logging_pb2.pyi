@@ -53,16 +53,21 @@ class LogLine(_message.Message):
     OFFSET_FIELD_NUMBER: _builtins.int
     TEXT_FIELD_NUMBER: _builtins.int
     CUT_FIELD_NUMBER: _builtins.int
+    BUILD_ID_FIELD_NUMBER: _builtins.int
     deployment: _builtins.str
+    """empty for a build's line"""
     revision: _builtins.int
     instance: _builtins.str
+    """empty for a build's line"""
     stream: Global___LogStream.ValueType
     offset: _builtins.int
-    """position in the instance's log (bytes locally)"""
+    """position in the instance's log (bytes locally); a build's line number (from 1)"""
     text: _builtins.str
     """UTF-8; invalid bytes are U+FFFD, no newline"""
     cut: _builtins.bool
     """a longer line continues in the next one (16 KiB pieces)"""
+    build_id: _builtins.str
+    """set for a build's line"""
     @_builtins.property
     def at(self) -> _timestamp_pb2.Timestamp:
         """UTC, when the shipper read (or the runtime stamped) it"""
@@ -78,10 +83,11 @@ class LogLine(_message.Message):
         offset: _builtins.int = ...,
         text: _builtins.str = ...,
         cut: _builtins.bool = ...,
+        build_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["at", b"at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "cut", b"cut", "deployment", b"deployment", "instance", b"instance", "offset", b"offset", "revision", b"revision", "stream", b"stream", "text", b"text"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "build_id", b"build_id", "cut", b"cut", "deployment", b"deployment", "instance", b"instance", "offset", b"offset", "revision", b"revision", "stream", b"stream", "text", b"text"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -109,7 +115,9 @@ Global___LogBatch: _TypeAlias = LogBatch  # noqa: Y015
 
 @_typing.final
 class LogFilter(_message.Message):
-    """Which lines: one deployment, optionally one instance, a time range and a text."""
+    """Which lines: one deployment (optionally one instance) or one build, a time range and
+    a text.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -118,11 +126,15 @@ class LogFilter(_message.Message):
     SINCE_FIELD_NUMBER: _builtins.int
     UNTIL_FIELD_NUMBER: _builtins.int
     GREP_FIELD_NUMBER: _builtins.int
+    BUILD_ID_FIELD_NUMBER: _builtins.int
     deployment: _builtins.str
+    """empty with build_id"""
     instance: _builtins.str
     """empty: every instance of the deployment"""
     grep: _builtins.str
     """only lines containing this text (case-insensitive)"""
+    build_id: _builtins.str
+    """an image build's log instead of a deployment's"""
     @_builtins.property
     def since(self) -> _timestamp_pb2.Timestamp:
         """unset: from the oldest stored line"""
@@ -139,10 +151,11 @@ class LogFilter(_message.Message):
         since: _timestamp_pb2.Timestamp | None = ...,
         until: _timestamp_pb2.Timestamp | None = ...,
         grep: _builtins.str = ...,
+        build_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["since", b"since", "until", b"until"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deployment", b"deployment", "grep", b"grep", "instance", b"instance", "since", b"since", "until", b"until"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["build_id", b"build_id", "deployment", b"deployment", "grep", b"grep", "instance", b"instance", "since", b"since", "until", b"until"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -204,18 +217,23 @@ class DownloadLogsRequest(_message.Message):
 
     DEPLOYMENT_FIELD_NUMBER: _builtins.int
     INSTANCE_FIELD_NUMBER: _builtins.int
+    BUILD_ID_FIELD_NUMBER: _builtins.int
     deployment: _builtins.str
+    """empty with build_id"""
     instance: _builtins.str
-    """required"""
+    """required for a deployment"""
+    build_id: _builtins.str
+    """an image build's whole log instead"""
     def __init__(
         self,
         *,
         deployment: _builtins.str = ...,
         instance: _builtins.str = ...,
+        build_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deployment", b"deployment", "instance", b"instance"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["build_id", b"build_id", "deployment", b"deployment", "instance", b"instance"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -26,10 +26,11 @@ if _version_not_supported:
 
 
 class LogServiceStub:
-    """LogService reads the log lines of deployments' instances (replicas), which the
-    logging service collects from the LOGS stream (docs/events.md). A caller reads the
-    logs of deployments of their groups only (admins: every deployment); any other
-    deployment is NOT_FOUND, exactly like one that does not exist.
+    """LogService reads the log lines of deployments' instances (replicas) and of image
+    builds, which the logging service collects from the LOGS stream (docs/events.md). A
+    caller reads the logs of deployments and builds of their groups only (admins: all);
+    any other deployment or build is NOT_FOUND, exactly like one that does not exist.
+    A filter names a deployment (and maybe one instance) or one build (build_id).
     """
 
     def __init__(self, channel):
@@ -61,15 +62,16 @@ class LogServiceStub:
 
 
 class LogServiceServicer:
-    """LogService reads the log lines of deployments' instances (replicas), which the
-    logging service collects from the LOGS stream (docs/events.md). A caller reads the
-    logs of deployments of their groups only (admins: every deployment); any other
-    deployment is NOT_FOUND, exactly like one that does not exist.
+    """LogService reads the log lines of deployments' instances (replicas) and of image
+    builds, which the logging service collects from the LOGS stream (docs/events.md). A
+    caller reads the logs of deployments and builds of their groups only (admins: all);
+    any other deployment or build is NOT_FOUND, exactly like one that does not exist.
+    A filter names a deployment (and maybe one instance) or one build (build_id).
     """
 
     def TailLogs(self, request, context):
-        """The last lines (default 2000) of a deployment or of one of its instances, oldest
-        first, in batches.
+        """The last lines (default 2000) of a deployment, of one of its instances or of a
+        build, oldest first, in batches.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -83,7 +85,7 @@ class LogServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DownloadLogs(self, request, context):
-        """The whole stored log of one instance, oldest first, in batches.
+        """The whole stored log of one instance or build, oldest first, in batches.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -128,10 +130,11 @@ def add_LogServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class LogService:
-    """LogService reads the log lines of deployments' instances (replicas), which the
-    logging service collects from the LOGS stream (docs/events.md). A caller reads the
-    logs of deployments of their groups only (admins: every deployment); any other
-    deployment is NOT_FOUND, exactly like one that does not exist.
+    """LogService reads the log lines of deployments' instances (replicas) and of image
+    builds, which the logging service collects from the LOGS stream (docs/events.md). A
+    caller reads the logs of deployments and builds of their groups only (admins: all);
+    any other deployment or build is NOT_FOUND, exactly like one that does not exist.
+    A filter names a deployment (and maybe one instance) or one build (build_id).
     """
 
     @staticmethod

@@ -27,10 +27,11 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class LogServiceStub:
-    """LogService reads the log lines of deployments' instances (replicas), which the
-    logging service collects from the LOGS stream (docs/events.md). A caller reads the
-    logs of deployments of their groups only (admins: every deployment); any other
-    deployment is NOT_FOUND, exactly like one that does not exist.
+    """LogService reads the log lines of deployments' instances (replicas) and of image
+    builds, which the logging service collects from the LOGS stream (docs/events.md). A
+    caller reads the logs of deployments and builds of their groups only (admins: all);
+    any other deployment or build is NOT_FOUND, exactly like one that does not exist.
+    A filter names a deployment (and maybe one instance) or one build (build_id).
     """
 
     @_typing.overload
@@ -38,41 +39,43 @@ class LogServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> LogServiceAsyncStub: ...
     TailLogs: _grpc.UnaryStreamMultiCallable[_logging_pb2.TailLogsRequest, _logging_pb2.LogBatch]
-    """The last lines (default 2000) of a deployment or of one of its instances, oldest
-    first, in batches.
+    """The last lines (default 2000) of a deployment, of one of its instances or of a
+    build, oldest first, in batches.
     """
     FollowLogs: _grpc.UnaryStreamMultiCallable[_logging_pb2.FollowLogsRequest, _logging_pb2.LogBatch]
     """The last `tail` lines, then every new line as it arrives, until the caller cancels."""
     DownloadLogs: _grpc.UnaryStreamMultiCallable[_logging_pb2.DownloadLogsRequest, _logging_pb2.LogBatch]
-    """The whole stored log of one instance, oldest first, in batches."""
+    """The whole stored log of one instance or build, oldest first, in batches."""
     ListLogSources: _grpc.UnaryUnaryMultiCallable[_logging_pb2.ListLogSourcesRequest, _logging_pb2.ListLogSourcesResponse]
     """The instances of a deployment that have stored lines, newest first."""
 
 @_typing.type_check_only
 class LogServiceAsyncStub(LogServiceStub):
-    """LogService reads the log lines of deployments' instances (replicas), which the
-    logging service collects from the LOGS stream (docs/events.md). A caller reads the
-    logs of deployments of their groups only (admins: every deployment); any other
-    deployment is NOT_FOUND, exactly like one that does not exist.
+    """LogService reads the log lines of deployments' instances (replicas) and of image
+    builds, which the logging service collects from the LOGS stream (docs/events.md). A
+    caller reads the logs of deployments and builds of their groups only (admins: all);
+    any other deployment or build is NOT_FOUND, exactly like one that does not exist.
+    A filter names a deployment (and maybe one instance) or one build (build_id).
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     TailLogs: _aio.UnaryStreamMultiCallable[_logging_pb2.TailLogsRequest, _logging_pb2.LogBatch]  # type: ignore[assignment]
-    """The last lines (default 2000) of a deployment or of one of its instances, oldest
-    first, in batches.
+    """The last lines (default 2000) of a deployment, of one of its instances or of a
+    build, oldest first, in batches.
     """
     FollowLogs: _aio.UnaryStreamMultiCallable[_logging_pb2.FollowLogsRequest, _logging_pb2.LogBatch]  # type: ignore[assignment]
     """The last `tail` lines, then every new line as it arrives, until the caller cancels."""
     DownloadLogs: _aio.UnaryStreamMultiCallable[_logging_pb2.DownloadLogsRequest, _logging_pb2.LogBatch]  # type: ignore[assignment]
-    """The whole stored log of one instance, oldest first, in batches."""
+    """The whole stored log of one instance or build, oldest first, in batches."""
     ListLogSources: _aio.UnaryUnaryMultiCallable[_logging_pb2.ListLogSourcesRequest, _logging_pb2.ListLogSourcesResponse]  # type: ignore[assignment]
     """The instances of a deployment that have stored lines, newest first."""
 
 class LogServiceServicer(metaclass=_abc_1.ABCMeta):
-    """LogService reads the log lines of deployments' instances (replicas), which the
-    logging service collects from the LOGS stream (docs/events.md). A caller reads the
-    logs of deployments of their groups only (admins: every deployment); any other
-    deployment is NOT_FOUND, exactly like one that does not exist.
+    """LogService reads the log lines of deployments' instances (replicas) and of image
+    builds, which the logging service collects from the LOGS stream (docs/events.md). A
+    caller reads the logs of deployments and builds of their groups only (admins: all);
+    any other deployment or build is NOT_FOUND, exactly like one that does not exist.
+    A filter names a deployment (and maybe one instance) or one build (build_id).
     """
 
     @_abc_1.abstractmethod
@@ -81,8 +84,8 @@ class LogServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _logging_pb2.TailLogsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_logging_pb2.LogBatch], _abc.AsyncIterator[_logging_pb2.LogBatch]]:
-        """The last lines (default 2000) of a deployment or of one of its instances, oldest
-        first, in batches.
+        """The last lines (default 2000) of a deployment, of one of its instances or of a
+        build, oldest first, in batches.
         """
 
     @_abc_1.abstractmethod
@@ -99,7 +102,7 @@ class LogServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _logging_pb2.DownloadLogsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_logging_pb2.LogBatch], _abc.AsyncIterator[_logging_pb2.LogBatch]]:
-        """The whole stored log of one instance, oldest first, in batches."""
+        """The whole stored log of one instance or build, oldest first, in batches."""
 
     @_abc_1.abstractmethod
     def ListLogSources(
