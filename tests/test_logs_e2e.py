@@ -25,10 +25,10 @@ from shipyard.client.config import ClientConfig
 from shipyard_core import bus
 from shipyard_core.auth import Principal
 from shipyard_core.eventstore import StoredEvent
-from shipyard_core.logbatch import LogBatch, split_lines
+from shipyard_core.logbatch import JetStreamLogPublisher, LogBatch, split_lines
 from shipyard_logging.main import LoggingService, build_service
 from shipyard_logging.settings import LoggingSettings
-from shipyard_scheduler.adapters.logship import JetStreamLogPublisher, LocalLogShipper
+from shipyard_scheduler.adapters.logship import LocalLogShipper
 from shipyard_testing import StaticAuthenticator, wait_for
 
 INSTANCE = "echo-r1-q9w8e"

@@ -12,10 +12,9 @@ import pytest
 from nats.js import JetStreamContext
 
 from shipyard_core import bus
-from shipyard_core.logbatch import MAX_LINE_BYTES, LogBatch
+from shipyard_core.logbatch import MAX_LINE_BYTES, JetStreamLogPublisher, LogBatch
 from shipyard_scheduler.adapters.logship import (
     POSITIONS_FILE,
-    JetStreamLogPublisher,
     LocalLogShipper,
     parse_instance_id,
 )

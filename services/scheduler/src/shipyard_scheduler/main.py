@@ -134,8 +134,9 @@ async def build_scheduler(
 
 def _ship_logs(host: ServiceHost, backend: RuntimeBackend, svc: EventSourcedService) -> None:
     """Ships the local backend's instance logs to LOGS (docs/decisions/0024-logs.md)."""
+    from shipyard_core.logbatch import JetStreamLogPublisher
     from shipyard_scheduler.adapters.local import LocalBackend
-    from shipyard_scheduler.adapters.logship import JetStreamLogPublisher, LocalLogShipper
+    from shipyard_scheduler.adapters.logship import LocalLogShipper
 
     if isinstance(backend, LocalBackend):
         shipper = LocalLogShipper(backend.root / "logs", JetStreamLogPublisher(svc.js))

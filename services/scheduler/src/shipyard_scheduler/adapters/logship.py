@@ -39,45 +39,20 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Protocol
-
-from nats.js import JetStreamContext
 
 from shipyard_core.aio import pause
-from shipyard_core.bus import LOGS_STREAM
-from shipyard_core.logbatch import MAX_BATCH_BYTES, LogBatch, split_lines
+from shipyard_core.logbatch import (
+    MAX_BATCH_BYTES,
+    LogBatch,
+    LogPublisher,
+    split_lines,
+)
 
 log = logging.getLogger(__name__)
 
 POSITIONS_FILE = ".shipped.json"
 # Instance ids of the local backend: <deployment>-r<revision>-<suffix>.
 _INSTANCE = re.compile(r"^(?P<deployment>[a-z][a-z0-9-]*?)-r(?P<revision>\d+)-[a-z0-9]+$")
-
-
-class LogPublisher(Protocol):
-    """Where a shipper's batches go; returns once the batch is stored durably."""
-
-    async def publish(self, batch: LogBatch) -> None:
-        """Publishes one batch (raises when it was not acknowledged)."""
-        ...
-
-
-class JetStreamLogPublisher:
-    """:class:`LogPublisher` on the ``LOGS`` stream, deduplicated by ``Nats-Msg-Id``."""
-
-    def __init__(self, js: JetStreamContext, *, timeout: float = 10.0) -> None:
-        self.js = js
-        self.timeout = timeout
-
-    async def publish(self, batch: LogBatch) -> None:
-        """Publishes and waits for JetStream's acknowledgement."""
-        await self.js.publish(
-            batch.subject,
-            batch.encode(),
-            stream=LOGS_STREAM,
-            timeout=self.timeout,
-            headers={"Nats-Msg-Id": batch.msg_id},
-        )
 
 
 @dataclass
