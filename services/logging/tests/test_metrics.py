@@ -151,9 +151,15 @@ async def test_buckets_count_every_request_by_class_exactly(server: Server, nats
     assert [p.requests for p in answer.series] == [120, 4]
     assert answer.step_minutes == 1
 
-    # Default range: the last hour, at most 60 points.
+    # Default range: the last hour, in 1-minute points (61: the first and the current
+    # minute are partial), not 31 points of 2 minutes.
     hour = await get(server, "ana", "iris")
-    assert hour.total.requests == 124 and len(hour.series) <= 61
+    assert hour.total.requests == 124 and hour.step_minutes == 1
+    assert len(hour.series) == 61
+    two = await get(
+        server, "ana", "iris", since=to_timestamp(datetime.now(UTC) - timedelta(hours=2))
+    )
+    assert two.step_minutes == 2 and len(two.series) <= 61
 
 
 async def test_metrics_of_another_group_are_not_found(server: Server, nats_bus: Bus) -> None:

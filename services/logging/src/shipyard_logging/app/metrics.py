@@ -187,7 +187,9 @@ class MetricsQueries:
             raise InvalidArgument("step_minutes", f"must be >= 0, got {step_minutes}")
         minutes_in_range = math.ceil((end - start) / timedelta(minutes=1))
         if step_minutes == 0:
-            step_minutes = max(1, math.ceil(minutes_in_range / MAX_POINTS))
+            # The start is floored to its minute, so "the last hour" spans 61 minutes (the
+            # first and the current one partly): that is still an hour of 1-minute points.
+            step_minutes = max(1, math.ceil((minutes_in_range - 1) / MAX_POINTS))
         if minutes_in_range / step_minutes > MAX_STEPS:
             raise InvalidArgument(
                 "step_minutes",
