@@ -138,11 +138,13 @@ def containers(deployment: dict[str, Any]) -> tuple[dict[str, Any], dict[str, An
 @pytest.mark.parametrize("version", K8S_VERSIONS)
 @pytest.mark.parametrize("settings", list(SETTINGS), ids=list(SETTINGS))
 @pytest.mark.parametrize("itype", [*INSTANCE_TYPES, "long-name"])
-def test_manifests_validate_strictly(version: str, settings: str, itype: str) -> None:
+@pytest.mark.parametrize("kind", ["pack", "oci"])
+def test_manifests_validate_strictly(version: str, settings: str, itype: str, kind: str) -> None:
+    make = make_spec if kind == "pack" else make_oci_spec
     if itype == "long-name":
-        spec = make_spec(deployment=LONG_NAME, revision=123456)
+        spec = make(deployment=LONG_NAME, revision=123456)
     else:
-        spec = make_spec(**INSTANCE_TYPES[itype])
+        spec = make(**INSTANCE_TYPES[itype])
     for manifest in (
         deployment_manifest(spec, SETTINGS[settings]),
         service_manifest(spec, SETTINGS[settings]),
@@ -385,21 +387,6 @@ def test_digest_with_prefix_is_accepted() -> None:
 
 
 # --------------------------------------------------------------------------- OCI images
-
-
-@pytest.mark.parametrize("version", K8S_VERSIONS)
-@pytest.mark.parametrize("settings", list(SETTINGS), ids=list(SETTINGS))
-@pytest.mark.parametrize("itype", [*INSTANCE_TYPES, "long-name"])
-def test_oci_manifests_validate_strictly(version: str, settings: str, itype: str) -> None:
-    if itype == "long-name":
-        spec = make_oci_spec(deployment=LONG_NAME, revision=123456)
-    else:
-        spec = make_oci_spec(**INSTANCE_TYPES[itype])
-    for manifest in (
-        deployment_manifest(spec, SETTINGS[settings]),
-        service_manifest(spec, SETTINGS[settings]),
-    ):
-        kubernetes_validate.validate(manifest, version, strict=True)
 
 
 def test_an_oci_revision_runs_its_image_with_no_pack_download() -> None:

@@ -246,21 +246,10 @@ class LogsClient:
         """Writes the whole stored log of one instance to ``path`` (one line per line,
         a cut line joined with its continuation); returns how many lines were stored.
         The file appears only once complete."""
-        count = 0
-        tmp = f"{os.fspath(path)}.part"
-        try:
-            with open(tmp, "w", encoding="utf-8", newline="\n") as out:
-                for line in self.lines(deployment, instance):
-                    out.write(line.text)
-                    if not line.cut:
-                        out.write("\n")
-                    count += 1
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-        return count
+        return _write_whole(
+            path,
+            (line.text + ("" if line.cut else "\n") for line in self.lines(deployment, instance)),
+        )
 
     def sources(self, deployment: str) -> list[LogSource]:
         """The instances of a deployment that have stored lines, newest first."""
@@ -311,19 +300,7 @@ class LogsClient:
     def download_build(self, build_id: str, path: str | os.PathLike[str]) -> int:
         """Writes the build's log the logging service holds to ``path`` (the file appears
         only once complete); returns how many lines it has."""
-        count = 0
-        tmp = f"{os.fspath(path)}.part"
-        try:
-            with open(tmp, "w", encoding="utf-8", newline="\n") as out:
-                for line in self.build_lines(build_id):
-                    out.write(line.line + "\n")
-                    count += 1
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-        return count
+        return _write_whole(path, (line.line + "\n" for line in self.build_lines(build_id)))
 
     def resolve_build(self, build_or_image: str, group: str | None = None) -> str:
         """The build id of ``build_or_image``: a build id (``b-`` and hex digits), or an
@@ -390,3 +367,21 @@ class LogsClient:
 
     def _images(self) -> ImagesClient:
         return ImagesClient(self._transport)
+
+
+def _write_whole(path: str | os.PathLike[str], pieces: Iterable[str]) -> int:
+    """Writes ``pieces`` to ``path`` through a ``.part`` file renamed at the end, so the
+    file appears only once complete; returns how many pieces were written."""
+    count = 0
+    tmp = f"{os.fspath(path)}.part"
+    try:
+        with open(tmp, "w", encoding="utf-8", newline="\n") as out:
+            for piece in pieces:
+                out.write(piece)
+                count += 1
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return count

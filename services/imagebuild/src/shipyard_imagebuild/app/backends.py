@@ -139,21 +139,15 @@ class LocalPackBackend:
         )
         digest, key, size = await self.objects.put_content_addressed(pack.path, "packs")
         logs.write(f"stored pack sha256:{digest} ({size} bytes)")
-        return ImageVersionCreated(
-            version=0,
-            build_id=request.build_id,
+        return version_event(
+            request,
+            model,
+            readme,
             digest=digest,
             size_bytes=size,
             pack_key=key,
             python=pack.python_version,
             packages=list(pack.packages),
-            script=model.script,
-            workers=model.workers,
-            source_digest=request.source_digest,
-            source_name=request.source_name,
-            cache_key=request.cache_key,
-            created_by=request.requested_by,
-            readme=readme,
         )
 
     async def cleanup(self, task: BuildTask) -> None:
@@ -262,21 +256,15 @@ class KanikoBackend:
             )
         reference = f"{self.repository(request)}@{digest}"
         logs.write(f"pushed {build.destination} as {reference}")
-        return ImageVersionCreated(
-            version=0,
-            build_id=request.build_id,
+        return version_event(
+            request,
+            model,
+            readme,
             digest=digest.removeprefix("sha256:"),
             size_bytes=0,
             pack_key="",
             python=request.python,
             packages=pip_installed(text.splitlines()),
-            script=model.script,
-            workers=model.workers,
-            source_digest=request.source_digest,
-            source_name=request.source_name,
-            cache_key=request.cache_key,
-            created_by=request.requested_by,
-            readme=readme,
             kind="oci",
             image_ref=reference,
         )
@@ -434,6 +422,26 @@ class KanikoBackend:
             )
             return
         task.logs.write(f"deleted Job {where}")
+
+
+def version_event(
+    request: BuildQueued, model: folder.ModelFolder, readme: str, **made: Any
+) -> ImageVersionCreated:
+    """The image version a build made: what the request and the model folder say, plus
+    what the backend ``made`` (digest, size, pack or image reference, Python, packages).
+    The version number is given when it is recorded."""
+    return ImageVersionCreated(
+        version=0,
+        build_id=request.build_id,
+        script=model.script,
+        workers=model.workers,
+        source_digest=request.source_digest,
+        source_name=request.source_name,
+        cache_key=request.cache_key,
+        created_by=request.requested_by,
+        readme=readme,
+        **made,
+    )
 
 
 def new_log_lines(text: str, copied: int, *, final: bool) -> tuple[list[str], int]:
