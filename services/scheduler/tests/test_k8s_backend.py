@@ -1199,9 +1199,12 @@ async def test_every_call_the_backend_makes_is_allowed_by_the_role(fake: Fake) -
     api.pods, api.events = _pods_in_every_state()
     api.logs = {"ready/model": "ok\n"}
     await backend.observe()
+    # The applied revision counts even though none of the pods above belongs to it.
+    assert await backend.revisions() == {("iris-prod", 3)}
     await backend.logs_tail("ready")
     await backend.logs_tail("fetching")
     await backend.remove("iris-prod", 3)
+    assert await backend.revisions() == set()
     rules = _role_rules()
     seen = set()
     for r in api.requests:
@@ -1216,6 +1219,7 @@ async def test_every_call_the_backend_makes_is_allowed_by_the_role(fake: Fake) -
             assert any("create" in rule["verbs"] for rule in allowed), r.path
         seen.add((group, resource, verb))
     expected = {
+        ("apps", "deployments", "list"),
         ("apps", "deployments", "patch"),
         ("", "services", "patch"),
         ("apps", "deployments", "delete"),

@@ -488,8 +488,7 @@ async def test_a_kubernetes_scheduler_runs_an_oci_image_itself(
                     (model,) = pod["containers"]
                     assert model["image"] == image.image_ref
                     assert model["command"][model["command"].index("--workers") + 1] == "2"
-                    # Its pod as a kubelet would report it, still pulling the image. (The
-                    # reconciler removes revisions whose instances it observes.)
+                    # Its pod as a kubelet would report it, still pulling the image.
                     api.pods.append(_pending_pod(f"{name}-7d9f-x1", "iris-kube", 1, image))
 
                     async def observed() -> list[pb.Instance]:
@@ -517,8 +516,8 @@ async def test_a_kubernetes_scheduler_runs_an_oci_image_itself(
                         "spec"
                     ]
                     assert [c["name"] for c in pack_pod["initContainers"]] == ["fetch-pack"]
-                    api.pods.append(_pending_pod("sy-iris-kube-r2-5c4b-y2", "iris-kube", 2, image))
-
+                    # Revision 2 never gets a pod (say its ReplicaSet is refused by an
+                    # admission policy): the delete must remove its Deployment all the same.
                     await stub.DeleteDeployment(
                         pb.DeploymentRef(name="iris-kube"), metadata=md("ana")
                     )

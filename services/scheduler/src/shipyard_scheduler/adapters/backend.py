@@ -108,6 +108,12 @@ class RuntimeBackend(Protocol):
         grace period) and forgets it. Unknown revisions are a no-op."""
         ...
 
+    async def revisions(self) -> set[tuple[str, int]]:
+        """Every revision the backend runs, as ``(deployment, revision)``, whether or not
+        it has instances (a Kubernetes Deployment whose pods cannot be created has none,
+        and must still be removed when it is no longer wanted)."""
+        ...
+
     async def observe(self) -> list[ObservedInstance]:
         """Every instance this backend runs now (not the removed ones)."""
         ...

@@ -404,6 +404,21 @@ class KubernetesBackend:
                 propagation_policy="Background",
             )
 
+    async def revisions(self) -> set[tuple[str, int]]:
+        """The revisions of the managed Deployments of the namespace, with pods or not."""
+        found = await self._json(
+            f"listing the Deployments of namespace {self.namespace}",
+            self._apps.list_namespaced_deployment,
+            namespace=self.namespace,
+            label_selector=MANAGED_SELECTOR,
+        )
+        out: set[tuple[str, int]] = set()
+        for item in found.get("items") or []:
+            labels = (item.get("metadata") or {}).get("labels") or {}
+            with contextlib.suppress(KeyError, ValueError):
+                out.add((labels[LABEL_DEPLOYMENT], int(labels[LABEL_REVISION])))
+        return out
+
     async def observe(self) -> list[ObservedInstance]:
         """Every managed pod of the namespace as an instance (see :func:`instance_from_pod`),
         sorted by deployment, revision and id. A pod that is not ready gets its newest

@@ -561,6 +561,11 @@ class LocalBackend:
         if tasks:
             await asyncio.wait(tasks)
 
+    async def revisions(self) -> set[tuple[str, int]]:
+        """The revisions of the instances it runs or is stopping (a local revision with
+        no instance leaves nothing behind)."""
+        return {i.revision_id for i in [*self._instances.values(), *self._stopping.values()]}
+
     async def observe(self) -> list[ObservedInstance]:
         """Every instance, including the ones being stopped (TERMINATED until their process
         is gone; they do not count as replicas)."""

@@ -165,11 +165,14 @@ class Reconciler:
         keep: set[tuple[str, int]] = set()
         for d in wanted.values():
             keep |= await self._deployment(d, specs, by_revision, now)
-        for key in list(by_revision):
+        # Also the revisions without instances (a Deployment whose pods were never
+        # created): what is not kept goes, seen through its instances or not.
+        running = set(by_revision) | await self.backend.revisions()
+        for key in sorted(running):
             if key not in keep:
                 name, revision = key
                 reason = self._why_removed(name, revision, wanted)
-                for inst in by_revision[key]:
+                for inst in by_revision.get(key, []):
                     self._removing[inst.instance_id] = reason
                 await self.backend.remove(name, revision)
         self.passes += 1
