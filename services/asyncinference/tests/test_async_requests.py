@@ -12,6 +12,7 @@ import pytest
 
 from shipyard.asyncinference.v1 import asyncinference_pb2 as apb
 from shipyard.asyncinference.v1 import asyncinference_pb2_grpc
+from shipyard_asyncinference.adapters import queue
 from shipyard_testing import wait_for
 
 from .conftest import MAX_PAYLOAD, Stack, auth, md, open_gate
@@ -266,3 +267,42 @@ async def test_a_request_to_a_deployment_scaled_to_zero_wakes_it(stack: Stack) -
     done = await stack.wait_status(request_id, "completed", "failed", deployment="sleepy")
     assert done["status"] == "completed", done
     assert stack.scheduler.activations == ["sleepy"]
+
+
+async def test_a_request_whose_queue_message_was_lost_is_sent_again(stack: Stack) -> None:
+    """The ASYNC stream loses a message (purged here; a restore from an older backup or a
+    broker crash alike): the sweeper finds the request queued with no message and puts
+    it back on the queue; it then runs once."""
+    js = stack.service.service.js
+    sweeper = stack.service.sweeper
+    stack.worker.stop()  # nobody takes it meanwhile
+    try:
+        request_id = await stack.submit({"tag": "lost"})
+        deployment = "echo"
+        await wait_for(
+            lambda: queue.is_queued(js, request_id, deployment),
+            timeout=10,
+            message="the relay to publish the queue message",
+        )
+        kept = sweeper.redispatch_after
+        sweeper.redispatch_after = timedelta(0)
+        try:
+            # Its message is there: nothing to do.
+            assert await sweeper.redispatch_once() == 0
+            await js.purge_stream(queue.ASYNC_STREAM)
+            assert not await queue.is_queued(js, request_id, deployment)
+            assert await sweeper.redispatch_once() == 1
+            assert await queue.is_queued(js, request_id, deployment)
+            assert await sweeper.redispatch_once() == 0  # sent once, not every sweep
+        finally:
+            sweeper.redispatch_after = kept
+        assert (await stack.status(request_id))["status"] == "queued"
+    finally:
+        stack.worker.start()
+    done = await stack.wait_status(request_id, "completed", "failed")
+    assert done["status"] == "completed", done
+    assert await stack.event_types(request_id) == [
+        "AsyncRequestQueued",
+        "AsyncRequestStarted",
+        "AsyncRequestCompleted",
+    ]

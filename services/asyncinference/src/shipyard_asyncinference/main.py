@@ -137,7 +137,13 @@ async def build(
             retry_delay_seconds=settings.retry_delay_seconds,
         )
         host.add_background("batch-runner", batch_runner.run)
-    sweeper = Sweeper(commands, queries, settings.sweep_interval_seconds)
+    sweeper = Sweeper(
+        commands,
+        queries,
+        settings.sweep_interval_seconds,
+        svc.js,
+        redispatch_after=settings.redispatch_after_seconds,
+    )
     host.add_background("async-sweeper", sweeper.run)
     svc.attach(host)
     return AsyncInference(host, svc, commands, queries, worker, sweeper, batches, batch_runner)

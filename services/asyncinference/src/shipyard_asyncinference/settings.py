@@ -64,7 +64,12 @@ class AsyncInferenceSettings(CommonSettings):
     stays, saying ``expired``."""
 
     sweep_interval_seconds: float = Field(default=60.0, gt=0)
-    """How often the sweeper looks for requests past their retention."""
+    """How often the sweeper looks for requests past their retention, and for queued
+    requests whose queue message is lost."""
+
+    redispatch_after_seconds: float = Field(default=300.0, gt=0)
+    """A request queued this long whose message is no longer in the ``ASYNC`` stream is
+    put on the queue again (the stream lost it)."""
 
     database_pool_size: int = Field(default=10, ge=1)
     """Most PostgreSQL connections the service's pool opens."""

@@ -1,5 +1,6 @@
 """The work queue: JetStream stream ``ASYNC`` (work-queue retention), subjects
-``async.requests.<deployment>``, one message per request to run (body: its id).
+``async.requests.<deployment>.<request id>``, one message per request to run (body: its
+id).
 
 The queue only says "look at request X"; PostgreSQL says what X is and where it stands.
 So a message delivered twice, late, or for a request that ended is harmless: the worker
@@ -72,9 +73,10 @@ async def ensure_queue(js: JetStreamContext, ack_wait_seconds: float) -> None:
         await js.add_consumer(ASYNC_STREAM, consumer)
 
 
-def subject(deployment: str) -> str:
-    """``async.requests.<deployment>``."""
-    return f"{SUBJECT_PREFIX}.{subject_token(deployment)}"
+def subject(deployment: str, request_id: str) -> str:
+    """``async.requests.<deployment>.<request id>``: one subject per request, so whether a
+    request's message is still in the stream can be asked (:func:`is_queued`)."""
+    return f"{SUBJECT_PREFIX}.{subject_token(deployment)}.{subject_token(request_id)}"
 
 
 _RETIRED_DISPATCHER = "policy_asyncinference_dispatch"
@@ -92,14 +94,24 @@ def message(request_id: str) -> bytes:
     return json.dumps({"request_id": request_id}).encode()
 
 
-async def enqueue(js: JetStreamContext, request_id: str, deployment: str) -> None:
-    """Puts ``request_id`` on the queue directly (deduplicated by id within the window);
-    Submit does it through the outbox instead, in its transaction."""
+async def is_queued(js: JetStreamContext, request_id: str, deployment: str) -> bool:
+    """Whether the request's message is in the stream (waiting, or delivered and not
+    acknowledged yet)."""
+    try:
+        await js.get_last_msg(ASYNC_STREAM, subject(deployment, request_id))
+    except NotFoundError:
+        return False
+    return True
+
+
+async def enqueue(js: JetStreamContext, request_id: str, deployment: str, msg_id: str) -> None:
+    """Puts ``request_id`` on the queue directly, deduplicated by ``msg_id`` within the
+    window (Submit does it through the outbox instead, in its transaction)."""
     await js.publish(
-        subject(deployment),
+        subject(deployment, request_id),
         message(request_id),
         stream=ASYNC_STREAM,
-        headers={"Nats-Msg-Id": request_id},
+        headers={"Nats-Msg-Id": msg_id},
     )
 
 

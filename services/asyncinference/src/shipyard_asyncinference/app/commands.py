@@ -126,7 +126,7 @@ class AsyncCommands:
                 # once committed, whatever crashes (decision 0033).
                 await self.store.send_after_commit(
                     conn,
-                    queue.subject(sub.deployment),
+                    queue.subject(sub.deployment, request_id),
                     queue.message(request_id),
                     uuid.UUID(request_id),
                 )

@@ -84,6 +84,18 @@ class AsyncQueries:
             rows = await conn.fetch(sql, *args)
         return [RequestView.of_row(r) for r in rows]
 
+    async def queued_since(self, before: datetime, limit: int = 200) -> list[tuple[str, str]]:
+        """``(request id, deployment)`` of requests queued since before ``before``, oldest
+        first (candidates for a lost queue message)."""
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(
+                f"SELECT request_id, deployment FROM {SCHEMA}.async_requests "
+                "WHERE status = 'queued' AND created_at <= $1 ORDER BY created_at LIMIT $2",
+                before,
+                limit,
+            )
+        return [(r["request_id"], r["deployment"]) for r in rows]
+
     async def due_for_expiry(self, now: datetime, limit: int = 500) -> list[str]:
         """Ids of requests past their retention, not yet expired."""
         async with self.pool.acquire() as conn:

@@ -1,11 +1,16 @@
-"""The sweeper: removes payloads and results of requests past their retention."""
+"""The sweeper: removes payloads and results of requests past their retention, and puts
+back on the queue requests whose queue message was lost."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from datetime import UTC, datetime
+import time
+from datetime import UTC, datetime, timedelta
 
+from nats.js import JetStreamContext
+
+from shipyard_asyncinference.adapters import queue
 from shipyard_asyncinference.app.commands import AsyncCommands
 from shipyard_asyncinference.app.queries import AsyncQueries
 from shipyard_core.aio import pause
@@ -14,14 +19,28 @@ log = logging.getLogger(__name__)
 
 
 class Sweeper:
-    """Expires requests every ``interval`` seconds (every replica may run one: a lost
-    race is a no-op)."""
+    """Every ``interval`` seconds: expires requests, and re-sends the queue message of a
+    request queued for over ``redispatch_after`` seconds whose message is no longer in
+    the ``ASYNC`` stream (the stream lost it: purged, restored from an older backup, a
+    broker crash before its write reached the disk). Every replica may run one: a lost
+    race is a no-op, a duplicate message is harmless (the worker decides from the
+    request's state)."""
 
-    def __init__(self, commands: AsyncCommands, queries: AsyncQueries, interval: float) -> None:
+    def __init__(
+        self,
+        commands: AsyncCommands,
+        queries: AsyncQueries,
+        interval: float,
+        js: JetStreamContext | None = None,
+        redispatch_after: float = 300.0,
+    ) -> None:
         self.commands = commands
         self.queries = queries
         self.interval = interval
+        self.js = js
+        self.redispatch_after = timedelta(seconds=redispatch_after)
         self.expired = 0
+        self.redispatched = 0
 
     async def sweep_once(self) -> int:
         """Expires what is due now; returns how many."""
@@ -32,11 +51,30 @@ class Sweeper:
         self.expired += count
         return count
 
+    async def redispatch_once(self) -> int:
+        """Re-sends the lost queue messages of requests queued for long; returns how
+        many."""
+        if self.js is None:
+            return 0
+        count = 0
+        before = datetime.now(UTC) - self.redispatch_after
+        for request_id, deployment in await self.queries.queued_since(before):
+            if await queue.is_queued(self.js, request_id, deployment):
+                continue
+            # A new message id: the lost one may still be in the duplicate window.
+            msg_id = f"{request_id}:redispatch:{time.time_ns()}"
+            await queue.enqueue(self.js, request_id, deployment, msg_id)
+            log.warning("async request %s had no queue message: sent again", request_id)
+            count += 1
+        self.redispatched += count
+        return count
+
     async def run(self, stop: asyncio.Event) -> None:
         """Sweeps until ``stop`` is set."""
         while not stop.is_set():
             try:
                 await self.sweep_once()
+                await self.redispatch_once()
             except Exception as exc:
                 log.warning("async sweeper failed (retrying next round): %s", exc)
             await pause(stop, self.interval)
