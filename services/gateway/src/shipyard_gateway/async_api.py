@@ -58,6 +58,7 @@ from urllib.parse import quote
 import grpc
 from aiohttp import web
 from google.protobuf.timestamp_pb2 import Timestamp
+from opentelemetry import trace
 
 from shipyard.asyncinference.v1 import asyncinference_pb2 as apb
 from shipyard.asyncinference.v1 import asyncinference_pb2_grpc
@@ -73,7 +74,12 @@ from shipyard_core.errors import (
     Unavailable,
 )
 from shipyard_core.grpckit.errors import error_from_rpc
-from shipyard_core.grpckit.interceptors import TracingClientInterceptor, bearer_metadata
+from shipyard_core.grpckit.interceptors import (
+    CORRELATION_HEADER,
+    TracingClientInterceptor,
+    bearer_metadata,
+)
+from shipyard_core.metadata import correlation_id_var
 from shipyard_gateway.access import WWW_AUTHENTICATE, credentials_from_headers
 from shipyard_gateway.errors import (
     DeploymentStopped,
@@ -239,30 +245,49 @@ class AsyncApi:
         self.max_body_bytes = max_body_bytes
         self.check_body_max_bytes = check_body_max_bytes
         self._metadata = bearer_metadata(internal_token) if internal_token else ()
-        self._channel: grpc.aio.Channel | None = None
+        self._channels: list[grpc.aio.Channel] = []
         self._stub: asyncinference_pb2_grpc.AsyncInferenceServiceStub | None = None
+        self._traced_stub: asyncinference_pb2_grpc.AsyncInferenceServiceStub | None = None
 
     # -- the service ---------------------------------------------------------------------
 
-    def stub(self) -> asyncinference_pb2_grpc.AsyncInferenceServiceStub:
-        """The service's stub (the channel opens on first use, in the running loop)."""
+    def stub(self, *, traced: bool = False) -> asyncinference_pb2_grpc.AsyncInferenceServiceStub:
+        """The service's stub (its channel opens on first use, in the running loop).
+
+        ``traced``: through a channel with the tracing interceptor, for calls made inside
+        a recorded span. Untraced calls (the gateway records spans only for traced
+        requests) skip grpc's interceptor machinery, which costs more than the call's
+        own work on this path."""
+        if traced:
+            if self._traced_stub is None:
+                self._traced_stub = self._open([TracingClientInterceptor()])
+            return self._traced_stub
         if self._stub is None:
-            limit = self.max_body_bytes + 64 * 1024
-            self._channel = grpc.aio.insecure_channel(
-                self.addr,
-                options=[
-                    ("grpc.max_send_message_length", limit),
-                    ("grpc.max_receive_message_length", limit),
-                ],
-                interceptors=[TracingClientInterceptor()],
-            )
-            self._stub = asyncinference_pb2_grpc.AsyncInferenceServiceStub(self._channel)
+            self._stub = self._open([])
         return self._stub
 
+    def _open(self, interceptors: list[Any]) -> asyncinference_pb2_grpc.AsyncInferenceServiceStub:
+        limit = self.max_body_bytes + 64 * 1024
+        channel = grpc.aio.insecure_channel(
+            self.addr,
+            options=[
+                ("grpc.max_send_message_length", limit),
+                ("grpc.max_receive_message_length", limit),
+            ],
+            interceptors=interceptors or None,
+        )
+        self._channels.append(channel)
+        return asyncinference_pb2_grpc.AsyncInferenceServiceStub(channel)
+
     async def _call(self, method: str, request: Any, timeout: float) -> Any:  # noqa: ASYNC109
+        traced = trace.get_current_span().is_recording()
+        metadata = self._metadata
+        correlation = correlation_id_var.get()
+        if correlation and not traced:  # the interceptor adds it on the traced channel
+            metadata = (*metadata, (CORRELATION_HEADER, correlation))
         try:
-            return await getattr(self.stub(), method)(
-                request, metadata=self._metadata, timeout=timeout
+            return await getattr(self.stub(traced=traced), method)(
+                request, metadata=metadata, timeout=timeout
             )
         except grpc.aio.AioRpcError as err:
             if err.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
@@ -273,8 +298,9 @@ class AsyncApi:
 
     async def close(self, _app: web.Application | None = None) -> None:
         """Closes the channel (an ``on_cleanup`` hook)."""
-        channel, self._channel, self._stub = self._channel, None, None
-        if channel is not None:
+        channels, self._channels = self._channels, []
+        self._stub = self._traced_stub = None
+        for channel in channels:
             await channel.close()
 
     # -- helpers -------------------------------------------------------------------------
