@@ -9,11 +9,14 @@ as can run with ``python -m`` already.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
 import signal
+import socket
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,7 +38,7 @@ from shipyard_platform import (
     status,
     up,
 )
-from shipyard_platform.supervisor import pid_alive
+from shipyard_platform.supervisor import pid_alive, port_was_taken
 from shipyard_testing import wait_for_sync
 
 FAKE_SERVICE = Path(__file__).with_name("fake_service.py")
@@ -263,3 +266,56 @@ def test_real_services(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     up(home)
     assert all_healthy(home), status(home)
     assert json.loads((home / "config.json").read_text())["token"] == config["token"]
+
+
+def test_a_port_held_for_a_moment_delays_up_instead_of_failing_it(home: Path) -> None:
+    """A service whose port is taken (here by a listening socket, released after 5 s;
+    on a real machine a client socket in the ephemeral range) exits; ``up`` retries it
+    past the three start crashes it forgives otherwise, and succeeds once it is free."""
+    spec = fake("late")
+    bind_first = (
+        "import os, socket, sys, runpy\n"
+        "s = socket.socket()\n"
+        "try:\n"
+        "    s.bind(('127.0.0.1', int(os.environ['SHIPYARD_GRPC_PORT'])))\n"
+        "except OSError as exc:\n"
+        "    print(f'OSError: {exc}', flush=True)\n"
+        "    sys.exit(1)\n"
+        "s.close()\n"
+        f"sys.argv = [{str(FAKE_SERVICE)!r}]\n"
+        f"runpy.run_path({str(FAKE_SERVICE)!r}, run_name='__main__')\n"
+    )
+    spec = dataclasses.replace(spec, argv=(sys.executable, "-c", bind_first), bootstrap_admin=False)
+    holder = socket.socket()
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    holder.bind(("127.0.0.1", spec.port))
+    holder.listen()
+    log = home / "logs" / "late.log"
+    done = threading.Event()
+
+    def release_after_three_exits() -> None:
+        # Freed only once the service failed to bind more often than a start forgives.
+        while not done.is_set():
+            if log.exists() and log.read_text().count("Address already in use") >= 3:
+                break
+            done.wait(0.05)
+        holder.close()
+
+    releaser = threading.Thread(target=release_after_three_exits)
+    releaser.start()
+    try:
+        up(home, services=[spec])
+        late = by_name(status(home))["late"]
+        assert late.healthy and late.restarts >= 3
+    finally:
+        done.set()
+        releaser.join()
+        holder.close()
+
+
+def test_port_taken_is_told_apart_from_other_crashes() -> None:
+    assert port_was_taken("OSError: [Errno 98] Address already in use")
+    assert port_was_taken(
+        "OSError: cannot bind the gRPC server to 127.0.0.1:50056 (port in use? set ...)"
+    )
+    assert not port_was_taken("ValueError: SHIPYARD_DATABASE_URL is not a URL")

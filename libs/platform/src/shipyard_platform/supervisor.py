@@ -60,6 +60,17 @@ BACKOFF_START = 0.5
 BACKOFF_MAX = 30.0
 STABLE_AFTER = 60.0  # a component up this long has its backoff reset
 STARTUP_CRASHES = 3  # crashes before being healthy once: fail ``up`` instead of looping
+# What a service's log says when its port is taken. The default ports (50051-50056) lie in
+# Linux's ephemeral range, so a client socket of anything on the machine can hold one for
+# a moment: such an exit is retried until ``up_timeout`` rather than counted as a crash.
+_PORT_TAKEN = ("Address already in use", "port in use?")
+
+
+def port_was_taken(log: str) -> bool:
+    """Whether the end of a component's log says it could not bind its port."""
+    return any(marker in log for marker in _PORT_TAKEN)
+
+
 POLL = 0.1
 
 EXIT_OK = 0
@@ -641,7 +652,9 @@ class Supervisor:
                 component.last_exit = f"exited with {code}" if code is not None else "died"
                 if now - component.started_at > STABLE_AFTER:
                     component.backoff = BACKOFF_START
-                if not component.ever_healthy:
+                if not component.ever_healthy and not port_was_taken(
+                    log_tail(component.log_path, 15)
+                ):
                     component.crashes_before_healthy += 1
                     if starting and component.crashes_before_healthy >= STARTUP_CRASHES:
                         raise _StartupError(
