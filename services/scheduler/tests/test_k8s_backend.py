@@ -402,7 +402,7 @@ def test_an_oci_revision_runs_its_image_with_no_pack_download() -> None:
     assert main["image"] == OCI_REF and main["image"].endswith(f"@sha256:{DIGEST}")
     assert main["name"] == "model"
     assert main["command"] == [
-        "python",
+        "/opt/shipyard/bin/python",
         "-m",
         "shipyard_runtime",
         "serve",
@@ -425,7 +425,7 @@ def test_an_oci_revision_runs_its_image_with_no_pack_download() -> None:
     assert main["volumeMounts"] == [{"name": "tmp", "mountPath": "/tmp"}]  # noqa: S108
     assert pod["volumes"] == [{"name": "tmp", "emptyDir": {"sizeLimit": "2Gi"}}]
     assert main["lifecycle"]["preStop"]["exec"]["command"] == [
-        "python",
+        "/opt/shipyard/bin/python",
         "-c",
         "import time; time.sleep(10)",
     ]

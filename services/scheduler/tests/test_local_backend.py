@@ -541,3 +541,8 @@ async def test_prune_keeps_images_in_use_and_the_most_recent(
     await backend.remove(spec.deployment, spec.revision)
     assert await backend.prune_images(keep=0) == [in_use]
     assert list(images.iterdir()) == []
+    # Closed (not leading), it cannot know what runs: it prunes nothing.
+    (images / ("4" * 64) / "bin").mkdir(parents=True)
+    await backend.close()
+    assert await backend.prune_images(keep=0) == []
+    assert [p.name for p in images.iterdir()] == ["4" * 64]

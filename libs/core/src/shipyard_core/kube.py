@@ -40,8 +40,12 @@ MODEL_IMAGE_DIR = "/model"
 """The model folder in the image (its ``WORKDIR``; root's files, read-only to the user)."""
 MODEL_IMAGE_PORT = 8080
 """The port the model server listens on (the image's ``EXPOSE``)."""
-MODEL_IMAGE_PYTHON = "python"
-"""The interpreter, on the image's ``PATH``, that has ``shipyard_runtime`` installed."""
+MODEL_IMAGE_ENV = "/opt/shipyard"
+"""The virtual environment with the model's requirements and ``shipyard_runtime``, owned
+by the unprivileged user (who installs into it: requirements' build code never runs as
+root in the build)."""
+MODEL_IMAGE_PYTHON = f"{MODEL_IMAGE_ENV}/bin/python"
+"""The interpreter that has ``shipyard_runtime`` installed."""
 
 
 def load_api_client(context: str | None = None, config_file: str | None = None) -> k8s.ApiClient:

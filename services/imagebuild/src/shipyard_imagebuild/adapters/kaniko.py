@@ -223,8 +223,9 @@ def dockerfile(python: str, *, check: bool = True) -> str:
     ``check`` runs ``python -m shipyard_runtime check`` as a build step (import, ``load()``,
     ``predict()`` on the example input), so a broken model fails the build as it does
     locally; without it (``install_dependencies: false``) the serving script is only
-    compiled. The check and the server run as an unprivileged user; the model files are
-    root's and read-only to it.
+    compiled. The requirements' installation, the check and the server run as an
+    unprivileged user, in a virtual environment it owns; the model files are root's and
+    read-only to it.
     """
     if not _PYTHON.match(python):
         raise InvalidArgument("python", f"must be a version like 3.11, got {python!r}")
@@ -264,19 +265,25 @@ ENV PYTHONDONTWRITEBYTECODE=1 \\
     PIP_ROOT_USER_ACTION=ignore
 RUN groupadd --system --gid {RUNTIME_UID} shipyard \\
  && useradd --system --uid {RUNTIME_UID} --gid shipyard --create-home \\
-    --home-dir /home/shipyard --shell /usr/sbin/nologin shipyard
+    --home-dir /home/shipyard --shell /usr/sbin/nologin shipyard \\
+ && python -m venv {kube.MODEL_IMAGE_ENV} \\
+ && chown -R {RUNTIME_UID}:{RUNTIME_UID} {kube.MODEL_IMAGE_ENV}
+ENV PATH={kube.MODEL_IMAGE_ENV}/bin:$PATH
+# Everything that runs code of the model's (its requirements' build scripts, then the
+# check that imports it) runs as the unprivileged user: never as root next to the build's
+# registry and object store credentials.
+USER {RUNTIME_UID}:{RUNTIME_UID}
 # Dependencies before the model files: the layer cache keeps this (slow) layer while only
 # the model changes. requirements.tx[t] matches nothing when the context has no
 # requirements, which COPY accepts because the wheel always matches; touch then makes the
 # file, so one pip call resolves the requirements and the runtime together.
-COPY shipyard_runtime-*.whl requirements.tx[t] /tmp/build/
-RUN touch /tmp/build/requirements.txt \\
- && pip install -r /tmp/build/requirements.txt /tmp/build/shipyard_runtime-*.whl \\
- && rm -rf /tmp/build
+COPY --chown={RUNTIME_UID}:{RUNTIME_UID} shipyard_runtime-*.whl requirements.tx[t] /home/shipyard/
+RUN touch /home/shipyard/requirements.txt \\
+ && pip install -r /home/shipyard/requirements.txt /home/shipyard/shipyard_runtime-*.whl \\
+ && rm -f /home/shipyard/requirements.txt /home/shipyard/shipyard_runtime-*.whl
+# The model files are root's: read-only to the user that serves them.
 COPY model/ {MODEL_DIR}/
 WORKDIR {MODEL_DIR}
-# The model's own code runs from here on (the check imports it): as the unprivileged user.
-USER {RUNTIME_UID}:{RUNTIME_UID}
 {verify}
 EXPOSE {SERVE_PORT}
 CMD {cmd}

@@ -364,29 +364,37 @@ def _install_pack(pack: Path, tmp: Path, dest: Path) -> None:
 _COMPILED_MARKER = ".shipyard-compiled"
 
 
-def _compile_bytecode(env_dir: Path) -> None:
-    """Compiles every Python file of an unpacked environment with its own interpreter
-    (blocking; in a thread), niced: background work for the next start, never in the way
-    of a running one. Failures are logged, not raised: bytecode is only a speed-up."""
+async def _compile_bytecode(env_dir: Path) -> None:
+    """Compiles every Python file of an unpacked environment with its own interpreter,
+    niced: background work for the next start, never in the way of a running one. Killed
+    when cancelled (a scheduler shutting down does not wait for it). Failures are logged,
+    not raised: bytecode is only a speed-up."""
     cmd = [str(env_dir / "bin" / "python"), "-m", "compileall", "-q", "-j", "1", str(env_dir)]
     nice = shutil.which("nice")
     if nice:
         cmd = [nice, "-n", "10", *cmd]
-    done = subprocess.run(
-        cmd,
+    proc = await asyncio.create_subprocess_exec(
+        *cmd,
         stdin=subprocess.DEVNULL,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
         env={"PATH": os.environ.get("PATH", ""), "PYTHONNOUSERSITE": "1"},
-        check=False,
     )
-    if done.returncode != 0:
+    try:
+        out, _ = await proc.communicate()
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+        raise
+    if proc.returncode != 0:
         # compileall exits 1 when one file does not compile (a test fixture with a
         # syntax error in some package): everything else was compiled.
         log.info(
-            "compiling %s to bytecode: exit %d: %s",
+            "compiling %s to bytecode: exit %s: %s",
             env_dir.name[:12],
-            done.returncode,
-            done.stdout.decode(errors="replace")[-500:],
+            proc.returncode,
+            out.decode(errors="replace")[-500:],
         )
 
 
@@ -504,7 +512,8 @@ class LocalBackend:
         if self._opened:
             return
         self._prepare()
-        await asyncio.to_thread(self._remove_leftovers)
+        busy = {digest[:16] for digest, lock in self._image_locks.items() if lock.locked()}
+        await asyncio.to_thread(self._remove_leftovers, busy)
         self._opened = True
         for inst in self._load_states():
             if inst.instance_id in self._instances or inst.instance_id in self._stopping:
@@ -777,7 +786,7 @@ class LocalBackend:
         if marker.exists():
             return False
         started = time.monotonic()
-        await asyncio.to_thread(_compile_bytecode, env_dir)
+        await _compile_bytecode(env_dir)
         marker.touch()
         log.info("image %s compiled to bytecode in %.2fs", image, time.monotonic() - started)
         return True
@@ -787,7 +796,9 @@ class LocalBackend:
         ones; returns the digests deleted. An image is in use while this backend knows an
         instance of it (in any phase, stopping included)."""
         folder = self._root / "images"
-        if not folder.is_dir():
+        if not self._opened or not folder.is_dir():
+            # Closed (not leading, or between two leaderships): the instances that use
+            # images are not known here, so nothing may be judged unused.
             return []
         # No await until every doomed image is renamed away: an instance being created
         # meanwhile (on this event loop) either counts as a user or finds its image gone
@@ -983,9 +994,13 @@ class LocalBackend:
                 inst.message = "exited while no scheduler supervised it"
         return inst
 
-    def _remove_leftovers(self) -> None:
-        """Deletes temporary files of interrupted unpacks and state writes."""
+    def _remove_leftovers(self, busy: set[str]) -> None:
+        """Deletes temporary files of interrupted unpacks and state writes, but not those
+        of the unpacks in ``busy`` (digest prefixes) this process is doing: a prefetch may
+        run while the backend reopens."""
         for path in (self._root / "images").glob(".tmp-*"):
+            if path.name.split("-")[1] in busy:
+                continue
             if path.is_dir():
                 shutil.rmtree(path, ignore_errors=True)
             else:
