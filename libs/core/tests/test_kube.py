@@ -133,7 +133,7 @@ def test_call_turns_api_errors_into_shipyard_errors(
 ) -> None:
     message = text.rsplit(": ", 1)[1].removesuffix(" (grant it)")
 
-    def fail() -> None:
+    def fail(**_timeout: object) -> None:
         raise _api_error(status, message)
 
     with pytest.raises(error) as raised:
@@ -142,9 +142,19 @@ def test_call_turns_api_errors_into_shipyard_errors(
 
 
 def test_call_passes_arguments_and_unreachable_is_unavailable() -> None:
-    assert kube.call("adding", lambda *, a, b: a + b, rbac_hint="", a=1, b=2) == 3
+    seen: dict[str, object] = {}
 
-    def unreachable() -> None:
+    def add(*, a: int, b: int, _request_timeout: object) -> int:
+        seen["timeout"] = _request_timeout
+        return a + b
+
+    assert kube.call("adding", add, rbac_hint="", a=1, b=2) == 3
+    # Every call has a connect and read timeout, unless the caller sets its own.
+    assert seen["timeout"] == kube.REQUEST_TIMEOUT
+    kube.call("adding", add, rbac_hint="", a=1, b=2, _request_timeout=5)
+    assert seen["timeout"] == 5
+
+    def unreachable(**_timeout: object) -> None:
         raise urllib3.exceptions.MaxRetryError(None, "/", "connection refused")  # type: ignore[arg-type]
 
     with pytest.raises(Unavailable, match="cannot reach the Kubernetes API for listing"):

@@ -367,6 +367,30 @@ async def test_a_cluster_build_pushes_an_image_the_catalog_pins_by_digest(
         assert len(api.job_posts()) == 1
 
 
+async def test_a_short_api_outage_at_submit_does_not_fail_the_build(
+    host: ServiceHost, cluster: tuple[ClusterAPI, str]
+) -> None:
+    api, _ = cluster
+    api.outcomes["iris"] = Outcome(IRIS_LOG)
+    api.fail[("POST", "jobs")] = 503  # the API server overloaded when the Job is created
+    async with grpc.aio.insecure_channel(host.address) as ch:
+        stub = imagebuild_pb2_grpc.ImageBuildServiceStub(ch)
+        started = await _start(stub, "ana", "iris", _tar(EXAMPLES / "iris"))
+        await wait_for(lambda: api.job_posts(), timeout=60, message="the Job's creation was tried")
+
+        async def said_retrying() -> bool:
+            lines = await _build_log(stub, started.build_id)
+            return any(line.endswith("; retrying") for line in lines)
+
+        await wait_for(said_retrying, timeout=20, interval=0.1, message="a retry logged")
+        del api.fail[("POST", "jobs")]
+        done = await _finished(stub, started.build_id, deadline=120)
+        # Waited out, in the same attempt: not failed, not resumed by another builder.
+        assert done.state == pb.BUILD_STATE_SUCCEEDED, done.reason + "\n" + done.log_tail
+        assert done.attempts == 1
+        assert len(api.job_posts()) >= 2
+
+
 @pytest.fixture(scope="module")
 def broken_verdict(tmp_path_factory: pytest.TempPathFactory) -> str:
     """The check step's verdict line exactly as the runtime prints it for BROKEN."""

@@ -81,12 +81,19 @@ def api_message(exc: ApiException) -> str:
     return f"HTTP {exc.status} {exc.reason or ''}".strip()
 
 
+REQUEST_TIMEOUT = (10.0, 60.0)
+"""Seconds to connect to the Kubernetes API and to wait for each read of an answer."""
+
+
 def call(doing: str, fn: Callable[..., Any], /, *, rbac_hint: str, **kwargs: Any) -> Any:
     """Calls the Kubernetes API, turning its failures into Shipyard errors: 404 is
     ``NotFound`` and 409 ``AlreadyExists`` (callers catch those), refusals and rejected
     objects ``FailedPrecondition`` (the cluster's configuration, not the caller, must
     change; ``rbac_hint`` says what to grant), an unreachable, slow or overloaded API
-    server ``Unavailable`` (a later attempt retries)."""
+    server ``Unavailable`` (a later attempt retries). Every call has a connect and read
+    timeout (``REQUEST_TIMEOUT``, unless the caller gives one): a connection a load
+    balancer dropped silently must not hold a thread forever."""
+    kwargs.setdefault("_request_timeout", REQUEST_TIMEOUT)
     try:
         return fn(**kwargs)
     except ApiException as exc:

@@ -247,7 +247,7 @@ class KanikoBackend:
         logs.write(f"build context {build.source_url} ({size} bytes)")
         await self._submit(build, task)
         text = await self._follow(build, logs)
-        digest = await self._call(self.runner.image_digest, build.build_id)
+        digest = await self._persist(logs, self.runner.image_digest, build.build_id)
         if digest is None:
             raise FailedPrecondition(
                 f"the build Job {build.namespace}/{build.job_name} succeeded but its pod "
@@ -334,6 +334,27 @@ class KanikoBackend:
                 f"the Kubernetes API did not answer within {_API_CALL_SECONDS:.0f}s"
             ) from None
 
+    async def _persist(
+        self, logs: BuildLogWriter, fn: Callable[..., T], /, *args: Any, within: float = 300.0
+    ) -> T:
+        """A runner call retried while the API is unavailable (a 429, a 5xx, a dropped
+        connection), for up to ``within`` seconds: a short outage must not fail a build,
+        least of all after Kaniko pushed the image."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within
+        delay, said = 1.0, ""
+        while True:
+            try:
+                return await self._call(fn, *args)
+            except Unavailable as exc:
+                if loop.time() + delay > deadline:
+                    raise
+                if exc.message != said:
+                    logs.write(f"{exc.message}; retrying")
+                    said = exc.message
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.settings.k8s_build_poll_seconds * 10)
+
     async def _submit(self, build: KanikoBuild, task: BuildTask) -> None:
         where = f"{build.namespace}/{build.job_name}"
         if task.attempt > 1:
@@ -348,9 +369,9 @@ class KanikoBackend:
                 )
                 # submit() again all the same: it completes a submission that stopped
                 # between the Job and its ConfigMap.
-                await self._call(self.runner.submit, build)
+                await self._persist(task.logs, self.runner.submit, build)
                 return
-        await self._call(self.runner.submit, build)
+        await self._persist(task.logs, self.runner.submit, build)
         task.logs.write(f"submitted Job {where}: Kaniko builds and pushes {build.destination}")
 
     async def _follow(self, build: KanikoBuild, logs: BuildLogWriter) -> str:
