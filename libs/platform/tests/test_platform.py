@@ -319,3 +319,7 @@ def test_port_taken_is_told_apart_from_other_crashes() -> None:
         "OSError: cannot bind the gRPC server to 127.0.0.1:50056 (port in use? set ...)"
     )
     assert not port_was_taken("ValueError: SHIPYARD_DATABASE_URL is not a URL")
+    # The log spans runs: only the last start's lines count.
+    earlier = "\n--- starting x at 10:00 ---\nOSError: [Errno 98] Address already in use"
+    assert port_was_taken(earlier)
+    assert not port_was_taken(earlier + "\n--- starting x at 10:05 ---\ncannot start: no config")

@@ -365,6 +365,14 @@ async def test_a_cluster_build_pushes_an_image_the_catalog_pins_by_digest(
         assert again.state == pb.BUILD_STATE_SUCCEEDED and again.cache_hit
         assert again.version == 1
         assert len(api.job_posts()) == 1
+        # Under another name it is built again: an image is not shared across registry
+        # repositories the way a pack is shared across names.
+        api.outcomes["iris-copy"] = Outcome(IRIS_LOG)
+        copy = await _start(stub, "ana", "iris-copy", _tar(EXAMPLES / "iris"))
+        assert not copy.cache_hit
+        copied = await _finished(stub, copy.build_id, deadline=120)
+        assert copied.state == pb.BUILD_STATE_SUCCEEDED, copied.reason
+        assert len(api.job_posts()) == 2
 
 
 async def test_a_short_api_outage_at_submit_does_not_fail_the_build(

@@ -67,8 +67,10 @@ _PORT_TAKEN = ("Address already in use", "port in use?")
 
 
 def port_was_taken(log: str) -> bool:
-    """Whether the end of a component's log says it could not bind its port."""
-    return any(marker in log for marker in _PORT_TAKEN)
+    """Whether the end of a component's log says its last start could not bind its port
+    (only what follows the last ``--- starting`` line counts: the log spans runs)."""
+    last_run = log.rsplit("\n--- starting ", 1)[-1]
+    return any(marker in last_run for marker in _PORT_TAKEN)
 
 
 POLL = 0.1
@@ -653,7 +655,7 @@ class Supervisor:
                 if now - component.started_at > STABLE_AFTER:
                     component.backoff = BACKOFF_START
                 if not component.ever_healthy and not port_was_taken(
-                    log_tail(component.log_path, 15)
+                    "\n" + log_tail(component.log_path, 15)
                 ):
                     component.crashes_before_healthy += 1
                     if starting and component.crashes_before_healthy >= STARTUP_CRASHES:

@@ -136,7 +136,9 @@ class ImageCommands:
         return await self.queries.build(caller, build_id)
 
     async def _pack_for(self, key: str) -> ImageVersionCreated | None:
-        """A live image version anywhere built from identical inputs."""
+        """A live pack anywhere built from identical inputs (packs only: an OCI image
+        lives in its group's registry repository, which another group may not be able to
+        pull from, and goes when that repository is cleaned)."""
         row = await self.pool.fetchrow(
             f"SELECT group_name, name, version FROM {CatalogProjection.live_tables()['images']} "
             "WHERE cache_key = $1 AND NOT deleted ORDER BY created_at LIMIT 1",
@@ -146,7 +148,9 @@ class ImageCommands:
             return None
         repo = await self.repos.load(f"{row['group_name']}/{row['name']}")
         found = repo.versions.get(row["version"])
-        return None if found is None or found.deleted else found.created
+        if found is None or found.deleted or found.created.kind != "pack":
+            return None
+        return found.created
 
     async def set_readme(
         self, caller: Principal, group: str, image: str, markdown: str
