@@ -270,38 +270,44 @@ async def test_a_request_to_a_deployment_scaled_to_zero_wakes_it(stack: Stack) -
 
 
 async def test_a_request_whose_queue_message_was_lost_is_sent_again(stack: Stack) -> None:
-    """The ASYNC stream loses a message (purged here; a restore from an older backup or a
-    broker crash alike): the sweeper finds the request queued with no message and puts
-    it back on the queue; it then runs once."""
+    """The ASYNC stream loses a message (deleted here; a restore from an older backup or a
+    broker crash alike): the sweeper finds the request waiting with no message and puts
+    it back on the queue, even behind older requests whose messages are fine; it then
+    runs once."""
     js = stack.service.service.js
     sweeper = stack.service.sweeper
-    stack.worker.stop()  # nobody takes it meanwhile
+    stack.worker.stop()  # nobody takes them meanwhile
     try:
-        request_id = await stack.submit({"tag": "lost"})
-        deployment = "echo"
-        await wait_for(
-            lambda: queue.is_queued(js, request_id, deployment),
-            timeout=10,
-            message="the relay to publish the queue message",
-        )
+        older = await stack.submit({"tag": "kept"})
+        lost = await stack.submit({"tag": "lost"})
+        for request_id in (older, lost):
+            await wait_for(
+                lambda r=request_id: queue.is_queued(js, r, "echo"),  # type: ignore[misc]
+                timeout=10,
+                message="the relay to publish the queue messages",
+            )
         kept = sweeper.redispatch_after
         sweeper.redispatch_after = timedelta(0)
         try:
-            # Its message is there: nothing to do.
+            # Their messages are there: nothing to do.
             assert await sweeper.redispatch_once() == 0
-            await js.purge_stream(queue.ASYNC_STREAM)
-            assert not await queue.is_queued(js, request_id, deployment)
-            assert await sweeper.redispatch_once() == 1
-            assert await queue.is_queued(js, request_id, deployment)
+            gone = await js.get_last_msg(queue.ASYNC_STREAM, queue.subject("echo", lost))
+            await js.delete_msg(queue.ASYNC_STREAM, gone.seq)
+            assert not await queue.is_queued(js, lost, "echo")
+            # One candidate per call: the older one (fine) first, then the lost one.
+            assert await sweeper.redispatch_once(page=1) == 0
+            assert await sweeper.redispatch_once(page=1) == 1
+            assert await queue.is_queued(js, lost, "echo")
             assert await sweeper.redispatch_once() == 0  # sent once, not every sweep
         finally:
             sweeper.redispatch_after = kept
-        assert (await stack.status(request_id))["status"] == "queued"
+        assert (await stack.status(lost))["status"] == "queued"
     finally:
         stack.worker.start()
-    done = await stack.wait_status(request_id, "completed", "failed")
-    assert done["status"] == "completed", done
-    assert await stack.event_types(request_id) == [
+    for request_id in (older, lost):
+        done = await stack.wait_status(request_id, "completed", "failed")
+        assert done["status"] == "completed", done
+    assert await stack.event_types(lost) == [
         "AsyncRequestQueued",
         "AsyncRequestStarted",
         "AsyncRequestCompleted",

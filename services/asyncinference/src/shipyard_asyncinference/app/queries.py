@@ -4,7 +4,7 @@ projection)."""
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from shipyard_asyncinference.app.commands import AsyncCommands
@@ -84,17 +84,26 @@ class AsyncQueries:
             rows = await conn.fetch(sql, *args)
         return [RequestView.of_row(r) for r in rows]
 
-    async def queued_since(self, before: datetime, limit: int = 200) -> list[tuple[str, str]]:
-        """``(request id, deployment)`` of requests queued since before ``before``, oldest
-        first (candidates for a lost queue message)."""
+    async def waiting_since(
+        self, before: datetime, after: tuple[datetime, str] | None = None, limit: int = 200
+    ) -> list[tuple[datetime, str, str]]:
+        """``(since, request id, deployment)`` of requests queued, or running, since before
+        ``before`` (candidates for a lost queue message), in ``(since, id)`` order after the
+        cursor ``after``."""
+        since = "coalesce(started_at, created_at)"
+        cursor_ts, cursor_id = after or (datetime.min.replace(tzinfo=UTC), "")
         async with self.pool.acquire() as conn:
             rows = await conn.fetch(
-                f"SELECT request_id, deployment FROM {SCHEMA}.async_requests "
-                "WHERE status = 'queued' AND created_at <= $1 ORDER BY created_at LIMIT $2",
+                f"SELECT {since} AS since, request_id, deployment "
+                f"FROM {SCHEMA}.async_requests WHERE status IN ('queued', 'running') "
+                f"AND {since} <= $1 AND ({since}, request_id) > ($2, $3) "
+                f"ORDER BY {since}, request_id LIMIT $4",
                 before,
+                cursor_ts,
+                cursor_id,
                 limit,
             )
-        return [(r["request_id"], r["deployment"]) for r in rows]
+        return [(r["since"], r["request_id"], r["deployment"]) for r in rows]
 
     async def due_for_expiry(self, now: datetime, limit: int = 500) -> list[str]:
         """Ids of requests past their retention, not yet expired."""

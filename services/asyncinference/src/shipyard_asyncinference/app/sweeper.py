@@ -20,11 +20,11 @@ log = logging.getLogger(__name__)
 
 class Sweeper:
     """Every ``interval`` seconds: expires requests, and re-sends the queue message of a
-    request queued for over ``redispatch_after`` seconds whose message is no longer in
-    the ``ASYNC`` stream (the stream lost it: purged, restored from an older backup, a
-    broker crash before its write reached the disk). Every replica may run one: a lost
-    race is a no-op, a duplicate message is harmless (the worker decides from the
-    request's state)."""
+    request queued (or running: its worker may have died too) for over
+    ``redispatch_after`` seconds whose message is no longer in the ``ASYNC`` stream (the
+    stream lost it: purged, restored from an older backup, a broker crash before its
+    write reached the disk). Every replica may run one: a lost race is a no-op, a
+    duplicate message is harmless (the worker decides from the request's state)."""
 
     def __init__(
         self,
@@ -41,6 +41,7 @@ class Sweeper:
         self.redispatch_after = timedelta(seconds=redispatch_after)
         self.expired = 0
         self.redispatched = 0
+        self._cursor: tuple[datetime, str] | None = None
 
     async def sweep_once(self) -> int:
         """Expires what is due now; returns how many."""
@@ -51,14 +52,19 @@ class Sweeper:
         self.expired += count
         return count
 
-    async def redispatch_once(self) -> int:
-        """Re-sends the lost queue messages of requests queued for long; returns how
-        many."""
+    async def redispatch_once(self, page: int = 200) -> int:
+        """Re-sends the lost queue messages of requests queued (or running) for long;
+        returns how many. Looks at ``page`` candidates per call, going on from where the
+        previous call stopped, so a backlog of waiting requests whose messages are fine
+        cannot hide one whose message is gone."""
         if self.js is None:
             return 0
         count = 0
         before = datetime.now(UTC) - self.redispatch_after
-        for request_id, deployment in await self.queries.queued_since(before):
+        candidates = await self.queries.waiting_since(before, self._cursor, page)
+        # A short page means the end: the next call starts from the oldest again.
+        self._cursor = (candidates[-1][0], candidates[-1][1]) if len(candidates) == page else None
+        for _since, request_id, deployment in candidates:
             if await queue.is_queued(self.js, request_id, deployment):
                 continue
             # A new message id: the lost one may still be in the duplicate window.
