@@ -112,18 +112,27 @@ async def test_the_whole_log_comes_from_imagebuild(fakes: Fakes) -> None:
     assert fakes.images.calls == ["StreamBuildLogs"] and fakes.logs.requests == []
 
 
-async def test_tail_and_grep_ask_the_logging_service(fakes: Fakes) -> None:
+async def test_tail_asks_the_logging_service_and_grep_alone_reads_every_line(
+    fakes: Fakes,
+) -> None:
     last = await shipyard(fakes.home, "image", "logs", BUILD, "--tail", "2")
     assert last.stdout.splitlines() == ["ERROR: no wheel for numpy", "failed"]
-    found = await shipyard(fakes.home, "image", "logs", BUILD, "--grep", "error", "--json")
+    found = await shipyard(
+        fakes.home, "image", "logs", BUILD, "--grep", "error", "--tail", "5", "--json"
+    )
     assert [json.loads(x) for x in found.stdout.splitlines()] == [
         {"seq": 8, "line": "ERROR: no wheel for numpy", "at": "2023-11-14T22:13:20+00:00"}
     ]
     assert [(r.filter.build_id, r.filter.grep, r.limit) for r in fakes.logs.requests] == [
         (BUILD, "", 2),
-        (BUILD, "error", 2000),
+        (BUILD, "error", 5),
     ]
     assert fakes.images.calls == []
+    # --grep without --tail: every matching line, from imagebuild's whole copy (the
+    # logging service answers the last 2000 at most).
+    every = await shipyard(fakes.home, "image", "logs", BUILD, "--grep", "step")
+    assert every.stdout.splitlines() == [ln for ln in LINES if "step" in ln]
+    assert fakes.images.calls == ["StreamBuildLogs"] and len(fakes.logs.requests) == 2
 
 
 @pytest.mark.parametrize("why", ["not stored", "unreachable"])

@@ -331,11 +331,12 @@ class LogsClient:
 
         Where it comes from (decision 0032): the whole log, and ``follow`` (live until
         the build ends), from imagebuild's own copy, which holds every line before it is
-        published to the logging service and keeps it after the logs' retention. The
-        last ``tail`` lines and ``grep`` (contained, any case) are the logging service's
-        queries; when it is unreachable or holds no line of the build (retention passed,
-        not ingested yet, a build from before builds were published), imagebuild's copy
-        is read and filtered here. So every caller gets the whole log either way."""
+        published to the logging service and keeps it after the logs' retention; so does
+        ``grep`` without ``tail`` (every matching line). The last ``tail`` lines (matching
+        ``grep``: contained, any case) are the logging service's query; when it is
+        unreachable or holds no line of the build (retention passed, not ingested yet, a
+        build from before builds were published), imagebuild's copy is read and filtered
+        here. So every caller gets the whole log either way."""
         build_id = self.resolve_build(build_or_image, group)
         images = self._images()
         keep = _matches(grep)
@@ -349,8 +350,10 @@ class LogsClient:
                 if line.seq >= start and keep(line):
                     yield line
             return
-        if tail is None and grep is None:
-            yield from images.log_lines(build_id)
+        if tail is None:
+            # Every line (or every matching one): imagebuild's copy is whole and current;
+            # the logging service answers at most the last 2000.
+            yield from (ln for ln in images.log_lines(build_id) if keep(ln))
             return
         try:
             found = self.tail_build(
