@@ -529,3 +529,40 @@ async def test_a_kubernetes_scheduler_runs_an_oci_image_itself(
                 client.close()
     finally:
         nats.stop()
+
+
+async def test_the_images_of_every_deployment_are_protected_from_pruning(stack: Stack) -> None:
+    image = await build_image(
+        stack.imagebuild.address, "protected", {"serve.py": SERVE, "VERSION": "protected"}
+    )
+    async with grpc.aio.insecure_channel(stack.imagebuild.address) as ch:
+        got = await imagebuild_pb2_grpc.ImageBuildServiceStub(ch).GetImage(
+            ib.GetImageRequest(image=image), metadata=md("ana")
+        )
+    queries = stack.scheduler.queries
+
+    async def in_use() -> set[str]:
+        return {d.removeprefix("sha256:") for d in await queries.image_digests_in_use()}
+
+    assert got.digest not in await in_use()
+    async with stack.channel() as ch:
+        stub = stack.stub(ch)
+        await stub.CreateDeployment(
+            pb.CreateDeploymentRequest(
+                name="echo-protect",
+                spec=pb.DeploymentSpec(
+                    image=image,
+                    instance_type="cpu.small",
+                    scaling=pb.Scaling(min_replicas=0, max_replicas=1),
+                ),
+            ),
+            metadata=md("ana"),
+        )
+        # Scaled to zero: no instance uses the image, yet it is in use.
+        assert got.digest in await in_use()
+        await stub.DeleteDeployment(pb.DeploymentRef(name="echo-protect"), metadata=md("ana"))
+
+        async def released() -> bool:
+            return got.digest not in await in_use()
+
+        await wait_for(released, timeout=10, message="the deleted deployment's image released")

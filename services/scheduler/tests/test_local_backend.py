@@ -536,6 +536,8 @@ async def test_prune_keeps_images_in_use_and_the_most_recent(
         os.utime(images / digest, (1000 + n, 1000 + n))
     assert await backend.prune_images(keep=1) == ["2" * 64, "1" * 64]
     assert sorted(p.name for p in images.iterdir()) == sorted([in_use, "3" * 64])
+    # Protected (a deployment scaled to zero uses it): kept with no instance.
+    assert await backend.prune_images(keep=0, protect=frozenset({"sha256:" + "3" * 64})) == []
     assert await backend.prune_images(keep=0) == ["3" * 64]
     assert [p.name for p in images.iterdir()] == [in_use]  # its instance still runs
     await backend.remove(spec.deployment, spec.revision)

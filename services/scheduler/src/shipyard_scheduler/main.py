@@ -126,7 +126,7 @@ async def build_scheduler(
     if settings.ship_logs:
         _ship_logs(host, backend, svc)
     if settings.prefetch_images:
-        _prefetch_images(host, backend, svc, settings.image_cache_keep)
+        _prefetch_images(host, backend, svc, queries, settings.image_cache_keep)
     host.add_close_hook(peers.close)
     svc.attach(host)
     return Scheduler(host, commands, queries, reconciler, autoscaler, backend)
@@ -144,14 +144,19 @@ def _ship_logs(host: ServiceHost, backend: RuntimeBackend, svc: EventSourcedServ
 
 
 def _prefetch_images(
-    host: ServiceHost, backend: RuntimeBackend, svc: EventSourcedService, keep: int
+    host: ServiceHost,
+    backend: RuntimeBackend,
+    svc: EventSourcedService,
+    queries: DeploymentQueries,
+    keep: int,
 ) -> None:
     """Unpacks new images before their first deployment (local backend only)."""
     from shipyard_scheduler.adapters.local import LocalBackend
     from shipyard_scheduler.adapters.prefetch import ImagePrefetcher
 
     if isinstance(backend, LocalBackend):
-        host.add_background("scheduler-prefetch", ImagePrefetcher(svc.nc, backend, keep).run)
+        prefetcher = ImagePrefetcher(svc.nc, backend, keep, queries.image_digests_in_use)
+        host.add_background("scheduler-prefetch", prefetcher.run)
 
 
 def _observe(autoscaler: Autoscaler) -> Callable[[Msg], Awaitable[None]]:

@@ -791,10 +791,12 @@ class LocalBackend:
         log.info("image %s compiled to bytecode in %.2fs", image, time.monotonic() - started)
         return True
 
-    async def prune_images(self, keep: int) -> list[str]:
+    async def prune_images(self, keep: int, protect: frozenset[str] = frozenset()) -> list[str]:
         """Deletes unpacked images no instance uses, beyond the ``keep`` most recently used
         ones; returns the digests deleted. An image is in use while this backend knows an
-        instance of it (in any phase, stopping included)."""
+        instance of it (in any phase, stopping included); ``protect`` (digests) are kept
+        too, e.g. those of deployments scaled to zero or stopped, whose next start should
+        not unpack again."""
         folder = self._root / "images"
         if not self._opened or not folder.is_dir():
             # Closed (not leading, or between two leaderships): the instances that use
@@ -806,7 +808,7 @@ class LocalBackend:
         used = {
             _digest(i.spec.image_digest)
             for i in [*self._instances.values(), *self._stopping.values()]
-        }
+        } | {d.removeprefix("sha256:") for d in protect}
         unused = [
             d
             for d in folder.iterdir()

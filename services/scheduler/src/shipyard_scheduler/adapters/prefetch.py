@@ -8,7 +8,8 @@ subscription: an event missed while the scheduler is down only means that image 
 unpacked on first use, as without prefetch) and hands each pack to
 :meth:`LocalBackend.prefetch`, one at a time. After each, unpacked images no instance uses
 are pruned beyond the ``keep`` most recently used (``image_cache_keep``), so building
-many images does not fill the disk.
+many images does not fill the disk; the images of existing deployments (stopped or
+scaled to zero ones included) are never pruned.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import asyncio
 import contextlib
 import json
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from nats.aio.client import Client as NATS
@@ -61,10 +63,18 @@ def pack_of(body: bytes) -> PackToFetch | None:
 class ImagePrefetcher:
     """Feeds new images' packs to the local backend's prefetch."""
 
-    def __init__(self, nc: NATS, backend: LocalBackend, keep: int = 8) -> None:
+    def __init__(
+        self,
+        nc: NATS,
+        backend: LocalBackend,
+        keep: int = 8,
+        protected: Callable[[], Awaitable[frozenset[str]]] | None = None,
+    ) -> None:
         self.nc = nc
         self.backend = backend
         self.keep = keep
+        self.protected = protected
+        """The digests no pruning may remove (the images of every deployment)."""
         self.queue: asyncio.Queue[PackToFetch] = asyncio.Queue(_QUEUE_LIMIT)
         self.fetched = 0
 
@@ -98,7 +108,8 @@ class ImagePrefetcher:
                 if await self.backend.prefetch(pack.image, pack.digest, pack.pack_key):
                     self.fetched += 1
                 # Each prefetch adds an image: the oldest unused ones make room.
-                pruned = await self.backend.prune_images(self.keep)
+                protect = await self.protected() if self.protected else frozenset()
+                pruned = await self.backend.prune_images(self.keep, protect)
                 if pruned:
                     log.info("pruned %d unused unpacked images", len(pruned))
             except ShipyardError as exc:

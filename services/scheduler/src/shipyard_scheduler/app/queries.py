@@ -42,6 +42,16 @@ class DeploymentQueries:
         self.pool = pool
         self.gateway_url = gateway_url.rstrip("/")
 
+    async def image_digests_in_use(self) -> frozenset[str]:
+        """The image digests of every deployment that is not deleted, at its newest and
+        its active revision (stopped and scaled-to-zero ones included: they start again)."""
+        rows = await self.pool.fetch(
+            f"SELECT DISTINCT r.spec->>'image_digest' AS digest FROM {_T['revisions']} r "
+            f"JOIN {_T['deployments']} d ON d.name = r.name "
+            "WHERE d.status <> 'deleted' AND r.revision IN (d.revision, d.active_revision)"
+        )
+        return frozenset(r["digest"] for r in rows if r["digest"])
+
     def _view(self, r: asyncpg.Record) -> DeploymentView:
         return DeploymentView(
             name=r["name"],
