@@ -85,6 +85,7 @@ async def build(
     commands = AsyncCommands(
         svc.store,
         blobs,
+        svc.js,
         max_payload_bytes=settings.max_payload_bytes,
         max_attempts=settings.max_attempts,
         retention_seconds=settings.retention_seconds,
