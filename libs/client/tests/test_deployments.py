@@ -903,9 +903,14 @@ async def test_show_prints_the_endpoint_and_a_curl_example(fake: Fake) -> None:
     assert "Authorization" not in public.stdout
     assert "  shipyard predict iris-prod --data @payload.json" in public.stdout
 
+    ref = "registry.example/team-a/iris@sha256:" + "ab" * 32
+    fake.servicer.deployments["iris-canary"].image.kind = "oci"
+    fake.servicer.deployments["iris-canary"].image.reference = ref
     private = await shipyard(fake.home, "deploy", "show", "iris-canary")
     assert '-H "Authorization: Bearer $SHIPYARD_TOKEN"' in private.stdout
     assert "(autoscaled 0-4, target 8 in flight)" in private.stdout
+    # A cluster-built image shows the container image it runs.
+    assert f"iris:2 (container image {ref})" in private.stdout
     data = json.loads((await shipyard(fake.home, "deploy", "show", "iris-prod", "--json")).stdout)
     assert data["url"] == url and data["status"] == "deployed" and data["access"] == "public"
 

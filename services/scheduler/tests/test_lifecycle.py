@@ -460,6 +460,8 @@ async def test_a_kubernetes_scheduler_runs_an_oci_image_itself(
                         metadata=md("ana"),
                     )
                     assert created.image.digest == OCI_DIGEST
+                    assert created.image.kind == "oci"
+                    assert created.image.reference == image.image_ref
                     await _used_instances(stack, 1)
                     # The revision records what it runs.
                     event = (await scheduler.commands.store.read_stream("deployment:iris-kube"))[0]

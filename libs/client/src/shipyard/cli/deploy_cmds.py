@@ -500,7 +500,9 @@ def show(ctx: click.Context, name: str, as_json: bool) -> None:
         print_json({**d.to_dict(), "url": url})
         return
     image = d.image or "-"
-    if d.image_digest:
+    if d.image_kind == "oci" and d.image_reference:
+        image = f"{image} (container image {d.image_reference})"
+    elif d.image_digest:
         image = f"{image} ({_short_digest(d.image_digest)})"
     revision = str(d.revision)
     if d.active_revision and d.active_revision != d.revision:

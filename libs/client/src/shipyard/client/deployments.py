@@ -157,6 +157,10 @@ class DeploymentView(PlainData):
     message: str = ""
     image: str = ""
     image_digest: str = ""
+    image_kind: str = "pack"
+    """``pack`` (an environment pack) or ``oci`` (a container image built on a cluster)."""
+    image_reference: str = ""
+    """The container image, pinned by digest, of an ``oci`` image."""
     instance_type: str = ""
     replicas: int = 0
     ready_replicas: int = 0
@@ -184,6 +188,8 @@ class DeploymentView(PlainData):
             message=msg.message,
             image=_image_ref(msg.image),
             image_digest=msg.image.digest,
+            image_kind=msg.image.kind or "pack",
+            image_reference=msg.image.reference,
             instance_type=msg.instance_type,
             replicas=msg.replicas,
             ready_replicas=msg.ready_replicas,

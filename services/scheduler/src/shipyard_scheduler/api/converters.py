@@ -89,6 +89,8 @@ def _image(spec: dict[str, Any]) -> pb.ImageRef:
         name=str(spec.get("image_name", "")),
         version=int(spec.get("image_version", 0)),
         digest=str(spec.get("image_digest", "")),
+        kind=str(spec.get("image_kind") or "pack"),
+        reference=str(spec.get("image_ref", "")),
     )
 
 
