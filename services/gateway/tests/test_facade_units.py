@@ -374,7 +374,13 @@ async def test_response_json_shape(rig: Rig) -> None:
     assert body["created_at"] == "2023-11-14T22:13:20.005Z"
     assert body["updated_at"] is None
     assert body["metadata"] == {"k": "v"}
-    assert body["image"] == {"name": "echo", "version": 1, "digest": ""}
+    assert body["image"] == {
+        "name": "echo",
+        "version": 1,
+        "digest": "",
+        "kind": "",
+        "reference": "",
+    }
     assert body["scaling"] == {"min_replicas": 0, "max_replicas": 0, "target_inflight": 0}
     assert set(body) == {f.name for f in sp.Deployment.DESCRIPTOR.fields}
     image = (await rig.client.get("/images/echo")).body
