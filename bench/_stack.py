@@ -192,6 +192,32 @@ async def build_image(stack: Stack, source: bytes, name: str = "iris") -> str:
         return str(done.image)
 
 
+async def create_deployment(
+    scheduler: scheduler_pb2_grpc.SchedulerServiceStub,
+    stack: Stack,
+    name: str,
+    image: str,
+    *,
+    replicas: int = 1,
+    private: bool = True,
+) -> None:
+    """Creates deployment ``name`` of ``image`` in group ``bench`` (instance type
+    ``cpu.small``, ``replicas`` fixed) and returns without waiting."""
+    await scheduler.CreateDeployment(
+        sp.CreateDeploymentRequest(
+            name=name,
+            group="bench",
+            spec=sp.DeploymentSpec(
+                image=image,
+                instance_type="cpu.small",
+                scaling=sp.Scaling(min_replicas=replicas, max_replicas=replicas),
+                access=sp.ACCESS_PRIVATE if private else sp.ACCESS_PUBLIC,
+            ),
+        ),
+        metadata=stack.metadata,
+    )
+
+
 async def deploy(
     stack: Stack, name: str, image: str, *, replicas: int = 1, private: bool = True
 ) -> list[str]:
@@ -200,19 +226,7 @@ async def deploy(
     addresses."""
     async with grpc.aio.insecure_channel(stack.addresses["shipyard_scheduler"]) as ch:
         s = scheduler_pb2_grpc.SchedulerServiceStub(ch)
-        await s.CreateDeployment(
-            sp.CreateDeploymentRequest(
-                name=name,
-                group="bench",
-                spec=sp.DeploymentSpec(
-                    image=image,
-                    instance_type="cpu.small",
-                    scaling=sp.Scaling(min_replicas=replicas, max_replicas=replicas),
-                    access=sp.ACCESS_PRIVATE if private else sp.ACCESS_PUBLIC,
-                ),
-            ),
-            metadata=stack.metadata,
-        )
+        await create_deployment(s, stack, name, image, replicas=replicas, private=private)
 
         async def deployed() -> bool:
             d = await s.GetDeployment(sp.DeploymentRef(name=name), metadata=stack.metadata)

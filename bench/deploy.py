@@ -34,7 +34,7 @@ import aiohttp
 import grpc
 
 from bench._machine import describe
-from bench._stack import build_image, deploy, running, tar_folder, until
+from bench._stack import build_image, create_deployment, deploy, running, tar_folder, until
 from shipyard.scheduler.v1 import scheduler_pb2 as pb
 from shipyard.scheduler.v1 import scheduler_pb2_grpc
 
@@ -134,19 +134,7 @@ async def run(quick: bool = False) -> None:
 
             async def create_to_first_prediction(name: str, image: str) -> float:
                 started = time.monotonic()
-                await s.CreateDeployment(
-                    pb.CreateDeploymentRequest(
-                        name=name,
-                        group="bench",
-                        spec=pb.DeploymentSpec(
-                            image=image,
-                            instance_type="cpu.small",
-                            scaling=pb.Scaling(min_replicas=1, max_replicas=1),
-                            access=pb.ACCESS_PUBLIC,
-                        ),
-                    ),
-                    metadata=stack.metadata,
-                )
+                await create_deployment(s, stack, name, image, private=False)
                 took = await _first_prediction(
                     probe, f"{gateway}/deployments/{name}/predict", started
                 )

@@ -10,7 +10,7 @@ import os
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -18,6 +18,7 @@ import click
 
 from shipyard.client import Client, DeploymentReadme, Readme, ShipyardClientError
 from shipyard.client._convert import plain
+from shipyard.client.logs import parse_duration
 
 # Exit codes: 1 for a failed call or operation, 2 for a bad command line (click's own
 # convention for usage errors), 130 for Ctrl-C (128 + SIGINT, what shells expect).
@@ -98,6 +99,28 @@ def when(value: datetime | None) -> str:
     if value is None:
         return "-"
     return value.strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def time_or_duration(
+    ctx: click.Context, param: click.Parameter, value: str | None
+) -> datetime | timedelta | None:
+    """``--since``/``--until``: a duration before now (``30s``, ``15m``, ``1h``, ``2d``) or
+    an ISO 8601 time (UTC unless it names its zone)."""
+    if value is None:
+        return None
+    try:
+        return parse_duration(value)
+    except ValueError:
+        pass
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise click.BadParameter(
+            f"{value!r} is neither a duration (30s, 15m, 1h, 2d) nor a time (2026-11-22T08:00:00Z)",
+            ctx=ctx,
+            param=param,
+        ) from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def yes_no(value: bool) -> str:

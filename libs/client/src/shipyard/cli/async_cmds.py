@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import click
 
@@ -14,10 +14,10 @@ from shipyard.cli._output import (
     print_fields,
     print_json,
     print_table,
+    time_or_duration,
     when,
 )
 from shipyard.client import ASYNC_STATUSES, AsyncRequestView
-from shipyard.client.logs import parse_duration
 
 
 def print_request(view: AsyncRequestView) -> None:
@@ -39,23 +39,10 @@ def print_request(view: AsyncRequestView) -> None:
     print_fields(pairs)
 
 
-def _since(value: str | None) -> datetime | None:
-    """``--since``: a duration before now (``30s``, ``15m``, ``1h``, ``2d``, as for
-    ``deploy logs``) or an ISO 8601 time (UTC unless it names its zone)."""
-    if not value:
-        return None
-    try:
-        return datetime.now(UTC) - parse_duration(value)
-    except ValueError:
-        pass
-    try:
-        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        raise click.BadParameter(
-            f"{value!r} is neither a duration (30s, 15m, 1h, 2d) nor a time (2026-01-31T12:00Z)",
-            param_hint="--since",
-        ) from None
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+def _since(ctx: click.Context, param: click.Parameter, value: str | None) -> datetime | None:
+    """``--since``: a time, or a duration before now, as ``deploy logs`` takes it."""
+    moment = time_or_duration(ctx, param, value)
+    return datetime.now(UTC) - moment if isinstance(moment, timedelta) else moment
 
 
 @click.group("async")
@@ -68,7 +55,7 @@ def async_group() -> None:
 @click.option("--status", type=click.Choice(ASYNC_STATUSES), default=None, help="Only these.")
 @click.option(
     "--since",
-    default=None,
+    callback=_since,
     metavar="WHEN",
     help="Only those created since a time or a duration ago (1h).",
 )
@@ -79,14 +66,12 @@ def list_cmd(
     ctx: click.Context,
     deployment: str,
     status: str | None,
-    since: str | None,
+    since: datetime | None,
     limit: int | None,
     as_json: bool,
 ) -> None:
     """List DEPLOYMENT's async requests, newest first."""
-    views = get_client(ctx).async_requests.list(
-        deployment, status=status, since=_since(since), limit=limit
-    )
+    views = get_client(ctx).async_requests.list(deployment, status=status, since=since, limit=limit)
     if as_json:
         print_json([v.to_dict() for v in views])
         return

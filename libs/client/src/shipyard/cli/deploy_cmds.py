@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
@@ -26,6 +25,7 @@ from shipyard.cli._output import (
     print_readme,
     print_table,
     readme_set_option,
+    time_or_duration,
     when,
 )
 from shipyard.client import (
@@ -37,7 +37,6 @@ from shipyard.client import (
 from shipyard.client.deployments import DEFAULT_WAIT_TIMEOUT, MAX_INSTANCES
 from shipyard.client.logs import DEFAULT_TAIL as LOGS_DEFAULT_TAIL
 from shipyard.client.logs import LogLine as InstanceLogLine
-from shipyard.client.logs import parse_duration
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -606,26 +605,6 @@ def instances(ctx: click.Context, name: str, limit: int, as_json: bool) -> None:
     )
 
 
-def _when(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
-    """``--since``/``--until``: a duration before now (``30s``, ``15m``, ``1h``, ``2d``) or
-    an ISO 8601 time (UTC unless it names its zone)."""
-    if value is None:
-        return None
-    try:
-        return parse_duration(value)
-    except ValueError:
-        pass
-    try:
-        moment = datetime.fromisoformat(value)
-    except ValueError:
-        raise click.BadParameter(
-            f"{value!r} is neither a duration (30s, 15m, 1h, 2d) nor a time (2026-11-22T08:00:00Z)",
-            ctx=ctx,
-            param=param,
-        ) from None
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
-
-
 def _log_line(line: InstanceLogLine, with_instance: bool) -> str:
     at = line.at.strftime("%Y-%m-%dT%H:%M:%S.%fZ")[:-4] + "Z" if line.at else "-"
     text = line.text + ("…" if line.cut else "")
@@ -644,8 +623,12 @@ def _log_line(line: InstanceLogLine, with_instance: bool) -> str:
     help=f"The last N lines [default: {LOGS_DEFAULT_TAIL}; 10 with --follow].",
 )
 @click.option("--follow", "-f", is_flag=True, help="Keep printing new lines (Ctrl-C ends it).")
-@click.option("--since", callback=_when, metavar="WHEN", help="From a time or a duration ago (1h).")
-@click.option("--until", callback=_when, metavar="WHEN", help="Up to a time or a duration ago.")
+@click.option(
+    "--since", callback=time_or_duration, metavar="WHEN", help="From a time or a duration ago (1h)."
+)
+@click.option(
+    "--until", callback=time_or_duration, metavar="WHEN", help="Up to a time or a duration ago."
+)
 @click.option("--grep", default=None, metavar="TEXT", help="Only lines containing TEXT (any case).")
 @click.option(
     "--download",
@@ -769,9 +752,14 @@ def _ms(value: float, above: bool = False) -> str:
 @deploy.command("metrics")
 @click.argument("name")
 @click.option(
-    "--since", callback=_when, metavar="WHEN", help="From a time or a duration ago [default: 1h]."
+    "--since",
+    callback=time_or_duration,
+    metavar="WHEN",
+    help="From a time or a duration ago [default: 1h].",
 )
-@click.option("--until", callback=_when, metavar="WHEN", help="Up to a time or a duration ago.")
+@click.option(
+    "--until", callback=time_or_duration, metavar="WHEN", help="Up to a time or a duration ago."
+)
 @click.option(
     "--step",
     "step_minutes",

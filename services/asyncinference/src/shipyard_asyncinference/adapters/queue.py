@@ -6,8 +6,9 @@ The queue only says "look at request X"; PostgreSQL says what X is and where it 
 So a message delivered twice, late, or for a request that ended is harmless: the worker
 loads the request and does what its state allows. Submit writes the message into its
 service's outbox in the transaction that records the request, so the relay publishes it
-exactly when the request exists; ``Nats-Msg-Id`` = request id makes a re-publish (a relay
-killed between publishing and deleting its rows) one message within the window.
+once the request exists, whatever crashes; Submit also publishes it at once after the
+commit. Both carry ``Nats-Msg-Id`` = the request id as a UUID, so JetStream keeps one
+message within its duplicate window (decision 0033).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import BadRequestError, NotFoundError
 
+from shipyard_core.bus import EVENTS_STREAM
 from shipyard_core.eventstore.envelope import subject_token
 
 ASYNC_STREAM = "ASYNC"
@@ -86,7 +88,7 @@ async def retire_dispatcher(js: JetStreamContext) -> None:
     """Deletes the ``EVENTS`` consumer of the dispatcher older versions ran (queue
     messages now leave through the outbox), so it stops tracking every event."""
     with contextlib.suppress(NotFoundError):
-        await js.delete_consumer("EVENTS", _RETIRED_DISPATCHER)
+        await js.delete_consumer(EVENTS_STREAM, _RETIRED_DISPATCHER)
 
 
 def message(request_id: str) -> bytes:
@@ -106,7 +108,7 @@ async def is_queued(js: JetStreamContext, request_id: str, deployment: str) -> b
 
 async def enqueue(js: JetStreamContext, request_id: str, deployment: str, msg_id: str) -> None:
     """Puts ``request_id`` on the queue directly, deduplicated by ``msg_id`` within the
-    window (Submit does it through the outbox instead, in its transaction)."""
+    window (Submit's fast path; the sweeper's re-dispatch of a lost message)."""
     await js.publish(
         subject(deployment, request_id),
         message(request_id),

@@ -194,12 +194,7 @@ class AsyncCommands:
         """The request's payload if it is stored inline, else None: read by the worker
         while it records the attempt, which saves a round trip before the model call."""
         async with self.pool.acquire() as conn:
-            body = await conn.fetchval(
-                f"SELECT body FROM {self.blobs.schema}.blobs WHERE request_id = $1 AND kind = $2",
-                request_id,
-                PAYLOAD,
-            )
-        return None if body is None else bytes(body)
+            return await self.blobs.read_inline(conn, request_id, PAYLOAD)
 
     async def payload(self, agg: AsyncRequest, prefetched: bytes | None = None) -> bytes:
         """The request's payload (``prefetched``: what :meth:`inline_payload` read)."""

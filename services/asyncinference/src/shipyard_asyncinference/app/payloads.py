@@ -67,18 +67,23 @@ class Blobs:
         if location.startswith(OBJECT_PREFIX):
             await self.objects.delete(location[len(OBJECT_PREFIX) :], missing_ok=True)
 
-    async def read(self, conn: Conn, request_id: str, kind: str, location: str) -> bytes:
-        """The stored body; NotFound when it was removed."""
-        if location.startswith(OBJECT_PREFIX):
-            return await self.objects.get_bytes(location[len(OBJECT_PREFIX) :])
+    async def read_inline(self, conn: Conn, request_id: str, kind: str) -> bytes | None:
+        """The body stored inline, or None (stored in the object store, or removed)."""
         body = await conn.fetchval(
             f"SELECT body FROM {self.schema}.blobs WHERE request_id = $1 AND kind = $2",
             request_id,
             kind,
         )
+        return None if body is None else bytes(body)
+
+    async def read(self, conn: Conn, request_id: str, kind: str, location: str) -> bytes:
+        """The stored body; NotFound when it was removed."""
+        if location.startswith(OBJECT_PREFIX):
+            return await self.objects.get_bytes(location[len(OBJECT_PREFIX) :])
+        body = await self.read_inline(conn, request_id, kind)
         if body is None:
             raise NotFound(f"the {kind} of async request {request_id} was removed")
-        return bytes(body)
+        return body
 
     async def remove(self, conn: Conn, request_id: str, locations: list[str]) -> None:
         """Removes every stored body of a request (expiry)."""

@@ -494,6 +494,10 @@ class LocalBackend:
         for sub in ("images", "instances", "logs"):
             (self._root / sub).mkdir(parents=True, exist_ok=True)
 
+    def _known(self) -> list[_Instance]:
+        """Every instance, the ones being stopped included."""
+        return [*self._instances.values(), *self._stopping.values()]
+
     def _changed(self) -> None:
         if self._on_change is not None:
             self._on_change()
@@ -573,12 +577,12 @@ class LocalBackend:
     async def revisions(self) -> set[tuple[str, int]]:
         """The revisions of the instances it runs or is stopping (a local revision with
         no instance leaves nothing behind)."""
-        return {i.revision_id for i in [*self._instances.values(), *self._stopping.values()]}
+        return {i.revision_id for i in self._known()}
 
     async def observe(self) -> list[ObservedInstance]:
         """Every instance, including the ones being stopped (TERMINATED until their process
         is gone; they do not count as replicas)."""
-        instances = [*self._instances.values(), *self._stopping.values()]
+        instances = self._known()
         return [self._observed(i) for i in sorted(instances, key=lambda i: i.instance_id)]
 
     async def logs_tail(self, instance_id: str, lines: int = 50) -> str:
@@ -591,7 +595,7 @@ class LocalBackend:
     async def close(self) -> None:
         """Stops supervising; the processes keep running (the next :meth:`open`, here or
         in a restarted scheduler, adopts them). Stops in progress finish at that open."""
-        instances = [*self._instances.values(), *self._stopping.values()]
+        instances = self._known()
         tasks = [t for i in instances for t in (i.task, i.stop_task) if t is not None]
         for task in tasks:
             task.cancel()
@@ -805,10 +809,9 @@ class LocalBackend:
         # No await until every doomed image is renamed away: an instance being created
         # meanwhile (on this event loop) either counts as a user or finds its image gone
         # and unpacks it again; it never starts from a half-deleted folder.
-        used = {
-            _digest(i.spec.image_digest)
-            for i in [*self._instances.values(), *self._stopping.values()]
-        } | {d.removeprefix("sha256:") for d in protect}
+        used = {_digest(i.spec.image_digest) for i in self._known()} | {
+            d.removeprefix("sha256:") for d in protect
+        }
         unused = [
             d
             for d in folder.iterdir()
