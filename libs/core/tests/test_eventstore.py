@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 
 import asyncpg
@@ -10,7 +11,14 @@ import pytest
 
 from shipyard_core import db
 from shipyard_core.errors import ConcurrencyError
-from shipyard_core.eventstore import EventStore, NewEvent, StoredEvent, Upcasters, ensure_schema
+from shipyard_core.eventstore import (
+    EventStore,
+    NewEvent,
+    OutboxMessage,
+    StoredEvent,
+    Upcasters,
+    ensure_schema,
+)
 
 
 def _event(stream: str, n: int = 0, etype: str = "Thing", version: int = 1) -> NewEvent:
@@ -42,6 +50,39 @@ async def test_append_and_read_stream(store: EventStore) -> None:
     # the outbox got one row per event, in the same statement
     async with store.pool.acquire() as conn:
         assert await conn.fetchval("SELECT count(*) FROM svc.outbox") == 2
+
+
+async def test_read_streams_reads_several_in_one_query(store: EventStore) -> None:
+    await store.append_streams([([_event("a", 1), _event("a", 2)], 0), ([_event("b", 3)], 0)])
+    events = await store.read_streams(["thing:b", "thing:none", "thing:a"])
+    assert list(events) == ["thing:b", "thing:none", "thing:a"]
+    assert [(e.version, e.payload["n"]) for e in events["thing:a"]] == [(1, 1), (2, 2)]
+    assert [e.payload["n"] for e in events["thing:b"]] == [3]
+    assert events["thing:none"] == []
+
+
+async def test_messages_sent_after_commit_leave_with_the_transaction(store: EventStore) -> None:
+    ids = [uuid.uuid4(), uuid.uuid4()]
+    async with store.pool.acquire() as conn:
+        async with conn.transaction():
+            await store.send_many_after_commit(
+                conn,
+                [
+                    OutboxMessage("work.a", b"one", ids[0], {"X-Kind": "a"}),
+                    OutboxMessage("work.b", b"two", ids[1]),
+                ],
+            )
+            await store.send_many_after_commit(conn, [])  # nothing to send: no statement
+        rows = await conn.fetch("SELECT event_id, subject, headers, body FROM svc.outbox")
+    assert [(r["event_id"], r["subject"], bytes(r["body"])) for r in rows] == [
+        (ids[0], "work.a", b"one"),
+        (ids[1], "work.b", b"two"),
+    ]
+    headers = [json.loads(r["headers"]) for r in rows]
+    assert headers == [
+        {"X-Kind": "a", "Nats-Msg-Id": str(ids[0])},
+        {"Nats-Msg-Id": str(ids[1])},
+    ]
 
 
 async def test_stale_expected_version_is_a_typed_error(store: EventStore) -> None:

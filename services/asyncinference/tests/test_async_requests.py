@@ -3,9 +3,12 @@ JetStream work queue) → worker process → gateway → a real model server, an
 
 from __future__ import annotations
 
+import asyncio
 import json
+import uuid
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -13,9 +16,11 @@ import pytest
 from shipyard.asyncinference.v1 import asyncinference_pb2 as apb
 from shipyard.asyncinference.v1 import asyncinference_pb2_grpc
 from shipyard_asyncinference.adapters import queue
+from shipyard_asyncinference.adapters.gateway import GatewayRunner
+from shipyard_asyncinference.app import Worker
 from shipyard_testing import wait_for
 
-from .conftest import MAX_PAYLOAD, Stack, auth, md, open_gate
+from .conftest import INTERNAL, MAX_PAYLOAD, Stack, auth, md, open_gate
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -312,3 +317,99 @@ async def test_a_request_whose_queue_message_was_lost_is_sent_again(stack: Stack
         "AsyncRequestStarted",
         "AsyncRequestCompleted",
     ]
+
+
+async def test_a_burst_is_stored_started_and_completed_in_batches(stack: Stack) -> None:
+    """Concurrent submissions share a transaction (the gateway's SubmitMany) and a worker
+    takes what waits in batches: one transaction starts them, one stores their results.
+    Each request still gets its own answer: an oversized one in the burst is refused
+    alone, a failing one is retried alone, a large payload and result go through the
+    object store, and a request whose queue message arrives twice runs once."""
+    js = stack.service.service.js
+    pool = stack.service.service.store.pool
+    stack.worker.stop()  # the burst waits until the batching worker below takes it
+    stop = asyncio.Event()
+    runner = GatewayRunner(stack.url, INTERNAL, 30.0)
+    worker = Worker(
+        stack.service.commands,
+        js,
+        runner,
+        concurrency=32,
+        ack_wait_seconds=5.0,
+        retry_delay_seconds=0.1,
+        name="batching-worker",
+    )
+    task: asyncio.Task[None] | None = None
+    try:
+        big = json.dumps({"pad": "x" * (MAX_PAYLOAD + 10)})
+        submissions: list[Any] = [{"tag": f"burst-{i}"} for i in range(16)]
+        submissions += [
+            {"tag": "burst-large", "pad": "y" * 4096},
+            {"tag": "burst-poison", "fail": True},
+        ]
+        calls_before = stack.api.submissions.calls
+
+        async def post(payload: Any) -> tuple[int, dict[str, Any]]:
+            data = payload if isinstance(payload, str) else json.dumps(payload)
+            async with stack.http.post(
+                f"{stack.url}/deployments/echo/predict",
+                data=data,
+                headers={
+                    **auth("ana-token"),
+                    "X-Async-Request": "true",
+                    "Content-Type": "application/json",
+                },
+            ) as r:
+                return r.status, await r.json()
+
+        answers = await asyncio.gather(*(post(p) for p in [*submissions, big]))
+        *accepted, refused = answers
+        assert refused[0] == 413 and f"at most {MAX_PAYLOAD} bytes" in refused[1]["error"]
+        assert all(status == 202 for status, _ in accepted), accepted
+        ids = {
+            p["tag"]: body["request_id"] for p, (_, body) in zip(submissions, accepted, strict=True)
+        }
+        assert stack.api.submissions.calls - calls_before < len(answers)  # they went together
+        for request_id in ids.values():
+            await wait_for(
+                lambda r=request_id: queue.is_queued(js, r, "echo"),  # type: ignore[misc]
+                timeout=10,
+                message="the queue messages",
+            )
+        # A second message for one request (a relay's copy outside the duplicate window).
+        twice = ids["burst-3"]
+        await queue.enqueue(js, twice, "echo", str(uuid.uuid4()))
+
+        task = asyncio.ensure_future(worker.run(stop))
+        for tag, request_id in ids.items():
+            done = await stack.wait_status(request_id, "completed", "failed", within=60)
+            if tag == "burst-poison":
+                assert done["status"] == "failed" and done["attempts"] == 3, done
+                continue
+            assert done["status"] == "completed", (tag, done)
+            # (The request queued twice runs once when both messages come in one batch,
+            # the usual case; if not, the second message starts a second attempt.)
+            assert done["attempts"] == 1 or request_id == twice, (tag, done)
+            async with stack.http.get(
+                f"{stack.url}{done['result_url']}", headers=auth("ana-token")
+            ) as r:
+                assert (await r.json())["echo"]["tag"] == tag
+        types = await stack.event_types(twice)
+        assert types.count("AsyncRequestCompleted") == 1, types
+        assert stack.model.calls().count("burst-3") == types.count("AsyncRequestStarted")
+        # Batches: fewer transactions than requests for each step.
+        rows = await pool.fetch(
+            "SELECT event_type, count(DISTINCT tx_id) AS txs, count(*) AS n "
+            "FROM asyncinference.events WHERE stream_id = ANY($1::text[]) GROUP BY event_type",
+            [f"async_request:{r}" for r in ids.values()],
+        )
+        by_type = {row["event_type"]: (row["txs"], row["n"]) for row in rows}
+        for kind in ("AsyncRequestQueued", "AsyncRequestStarted", "AsyncRequestCompleted"):
+            txs, n = by_type[kind]
+            assert txs < n, (kind, by_type)
+    finally:
+        stop.set()
+        if task is not None:
+            await asyncio.wait_for(task, 30)
+        await runner.close()
+        stack.worker.start()

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, ClassVar, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict
@@ -108,6 +108,17 @@ class Repository(Generic[A]):
             aggregate.apply(self.registry.decode(stored))
             aggregate.version = stored.version
         return aggregate
+
+    async def load_many(self, aggregate_ids: Sequence[str], conn: Conn | None = None) -> list[A]:
+        """:meth:`load` for several aggregates, in one query, in the order asked."""
+        out = [self.factory(aggregate_id) for aggregate_id in aggregate_ids]
+        streams = [f"{agg.aggregate_type}:{agg.id}" for agg in out]
+        events = await self.store.read_streams(streams, conn=conn)
+        for agg, stream in zip(out, streams, strict=True):
+            for stored in events[stream]:
+                agg.apply(self.registry.decode(stored))
+                agg.version = stored.version
+        return out
 
     async def save(
         self, *aggregates: Aggregate, conn: Conn | None = None, **metadata: Any

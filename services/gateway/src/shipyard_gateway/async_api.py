@@ -50,7 +50,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote
@@ -73,7 +73,7 @@ from shipyard_core.errors import (
     Unauthenticated,
     Unavailable,
 )
-from shipyard_core.grpckit.errors import error_from_rpc
+from shipyard_core.grpckit.errors import error_from_rpc, status_for_exception
 from shipyard_core.grpckit.interceptors import (
     CORRELATION_HEADER,
     TracingClientInterceptor,
@@ -100,6 +100,7 @@ from shipyard_gateway.protocols import (
     check_seldon,
 )
 from shipyard_gateway.routing import Access
+from shipyard_gateway.submissions import SubmitCoalescer
 
 __all__ = [
     "ANSWERED_BY",
@@ -248,6 +249,9 @@ class AsyncApi:
         self._channels: list[grpc.aio.Channel] = []
         self._stub: asyncinference_pb2_grpc.AsyncInferenceServiceStub | None = None
         self._traced_stub: asyncinference_pb2_grpc.AsyncInferenceServiceStub | None = None
+        self._coalesce = True
+        self.submissions = SubmitCoalescer(self._submit_many)
+        """Concurrent submissions share ``SubmitMany`` calls (decision 0034)."""
 
     # -- the service ---------------------------------------------------------------------
 
@@ -295,6 +299,38 @@ class AsyncApi:
                     "the async inference service is unavailable; retry shortly"
                 ) from None
             raise error_from_rpc(err) from None
+
+    async def _submit(self, request: apb.SubmitRequest) -> apb.AsyncRequest:
+        # A traced request goes alone, so its trace context travels with its call.
+        if self._coalesce and not trace.get_current_span().is_recording():
+            return await self.submissions.submit(request)
+        answer: apb.AsyncRequest = await self._call("Submit", request, _SUBMIT_TIMEOUT)
+        return answer
+
+    async def _submit_many(
+        self, requests: Sequence[apb.SubmitRequest]
+    ) -> Sequence[apb.SubmitOutcome]:
+        try:
+            answer = await self._call(
+                "SubmitMany", apb.SubmitManyRequest(requests=requests), _SUBMIT_TIMEOUT
+            )
+        except ShipyardError as exc:
+            if not exc.message.startswith("UNIMPLEMENTED"):
+                raise
+            # An asyncinference older than this gateway (a rolling upgrade): one by one.
+            self._coalesce = False
+            outcomes = []
+            for request in requests:
+                try:
+                    one = await self._call("Submit", request, _SUBMIT_TIMEOUT)
+                    outcomes.append(apb.SubmitOutcome(request=one))
+                except Unavailable:
+                    raise
+                except ShipyardError as refusal:
+                    code, message = status_for_exception(refusal)
+                    outcomes.append(apb.SubmitOutcome(code=code.value[0], message=message))
+            return outcomes
+        return list(answer.outcomes)
 
     async def close(self, _app: web.Application | None = None) -> None:
         """Closes the channel (an ``on_cleanup`` hook)."""
@@ -373,8 +409,7 @@ class AsyncApi:
             if route.stopped:
                 raise DeploymentStopped(deployment)
             try:
-                answer = await self._call(
-                    "Submit",
+                answer = await self._submit(
                     apb.SubmitRequest(
                         deployment=deployment,
                         group=route.group,
@@ -384,8 +419,7 @@ class AsyncApi:
                         body=body,
                         protocol=shape.protocol,
                         client_request_id=request.headers.get("X-Request-Id", "")[:128],
-                    ),
-                    _SUBMIT_TIMEOUT,
+                    )
                 )
             except ResourceExhausted as exc:  # the service's payload limit
                 raise PayloadTooLarge(exc.message) from None

@@ -6,7 +6,7 @@ import json
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
-from typing import Any
+from typing import Any, NamedTuple
 
 import asyncpg
 
@@ -24,6 +24,15 @@ def outbox_channel(service: str) -> str:
     on a shared channel every relay of every service woke (and PostgreSQL signalled each
     listening backend) for every append anywhere."""
     return f"{OUTBOX_CHANNEL}_{service}"
+
+
+class OutboxMessage(NamedTuple):
+    """A message (not an event) for the outbox: see :meth:`EventStore.send_after_commit`."""
+
+    subject: str
+    body: bytes
+    message_id: uuid.UUID
+    headers: Mapping[str, str] | None = None
 
 
 _COLUMNS = (
@@ -187,16 +196,22 @@ class EventStore:
         relay publishes it once the transaction commits, to whichever stream takes
         ``subject``, with ``Nats-Msg-Id`` = ``message_id``. A command's side message
         (e.g. a work item) then leaves exactly when its events do, whatever crashes."""
+        await self.send_many_after_commit(conn, [OutboxMessage(subject, body, message_id, headers)])
+
+    async def send_many_after_commit(self, conn: Conn, messages: Sequence[OutboxMessage]) -> None:
+        """:meth:`send_after_commit` for several messages, in one statement."""
+        if not messages:
+            return
         s = self.service
-        all_headers = {**(headers or {}), "Nats-Msg-Id": str(message_id)}
         await conn.execute(
             f"WITH ins AS (INSERT INTO {s}.outbox (event_id, subject, headers, body) "
-            f"VALUES ($1, $2, $3::jsonb, $4) RETURNING 1) "
-            f"SELECT pg_notify('{outbox_channel(s)}', '') FROM ins",
-            message_id,
-            subject,
-            json.dumps(all_headers),
-            body,
+            "SELECT * FROM unnest($1::uuid[], $2::text[], $3::jsonb[], $4::bytea[]) "
+            f"RETURNING 1) SELECT pg_notify('{outbox_channel(s)}', '') "
+            "WHERE EXISTS (SELECT 1 FROM ins)",
+            [m.message_id for m in messages],
+            [m.subject for m in messages],
+            [json.dumps({**(m.headers or {}), "Nats-Msg-Id": str(m.message_id)}) for m in messages],
+            [m.body for m in messages],
         )
 
     def _envelope(self, event: NewEvent, version: int) -> StoredEvent:
@@ -227,6 +242,26 @@ class EventStore:
         else:
             rows = await conn.fetch(sql, stream_id, after_version)
         return [self._row_to_event(r) for r in rows]
+
+    async def read_streams(
+        self, stream_ids: Sequence[str], conn: Conn | None = None
+    ) -> dict[str, list[StoredEvent]]:
+        """Several streams' events in one query, each in version order (a stream with no
+        events maps to an empty list)."""
+        sql = (
+            f"SELECT {_COLUMNS} FROM {self.service}.events "
+            "WHERE stream_id = ANY($1::text[]) ORDER BY stream_id, version"
+        )
+        if conn is None:
+            async with self.pool.acquire() as c:
+                rows = await c.fetch(sql, list(stream_ids))
+        else:
+            rows = await conn.fetch(sql, list(stream_ids))
+        out: dict[str, list[StoredEvent]] = {sid: [] for sid in stream_ids}
+        for row in rows:
+            event = self._row_to_event(row)
+            out.setdefault(event.stream_id, []).append(event)
+        return out
 
     async def read_all(
         self,

@@ -10,7 +10,9 @@ from shipyard.asyncinference.v1 import asyncinference_pb2_grpc as pb_grpc
 from shipyard_asyncinference.app import AsyncCommands, AsyncQueries, RequestView, Submission
 from shipyard_asyncinference.app.batch import BatchCommands, BatchView
 from shipyard_core.auth import current_principal
+from shipyard_core.errors import ShipyardError
 from shipyard_core.grpckit.convert import to_timestamp
+from shipyard_core.grpckit.errors import status_for_exception
 
 _STATUS = {
     "queued": pb.ASYNC_STATUS_QUEUED,
@@ -46,6 +48,19 @@ def request_message(view: RequestView) -> pb.AsyncRequest:
     )
 
 
+def _submission(request: pb.SubmitRequest) -> Submission:
+    return Submission(
+        deployment=request.deployment,
+        group=request.group,
+        caller=request.caller,
+        model_path=request.model_path,
+        content_type=request.content_type,
+        body=request.body,
+        protocol=request.protocol,
+        client_request_id=request.client_request_id,
+    )
+
+
 def batch_message(view: BatchView) -> pb.BatchJob:
     """A BatchView as protobuf."""
     return pb.BatchJob(
@@ -78,20 +93,24 @@ class AsyncInferenceServicer(pb_grpc.AsyncInferenceServiceServicer):
 
     async def Submit(self, request: pb.SubmitRequest, context: Any) -> pb.AsyncRequest:
         """Stores and queues a request (internal only)."""
-        view = await self.commands.submit(
-            current_principal(),
-            Submission(
-                deployment=request.deployment,
-                group=request.group,
-                caller=request.caller,
-                model_path=request.model_path,
-                content_type=request.content_type,
-                body=request.body,
-                protocol=request.protocol,
-                client_request_id=request.client_request_id,
-            ),
-        )
+        view = await self.commands.submit(current_principal(), _submission(request))
         return request_message(view)
+
+    async def SubmitMany(
+        self, request: pb.SubmitManyRequest, context: Any
+    ) -> pb.SubmitManyResponse:
+        """Stores and queues several requests, each accepted or refused (internal only)."""
+        outcomes = await self.commands.submit_many(
+            current_principal(), [_submission(r) for r in request.requests]
+        )
+        answer = pb.SubmitManyResponse()
+        for outcome in outcomes:
+            if isinstance(outcome, ShipyardError):
+                code, message = status_for_exception(outcome, method="SubmitMany")
+                answer.outcomes.add(code=code.value[0], message=message)
+            else:
+                answer.outcomes.add(request=request_message(outcome))
+        return answer
 
     async def GetRequest(self, request: pb.GetRequestRequest, context: Any) -> pb.AsyncRequest:
         """One request's status."""

@@ -8,11 +8,13 @@ changes nothing: a result is written once.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import re
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
@@ -24,8 +26,14 @@ from shipyard_asyncinference.app.views import RequestView, Submission
 from shipyard_asyncinference.domain import EVENTS, INLINE, AsyncRequest
 from shipyard_core.aggregate import Repository, retry_on_conflict
 from shipyard_core.auth import Principal
-from shipyard_core.errors import ConcurrencyError, InvalidArgument, NotFound, ResourceExhausted
-from shipyard_core.eventstore import EventStore
+from shipyard_core.errors import (
+    ConcurrencyError,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    ShipyardError,
+)
+from shipyard_core.eventstore import EventStore, OutboxMessage
 from shipyard_core.validation import deployment_name
 
 log = logging.getLogger(__name__)
@@ -45,6 +53,26 @@ def check_request_id(request_id: str) -> str:
     if not _REQUEST_ID.match(request_id):
         raise NotFound(f"async request {request_id[:64]!r} does not exist")
     return request_id
+
+
+@dataclass(frozen=True)
+class Started:
+    """A request a worker started: its state, the attempt, its payload if inline."""
+
+    request: AsyncRequest
+    attempt: int
+    inline_payload: bytes | None = None
+
+
+@dataclass(frozen=True)
+class Result:
+    """A model's answer to a started attempt, to store."""
+
+    request: AsyncRequest
+    attempt: int
+    status: int
+    content_type: str
+    body: bytes
 
 
 def payload_too_large(size: int, limit: int) -> ResourceExhausted:
@@ -92,7 +120,12 @@ class AsyncCommands:
     async def submit(self, caller: Principal, sub: Submission) -> RequestView:
         """Stores and queues a request (the gateway's call, internal only). Once this
         returns, the request is in PostgreSQL and will run even if every process dies."""
-        caller.require_internal("submit an async request (the gateway does)")
+        outcome = (await self.submit_many(caller, [sub]))[0]
+        if isinstance(outcome, ShipyardError):
+            raise outcome
+        return outcome
+
+    def _check(self, sub: Submission) -> None:
         deployment_name("deployment", sub.deployment)
         if not sub.group:
             raise InvalidArgument("group", "is required", "the deployment's group")
@@ -102,50 +135,95 @@ class AsyncCommands:
             )
         if len(sub.body) > self.max_payload_bytes:
             raise payload_too_large(len(sub.body), self.max_payload_bytes)
-        request_id = uuid.uuid4().hex
+
+    async def submit_many(
+        self, caller: Principal, subs: Sequence[Submission]
+    ) -> list[RequestView | ShipyardError]:
+        """:meth:`submit` for several requests in one transaction (the gateway coalesces
+        concurrent submissions): each is accepted (its view) or refused (the error a
+        submit of it alone raises). An outage fails the whole call: none is accepted."""
+        caller.require_internal("submit an async request (the gateway does)")
+        slots: list[AsyncRequest | ShipyardError] = []
+        accepted: list[tuple[AsyncRequest, Submission]] = []
         now = self.clock()
-        location = await self.blobs.stage(request_id, PAYLOAD, sub.body)
-        agg = AsyncRequest(request_id)
-        agg.queue(
-            deployment=sub.deployment,
-            group=sub.group,
-            caller=sub.caller,
-            protocol=sub.protocol,
-            model_path=sub.model_path,
-            content_type=sub.content_type or "application/json",
-            client_request_id=sub.client_request_id[:128],
-            payload_bytes=len(sub.body),
-            payload_sha256=hashlib.sha256(sub.body).hexdigest(),
-            payload_location=location,
-            max_attempts=self.max_attempts,
-            at=now,
-            expires_at=now + self.retention,
+        for sub in subs:
+            try:
+                self._check(sub)
+            except ShipyardError as exc:
+                slots.append(exc)
+                continue
+            agg = AsyncRequest(uuid.uuid4().hex)
+            accepted.append((agg, sub))
+            slots.append(agg)
+        if not accepted:
+            return [s for s in slots if isinstance(s, ShipyardError)]
+        locations = await asyncio.gather(
+            *(self.blobs.stage(agg.id, PAYLOAD, sub.body) for agg, sub in accepted),
+            return_exceptions=True,
         )
-        message_id = uuid.UUID(request_id)
         try:
+            for (agg, sub), location in zip(accepted, locations, strict=True):
+                if isinstance(location, BaseException):
+                    raise location
+                agg.queue(
+                    deployment=sub.deployment,
+                    group=sub.group,
+                    caller=sub.caller,
+                    protocol=sub.protocol,
+                    model_path=sub.model_path,
+                    content_type=sub.content_type or "application/json",
+                    client_request_id=sub.client_request_id[:128],
+                    payload_bytes=len(sub.body),
+                    payload_sha256=hashlib.sha256(sub.body).hexdigest(),
+                    payload_location=location,
+                    max_attempts=self.max_attempts,
+                    at=now,
+                    expires_at=now + self.retention,
+                )
+            by_actor: dict[str, list[AsyncRequest]] = {}
+            for agg, sub in accepted:
+                by_actor.setdefault(sub.caller or "anonymous", []).append(agg)
             async with self.pool.acquire() as conn, conn.transaction():
-                await self.blobs.write_inline(conn, request_id, PAYLOAD, location, sub.body)
-                await self.repo.save(agg, conn=conn, actor=sub.caller or "anonymous")
-                # The work item leaves through the outbox with the event: on the queue
-                # once committed, whatever crashes (decision 0033).
-                await self.store.send_after_commit(
+                await self.blobs.write_inline_many(
                     conn,
-                    queue.subject(sub.deployment, request_id),
-                    queue.message(request_id),
-                    message_id,
+                    PAYLOAD,
+                    [(agg.id, agg.payload_location, sub.body) for agg, sub in accepted],
+                )
+                for actor, aggs in by_actor.items():
+                    await self.repo.save(*aggs, conn=conn, actor=actor)
+                # The work items leave through the outbox with the events: on the queue
+                # once committed, whatever crashes (decision 0033).
+                await self.store.send_many_after_commit(
+                    conn,
+                    [
+                        OutboxMessage(
+                            queue.subject(agg.deployment, agg.id),
+                            queue.message(agg.id),
+                            uuid.UUID(agg.id),
+                        )
+                        for agg, _ in accepted
+                    ],
                 )
         except BaseException:
-            await self.blobs.discard(location)
+            for location in locations:
+                if isinstance(location, str):
+                    await self.blobs.discard(location)
             raise
         if self.js is not None:
-            # And at once, under the same message id (JetStream keeps one): the relay's
+            # And at once, under the same message ids (JetStream keeps one): the relay's
             # copy waits for its wake-up and for older transactions to end, milliseconds
             # a queued request would spend idle.
-            try:
-                await queue.enqueue(self.js, request_id, sub.deployment, str(message_id))
-            except Exception as exc:  # the relay's copy will do
-                log.warning("async request %s: fast queue publish failed (%s)", request_id, exc)
-        return RequestView.of(agg)
+            sent = await asyncio.gather(
+                *(
+                    queue.enqueue(self.js, agg.id, agg.deployment, str(uuid.UUID(agg.id)))
+                    for agg, _ in accepted
+                ),
+                return_exceptions=True,
+            )
+            failed = [r for r in sent if isinstance(r, BaseException)]
+            if failed:  # the relay's copies will do
+                log.warning("%d fast queue publishes failed (%s)", len(failed), failed[0])
+        return [s if isinstance(s, ShipyardError) else RequestView.of(s) for s in slots]
 
     async def cancel(self, caller: Principal, deployment: str, request_id: str) -> RequestView:
         """Cancels a queued request (FailedPrecondition once it runs or ended)."""
@@ -178,73 +256,101 @@ class AsyncCommands:
 
     # -- workers ---------------------------------------------------------------------
 
-    async def start(self, request_id: str, worker: str) -> tuple[AsyncRequest, int] | None:
-        """Marks the request running (a new attempt); None when there is nothing to run."""
+    async def start_many(self, request_ids: Sequence[str], worker: str) -> list[Started | None]:
+        """Marks each request running (a new attempt) in one transaction; None for one
+        with nothing to run (ended, given up, or unknown). The inline payloads are read
+        meanwhile, on another connection: a round trip less before the model call.
+        ``request_ids`` must be distinct."""
+        payloads = asyncio.ensure_future(self._inline_payloads(request_ids))
 
-        async def attempt() -> tuple[AsyncRequest, int] | None:
-            agg = await self.repo.load(request_id)
-            number = agg.start(worker, self.clock())
-            if agg.pending:
-                await self.repo.save(agg, actor=worker)
-            return None if number is None else (agg, number)
+        async def attempt() -> list[Started | None]:
+            async with self.pool.acquire() as conn:
+                aggs = await self.repo.load_many(request_ids, conn=conn)
+                now = self.clock()
+                numbers = [agg.start(worker, now) for agg in aggs]
+                changed = [agg for agg in aggs if agg.pending]
+                if changed:
+                    await self.repo.save(*changed, conn=conn, actor=worker)
+            return [
+                None if number is None else Started(agg, number)
+                for agg, number in zip(aggs, numbers, strict=True)
+            ]
 
-        return await retry_on_conflict(attempt)
+        try:
+            started = await retry_on_conflict(attempt)
+            inline = await payloads
+        finally:
+            if not payloads.done():
+                payloads.cancel()
+            elif not payloads.cancelled():
+                payloads.exception()  # retrieved: the error that matters is raised above
+        return [
+            None if s is None else Started(s.request, s.attempt, inline.get(s.request.id))
+            for s in started
+        ]
 
-    async def inline_payload(self, request_id: str) -> bytes | None:
-        """The request's payload if it is stored inline, else None: read by the worker
-        while it records the attempt, which saves a round trip before the model call."""
+    async def _inline_payloads(self, request_ids: Sequence[str]) -> dict[str, bytes]:
         async with self.pool.acquire() as conn:
-            return await self.blobs.read_inline(conn, request_id, PAYLOAD)
+            return await self.blobs.read_inline_many(conn, request_ids, PAYLOAD)
 
-    async def payload(self, agg: AsyncRequest, prefetched: bytes | None = None) -> bytes:
-        """The request's payload (``prefetched``: what :meth:`inline_payload` read)."""
-        if prefetched is not None and agg.payload_location == INLINE:
-            return prefetched
+    async def payload(self, started: Started) -> bytes:
+        """The payload of a started request (read with it when inline)."""
+        agg = started.request
+        if started.inline_payload is not None and agg.payload_location == INLINE:
+            return started.inline_payload
         async with self.pool.acquire() as conn:
             return await self.blobs.read(conn, agg.id, PAYLOAD, agg.payload_location)
 
-    async def complete(
-        self,
-        request_id: str,
-        attempt: int,
-        status: int,
-        content_type: str,
-        body: bytes,
-        worker: str,
-        agg: AsyncRequest | None = None,
-    ) -> bool:
-        """Stores the result of ``attempt``; False when it was not this attempt's to
-        store (the request moved on): then nothing is written. ``agg``: the request as
-        the worker started it, tried first (the usual case: nothing happened since);
-        the concurrency check catches it when something did."""
-        location = await self.blobs.stage(request_id, RESULT, body, attempt)
-        stored = False
+    async def complete_many(self, results: Sequence[Result], worker: str) -> list[bool]:
+        """Stores the result of each attempt, in one transaction; False for one that was
+        not its attempt's to store (the request moved on): nothing is written for it.
+        Each ``Result.request`` is the request as the worker started it, tried first
+        (the usual case: nothing happened since); the concurrency check catches it when
+        something did, and then all are loaded again and decided anew."""
+        locations = await asyncio.gather(
+            *(self.blobs.stage(r.request.id, RESULT, r.body, r.attempt) for r in results),
+            return_exceptions=True,
+        )
+        kept: set[str] = set()
+        aggs: list[AsyncRequest] = [r.request for r in results]
         try:
+            for location in locations:
+                if isinstance(location, BaseException):
+                    raise location
             while True:
-                if agg is None:
-                    agg = await self.repo.load(request_id)
-                if not agg.complete(
-                    attempt,
-                    status=status,
-                    content_type=content_type,
-                    result_bytes=len(body),
-                    result_sha256=hashlib.sha256(body).hexdigest(),
-                    result_location=location,
-                    at=self.clock(),
-                ):
-                    return False
+                now = self.clock()
+                stored = [
+                    agg.complete(
+                        r.attempt,
+                        status=r.status,
+                        content_type=r.content_type,
+                        result_bytes=len(r.body),
+                        result_sha256=hashlib.sha256(r.body).hexdigest(),
+                        result_location=str(location),
+                        at=now,
+                    )
+                    for agg, r, location in zip(aggs, results, locations, strict=True)
+                ]
+                rows = [
+                    (r.request.id, str(location), r.body)
+                    for r, location, ok in zip(results, locations, stored, strict=True)
+                    if ok
+                ]
                 try:
-                    async with self.pool.acquire() as conn, conn.transaction():
-                        await self.blobs.write_inline(conn, request_id, RESULT, location, body)
-                        await self.repo.save(agg, conn=conn, actor=worker)
+                    if rows:
+                        async with self.pool.acquire() as conn, conn.transaction():
+                            await self.blobs.write_inline_many(conn, RESULT, rows)
+                            await self.repo.save(*aggs, conn=conn, actor=worker)
                 except (ConcurrencyError, asyncpg.UniqueViolationError):
-                    agg = None
-                    continue  # reload: someone else moved it; decide again
-                stored = True
-                return True
+                    # Someone else moved one of them: load them all again, decide again.
+                    aggs = await self.repo.load_many([r.request.id for r in results])
+                    continue
+                kept = {row[1] for row in rows}
+                return stored
         finally:
-            if not stored:
-                await self.blobs.discard(location)
+            for location in locations:
+                if isinstance(location, str) and location not in kept:
+                    await self.blobs.discard(location)
 
     async def fail_attempt(
         self, request_id: str, attempt: int, error: str, *, final: bool, worker: str

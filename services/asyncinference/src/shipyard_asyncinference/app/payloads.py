@@ -5,6 +5,8 @@ never overwrites the winner's result; its object is deleted again)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from shipyard_asyncinference.domain import INLINE, OBJECT_PREFIX
 from shipyard_core.db import Conn
 from shipyard_core.errors import NotFound
@@ -43,23 +45,27 @@ class Blobs:
 
     async def stage(self, request_id: str, kind: str, body: bytes, attempt: int = 0) -> str:
         """Stores ``body`` in the object store when it is large and returns its location
-        (``inline`` for a small one: :meth:`write_inline` stores it with the event)."""
+        (``inline`` for a small one: :meth:`write_inline_many` stores it with the event)."""
         if len(body) <= self.inline_max_bytes:
             return INLINE
         key = self.key(request_id, kind, attempt)
         await self.objects.put_bytes(key, body)
         return OBJECT_PREFIX + key
 
-    async def write_inline(
-        self, conn: Conn, request_id: str, kind: str, location: str, body: bytes
+    async def write_inline_many(
+        self, conn: Conn, kind: str, rows: Sequence[tuple[str, str, bytes]]
     ) -> None:
-        """Inserts a small body, in the caller's transaction (a conflict is an error)."""
-        if location == INLINE:
+        """Inserts the small bodies of ``(request_id, location, body)`` rows (those
+        whose location is ``inline``) in one statement, in the caller's transaction (a
+        conflict is an error)."""
+        inline = [(rid, body) for rid, location, body in rows if location == INLINE]
+        if inline:
             await conn.execute(
-                f"INSERT INTO {self.schema}.blobs (request_id, kind, body) VALUES ($1, $2, $3)",
-                request_id,
+                f"INSERT INTO {self.schema}.blobs (request_id, kind, body) "
+                "SELECT r, $2, b FROM unnest($1::text[], $3::bytea[]) AS u(r, b)",
+                [rid for rid, _ in inline],
                 kind,
-                body,
+                [body for _, body in inline],
             )
 
     async def discard(self, location: str) -> None:
@@ -75,6 +81,19 @@ class Blobs:
             kind,
         )
         return None if body is None else bytes(body)
+
+    async def read_inline_many(
+        self, conn: Conn, request_ids: Sequence[str], kind: str
+    ) -> dict[str, bytes]:
+        """The bodies stored inline of several requests (those stored elsewhere, or
+        removed, are missing)."""
+        rows = await conn.fetch(
+            f"SELECT request_id, body FROM {self.schema}.blobs "
+            "WHERE request_id = ANY($1::text[]) AND kind = $2",
+            list(request_ids),
+            kind,
+        )
+        return {row["request_id"]: bytes(row["body"]) for row in rows}
 
     async def read(self, conn: Conn, request_id: str, kind: str, location: str) -> bytes:
         """The stored body; NotFound when it was removed."""

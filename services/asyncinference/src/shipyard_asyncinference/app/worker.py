@@ -1,11 +1,14 @@
 """Workers: pull request ids from the ``ASYNC`` work queue and run them.
 
-For each message: mark the request running (a new attempt, saved with the concurrency
-check), read its payload, run it through the gateway, store the result once, ack. While
-the call runs the worker tells JetStream it is still at it (every third of the ack
-wait), so only a dead worker's message is redelivered. A failed attempt is recorded and
-the message redelivered after a back-off until the request's attempts are used up.
-Every replica's workers share the one durable consumer.
+The messages of one fetch are worked as a batch: the requests are marked running (a new
+attempt each, saved with the concurrency check) in one transaction while their payloads
+are read, each runs through the gateway (concurrently: the model server batches what
+arrives together), and their results are stored in one transaction, once; then the
+messages are acknowledged. A lone message is a batch of one. While the calls run the
+worker tells JetStream it is still at it (every third of the ack wait), so only a dead
+worker's messages are redelivered. A failed attempt is recorded and the message
+redelivered after a back-off until the request's attempts are used up. Every replica's
+workers share the one durable consumer.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from nats.js.errors import FetchTimeoutError
 
 from shipyard_asyncinference.adapters import queue
 from shipyard_asyncinference.adapters.gateway import Outcome
-from shipyard_asyncinference.app.commands import AsyncCommands
+from shipyard_asyncinference.app.commands import AsyncCommands, Result, Started
 from shipyard_asyncinference.domain import AsyncRequest
 from shipyard_core.aio import pause
 from shipyard_core.bus import DLQ_STREAM
@@ -54,6 +57,7 @@ class Worker:
         runner: Runner,
         *,
         concurrency: int,
+        batch_size: int = 64,
         ack_wait_seconds: float,
         retry_delay_seconds: float,
         name: str = "",
@@ -62,6 +66,7 @@ class Worker:
         self.js = js
         self.runner = runner
         self.concurrency = concurrency
+        self.batch_size = batch_size
         self.ack_wait = ack_wait_seconds
         self.retry_delay = retry_delay_seconds
         self.name = name or f"{socket.gethostname()}-{os.getpid()}"
@@ -83,18 +88,18 @@ class Worker:
         tasks: set[asyncio.Task[None]] = set()
         try:
             while not stop.is_set():
-                free = self.concurrency - len(tasks)
+                free = self.concurrency - self.running
                 if free <= 0:
                     await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
                     continue
                 try:
-                    msgs = await sub.fetch(free, timeout=1.0)
+                    msgs = await sub.fetch(min(free, self.batch_size), timeout=1.0)
                 except (TimeoutError, FetchTimeoutError):
                     continue
-                for msg in msgs:
-                    task = asyncio.ensure_future(self._handle(msg))
-                    tasks.add(task)
-                    task.add_done_callback(tasks.discard)
+                self.running += len(msgs)
+                task = asyncio.ensure_future(self._handle(msgs))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
             # Requests in progress finish (the host cancels them after its grace period;
             # their messages are then redelivered to another worker).
             if tasks:
@@ -105,71 +110,97 @@ class Worker:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
 
-    async def _heartbeat(self, msg: Msg) -> None:
+    async def _heartbeat(self, msgs: list[Msg]) -> None:
         while True:
             await asyncio.sleep(self.ack_wait / 3)
-            with contextlib.suppress(Exception):
-                await msg.in_progress()
+            for msg in msgs:
+                with contextlib.suppress(Exception):
+                    await msg.in_progress()
 
-    async def _handle(self, msg: Msg) -> None:
+    async def _handle(self, msgs: list[Msg]) -> None:
         try:
-            request_id = queue.request_id_of(msg.data)
-        except ValueError as exc:
-            await self._dead_letter(msg, str(exc))
-            return
-        beat = asyncio.ensure_future(self._heartbeat(msg))
-        self.running += 1
-        try:
-            await self._process(msg, request_id)
-        except NotFound:
-            await msg.ack()  # no such request: nothing to run
-        except Exception as exc:
-            # Left unacknowledged: redelivered after the ack wait, to this or another
-            # worker, which then decides from the request's state.
-            log.warning("async request %s: worker error: %s", request_id, exc, exc_info=True)
+            by_id: dict[str, Msg] = {}
+            for msg in msgs:
+                try:
+                    request_id = queue.request_id_of(msg.data)
+                except ValueError as exc:
+                    await self._dead_letter(msg, str(exc))
+                    continue
+                if request_id in by_id:
+                    await msg.ack()  # the same request twice: the first message covers it
+                    continue
+                by_id[request_id] = msg
+            if not by_id:
+                return
+            beat = asyncio.ensure_future(self._heartbeat(list(by_id.values())))
+            try:
+                await self._process(by_id)
+            except Exception as exc:
+                # Left unacknowledged: redelivered after the ack wait, to this or another
+                # worker, which then decides from the requests' state.
+                log.warning(
+                    "async requests %s: worker error: %s",
+                    ", ".join(list(by_id)[:5]),
+                    exc,
+                    exc_info=True,
+                )
+            finally:
+                beat.cancel()
         finally:
-            self.running -= 1
-            beat.cancel()
+            self.running -= len(msgs)
 
-    async def _process(self, msg: Msg, request_id: str) -> None:
-        # The payload is read while the attempt is recorded: one round trip less between
-        # the message and the model call.
-        inline = asyncio.ensure_future(self.commands.inline_payload(request_id))
-        try:
-            started = await self.commands.start(request_id, self.name)
-        except BaseException:
-            inline.cancel()
-            raise
-        if started is None:
-            inline.cancel()
-            await msg.ack()  # ended (or given up): nothing to do
-            return
-        agg, attempt = started
+    async def _process(self, by_id: dict[str, Msg]) -> None:
+        ids = list(by_id)
+        started = await self.commands.start_many(ids, self.name)
+        runs: list[Started] = []
+        for request_id, run in zip(ids, started, strict=True):
+            if run is None:
+                await by_id[request_id].ack()  # ended (or given up): nothing to do
+            else:
+                runs.append(run)
         if self.on_start is not None:
-            await self.on_start(request_id, attempt)
-        body = await self.commands.payload(agg, await inline)
-        outcome = await self.runner.run(agg, body)
-        if outcome.ok:
-            stored = await self.commands.complete(
-                request_id,
-                attempt,
-                outcome.status,
-                outcome.content_type,
-                outcome.body,
-                self.name,
-                agg=agg,
-            )
-            if not stored:
-                log.info("async request %s: attempt %d lost to another", request_id, attempt)
-            await msg.ack()
-            return
-        again = await self.commands.fail_attempt(
-            request_id, attempt, outcome.error, final=outcome.final, worker=self.name
+            for run in runs:
+                await self.on_start(run.request.id, run.attempt)
+        outcomes = await asyncio.gather(
+            *(self._attempt(run) for run in runs), return_exceptions=True
         )
-        if again:
-            await msg.nak(delay=self.retry_delay * 2 ** (attempt - 1))
-        else:
-            await msg.ack()
+        results: list[Result] = []
+        for run, outcome in zip(runs, outcomes, strict=True):
+            request_id = run.request.id
+            msg = by_id[request_id]
+            if isinstance(outcome, NotFound):
+                await msg.ack()  # its payload was removed: nothing to run
+            elif isinstance(outcome, BaseException):
+                log.warning("async request %s: worker error: %s", request_id, outcome)
+            elif outcome.ok:
+                results.append(
+                    Result(
+                        run.request, run.attempt, outcome.status, outcome.content_type, outcome.body
+                    )
+                )
+            else:
+                again = await self.commands.fail_attempt(
+                    request_id, run.attempt, outcome.error, final=outcome.final, worker=self.name
+                )
+                if again:
+                    await msg.nak(delay=self.retry_delay * 2 ** (run.attempt - 1))
+                else:
+                    await msg.ack()
+        if not results:
+            return
+        stored = await self.commands.complete_many(results, self.name)
+        for result, ok in zip(results, stored, strict=True):
+            if not ok:
+                log.info(
+                    "async request %s: attempt %d lost to another",
+                    result.request.id,
+                    result.attempt,
+                )
+            await by_id[result.request.id].ack()
+
+    async def _attempt(self, run: Started) -> Outcome:
+        body = await self.commands.payload(run)
+        return await self.runner.run(run.request, body)
 
     async def _dead_letter(self, msg: Msg, reason: str) -> None:
         headers = dict(msg.headers or {})

@@ -25,45 +25,51 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n/shipyard/asyncinference/v1/asyncinference.proto\x12\x1ashipyard.asyncinference.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa7\x01\n\rSubmitRequest\x12\x12\n\ndeployment\x18\x01 \x01(\t\x12\r\n\x05group\x18\x02 \x01(\t\x12\x0e\n\x06\x63\x61ller\x18\x03 \x01(\t\x12\x12\n\nmodel_path\x18\x04 \x01(\t\x12\x14\n\x0c\x63ontent_type\x18\x05 \x01(\t\x12\x0c\n\x04\x62ody\x18\x06 \x01(\x0c\x12\x10\n\x08protocol\x18\x07 \x01(\t\x12\x19\n\x11\x63lient_request_id\x18\x08 \x01(\t\"\x81\x04\n\x0c\x41syncRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\ndeployment\x18\x02 \x01(\t\x12\r\n\x05group\x18\x03 \x01(\t\x12\x0e\n\x06\x63\x61ller\x18\x04 \x01(\t\x12\x37\n\x06status\x18\x05 \x01(\x0e\x32\'.shipyard.asyncinference.v1.AsyncStatus\x12\x10\n\x08\x61ttempts\x18\x06 \x01(\x05\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12.\n\ncreated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07\x65xpired\x18\x0c \x01(\x08\x12\x10\n\x08protocol\x18\r \x01(\t\x12\x12\n\nmodel_path\x18\x0e \x01(\t\x12\x15\n\rpayload_bytes\x18\x0f \x01(\x03\x12\x14\n\x0cresult_bytes\x18\x10 \x01(\x03\x12\x15\n\rresult_status\x18\x11 \x01(\x05\x12\x14\n\x0c\x63ontent_type\x18\x12 \x01(\t\";\n\x11GetRequestRequest\x12\x12\n\ndeployment\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\":\n\x10GetResultRequest\x12\x12\n\ndeployment\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"U\n\x0b\x41syncResult\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\x05\x12\x14\n\x0c\x63ontent_type\x18\x03 \x01(\t\x12\x0c\n\x04\x62ody\x18\x04 \x01(\x0c\"\x9c\x01\n\x13ListRequestsRequest\x12\x12\n\ndeployment\x18\x01 \x01(\t\x12\x37\n\x06status\x18\x02 \x01(\x0e\x32\'.shipyard.asyncinference.v1.AsyncStatus\x12)\n\x05since\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05limit\x18\x04 \x01(\x05\"R\n\x14ListRequestsResponse\x12:\n\x08requests\x18\x01 \x03(\x0b\x32(.shipyard.asyncinference.v1.AsyncRequest\">\n\x14\x43\x61ncelRequestRequest\x12\x12\n\ndeployment\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"i\n\x15\x43reateBatchJobRequest\x12\x12\n\ndeployment\x18\x01 \x01(\t\x12\r\n\x05group\x18\x02 \x01(\t\x12\x0e\n\x06\x63\x61ller\x18\x03 \x01(\t\x12\r\n\x05input\x18\x04 \x01(\t\x12\x0e\n\x06output\x18\x05 \x01(\t\"+\n\x0c\x42\x61tchFailure\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\xd5\x02\n\x08\x42\x61tchJob\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x12\n\ndeployment\x18\x02 \x01(\t\x12\r\n\x05group\x18\x03 \x01(\t\x12\x0e\n\x06\x63\x61ller\x18\x04 \x01(\t\x12\r\n\x05input\x18\x05 \x01(\t\x12\x0e\n\x06output\x18\x06 \x01(\t\x12\x0e\n\x06status\x18\x07 \x01(\t\x12\r\n\x05total\x18\x08 \x01(\x03\x12\x0c\n\x04\x64one\x18\t \x01(\x03\x12\x0e\n\x06\x66\x61iled\x18\n \x01(\x03\x12\r\n\x05\x65rror\x18\x0b \x01(\t\x12.\n\ncreated_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12:\n\x08\x66\x61ilures\x18\x0e \x03(\x0b\x32(.shipyard.asyncinference.v1.BatchFailure\"8\n\x12GetBatchJobRequest\x12\x12\n\ndeployment\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\"9\n\x14ListBatchJobsRequest\x12\x12\n\ndeployment\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\x05\"K\n\x15ListBatchJobsResponse\x12\x32\n\x04jobs\x18\x01 \x03(\x0b\x32$.shipyard.asyncinference.v1.BatchJob\";\n\x15\x43\x61ncelBatchJobRequest\x12\x12\n\ndeployment\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t*\xaf\x01\n\x0b\x41syncStatus\x12\x1c\n\x18\x41SYNC_STATUS_UNSPECIFIED\x10\x00\x12\x17\n\x13\x41SYNC_STATUS_QUEUED\x10\x01\x12\x18\n\x14\x41SYNC_STATUS_RUNNING\x10\x02\x12\x1a\n\x16\x41SYNC_STATUS_COMPLETED\x10\x03\x12\x17\n\x13\x41SYNC_STATUS_FAILED\x10\x04\x12\x1a\n\x16\x41SYNC_STATUS_CANCELLED\x10\x05\x32\xd2\x07\n\x15\x41syncInferenceService\x12]\n\x06Submit\x12).shipyard.asyncinference.v1.SubmitRequest\x1a(.shipyard.asyncinference.v1.AsyncRequest\x12\x65\n\nGetRequest\x12-.shipyard.asyncinference.v1.GetRequestRequest\x1a(.shipyard.asyncinference.v1.AsyncRequest\x12\x62\n\tGetResult\x12,.shipyard.asyncinference.v1.GetResultRequest\x1a\'.shipyard.asyncinference.v1.AsyncResult\x12q\n\x0cListRequests\x12/.shipyard.asyncinference.v1.ListRequestsRequest\x1a\x30.shipyard.asyncinference.v1.ListRequestsResponse\x12k\n\rCancelRequest\x12\x30.shipyard.asyncinference.v1.CancelRequestRequest\x1a(.shipyard.asyncinference.v1.AsyncRequest\x12i\n\x0e\x43reateBatchJob\x12\x31.shipyard.asyncinference.v1.CreateBatchJobRequest\x1a$.shipyard.asyncinference.v1.BatchJob\x12\x63\n\x0bGetBatchJob\x12..shipyard.asyncinference.v1.GetBatchJobRequest\x1a$.shipyard.asyncinference.v1.BatchJob\x12t\n\rListBatchJobs\x12\x30.shipyard.asyncinference.v1.ListBatchJobsRequest\x1a\x31.shipyard.asyncinference.v1.ListBatchJobsResponse\x12i\n\x0e\x43\x61ncelBatchJob\x12\x31.shipyard.asyncinference.v1.CancelBatchJobRequest\x1a$.shipyard.asyncinference.v1.BatchJobb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n/shipyard/asyncinference/v1/asyncinference.proto\x12\x1ashipyard.asyncinference.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa7\x01\n\rSubmitRequest\x12\x12\n\ndeployment\x18\x01 \x01(\t\x12\r\n\x05group\x18\x02 \x01(\t\x12\x0e\n\x06\x63\x61ller\x18\x03 \x01(\t\x12\x12\n\nmodel_path\x18\x04 \x01(\t\x12\x14\n\x0c\x63ontent_type\x18\x05 \x01(\t\x12\x0c\n\x04\x62ody\x18\x06 \x01(\x0c\x12\x10\n\x08protocol\x18\x07 \x01(\t\x12\x19\n\x11\x63lient_request_id\x18\x08 \x01(\t\"P\n\x11SubmitManyRequest\x12;\n\x08requests\x18\x01 \x03(\x0b\x32).shipyard.asyncinference.v1.SubmitRequest\"i\n\rSubmitOutcome\x12\x39\n\x07request\x18\x01 \x01(\x0b\x32(.shipyard.asyncinference.v1.AsyncRequest\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t\"Q\n\x12SubmitManyResponse\x12;\n\x08outcomes\x18\x01 \x03(\x0b\x32).shipyard.asyncinference.v1.SubmitOutcome\"\x81\x04\n\x0c\x41syncRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\ndeployment\x18\x02 \x01(\t\x12\r\n\x05group\x18\x03 \x01(\t\x12\x0e\n\x06\x63\x61ller\x18\x04 \x01(\t\x12\x37\n\x06status\x18\x05 \x01(\x0e\x32\'.shipyard.asyncinference.v1.AsyncStatus\x12\x10\n\x08\x61ttempts\x18\x06 \x01(\x05\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12.\n\ncreated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07\x65xpired\x18\x0c \x01(\x08\x12\x10\n\x08protocol\x18\r \x01(\t\x12\x12\n\nmodel_path\x18\x0e \x01(\t\x12\x15\n\rpayload_bytes\x18\x0f \x01(\x03\x12\x14\n\x0cresult_bytes\x18\x10 \x01(\x03\x12\x15\n\rresult_status\x18\x11 \x01(\x05\x12\x14\n\x0c\x63ontent_type\x18\x12 \x01(\t\";\n\x11GetRequestRequest\x12\x12\n\ndeployment\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\":\n\x10GetResultRequest\x12\x12\n\ndeployment\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"U\n\x0b\x41syncResult\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\x05\x12\x14\n\x0c\x63ontent_type\x18\x03 \x01(\t\x12\x0c\n\x04\x62ody\x18\x04 \x01(\x0c\"\x9c\x01\n\x13ListRequestsRequest\x12\x12\n\ndeployment\x18\x01 \x01(\t\x12\x37\n\x06status\x18\x02 \x01(\x0e\x32\'.shipyard.asyncinference.v1.AsyncStatus\x12)\n\x05since\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05limit\x18\x04 \x01(\x05\"R\n\x14ListRequestsResponse\x12:\n\x08requests\x18\x01 \x03(\x0b\x32(.shipyard.asyncinference.v1.AsyncRequest\">\n\x14\x43\x61ncelRequestRequest\x12\x12\n\ndeployment\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"i\n\x15\x43reateBatchJobRequest\x12\x12\n\ndeployment\x18\x01 \x01(\t\x12\r\n\x05group\x18\x02 \x01(\t\x12\x0e\n\x06\x63\x61ller\x18\x03 \x01(\t\x12\r\n\x05input\x18\x04 \x01(\t\x12\x0e\n\x06output\x18\x05 \x01(\t\"+\n\x0c\x42\x61tchFailure\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\xd5\x02\n\x08\x42\x61tchJob\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x12\n\ndeployment\x18\x02 \x01(\t\x12\r\n\x05group\x18\x03 \x01(\t\x12\x0e\n\x06\x63\x61ller\x18\x04 \x01(\t\x12\r\n\x05input\x18\x05 \x01(\t\x12\x0e\n\x06output\x18\x06 \x01(\t\x12\x0e\n\x06status\x18\x07 \x01(\t\x12\r\n\x05total\x18\x08 \x01(\x03\x12\x0c\n\x04\x64one\x18\t \x01(\x03\x12\x0e\n\x06\x66\x61iled\x18\n \x01(\x03\x12\r\n\x05\x65rror\x18\x0b \x01(\t\x12.\n\ncreated_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12:\n\x08\x66\x61ilures\x18\x0e \x03(\x0b\x32(.shipyard.asyncinference.v1.BatchFailure\"8\n\x12GetBatchJobRequest\x12\x12\n\ndeployment\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\"9\n\x14ListBatchJobsRequest\x12\x12\n\ndeployment\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\x05\"K\n\x15ListBatchJobsResponse\x12\x32\n\x04jobs\x18\x01 \x03(\x0b\x32$.shipyard.asyncinference.v1.BatchJob\";\n\x15\x43\x61ncelBatchJobRequest\x12\x12\n\ndeployment\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t*\xaf\x01\n\x0b\x41syncStatus\x12\x1c\n\x18\x41SYNC_STATUS_UNSPECIFIED\x10\x00\x12\x17\n\x13\x41SYNC_STATUS_QUEUED\x10\x01\x12\x18\n\x14\x41SYNC_STATUS_RUNNING\x10\x02\x12\x1a\n\x16\x41SYNC_STATUS_COMPLETED\x10\x03\x12\x17\n\x13\x41SYNC_STATUS_FAILED\x10\x04\x12\x1a\n\x16\x41SYNC_STATUS_CANCELLED\x10\x05\x32\xbf\x08\n\x15\x41syncInferenceService\x12]\n\x06Submit\x12).shipyard.asyncinference.v1.SubmitRequest\x1a(.shipyard.asyncinference.v1.AsyncRequest\x12k\n\nSubmitMany\x12-.shipyard.asyncinference.v1.SubmitManyRequest\x1a..shipyard.asyncinference.v1.SubmitManyResponse\x12\x65\n\nGetRequest\x12-.shipyard.asyncinference.v1.GetRequestRequest\x1a(.shipyard.asyncinference.v1.AsyncRequest\x12\x62\n\tGetResult\x12,.shipyard.asyncinference.v1.GetResultRequest\x1a\'.shipyard.asyncinference.v1.AsyncResult\x12q\n\x0cListRequests\x12/.shipyard.asyncinference.v1.ListRequestsRequest\x1a\x30.shipyard.asyncinference.v1.ListRequestsResponse\x12k\n\rCancelRequest\x12\x30.shipyard.asyncinference.v1.CancelRequestRequest\x1a(.shipyard.asyncinference.v1.AsyncRequest\x12i\n\x0e\x43reateBatchJob\x12\x31.shipyard.asyncinference.v1.CreateBatchJobRequest\x1a$.shipyard.asyncinference.v1.BatchJob\x12\x63\n\x0bGetBatchJob\x12..shipyard.asyncinference.v1.GetBatchJobRequest\x1a$.shipyard.asyncinference.v1.BatchJob\x12t\n\rListBatchJobs\x12\x30.shipyard.asyncinference.v1.ListBatchJobsRequest\x1a\x31.shipyard.asyncinference.v1.ListBatchJobsResponse\x12i\n\x0e\x43\x61ncelBatchJob\x12\x31.shipyard.asyncinference.v1.CancelBatchJobRequest\x1a$.shipyard.asyncinference.v1.BatchJobb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'shipyard.asyncinference.v1.asyncinference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ASYNCSTATUS']._serialized_start=2065
-  _globals['_ASYNCSTATUS']._serialized_end=2240
+  _globals['_ASYNCSTATUS']._serialized_start=2337
+  _globals['_ASYNCSTATUS']._serialized_end=2512
   _globals['_SUBMITREQUEST']._serialized_start=113
   _globals['_SUBMITREQUEST']._serialized_end=280
-  _globals['_ASYNCREQUEST']._serialized_start=283
-  _globals['_ASYNCREQUEST']._serialized_end=796
-  _globals['_GETREQUESTREQUEST']._serialized_start=798
-  _globals['_GETREQUESTREQUEST']._serialized_end=857
-  _globals['_GETRESULTREQUEST']._serialized_start=859
-  _globals['_GETRESULTREQUEST']._serialized_end=917
-  _globals['_ASYNCRESULT']._serialized_start=919
-  _globals['_ASYNCRESULT']._serialized_end=1004
-  _globals['_LISTREQUESTSREQUEST']._serialized_start=1007
-  _globals['_LISTREQUESTSREQUEST']._serialized_end=1163
-  _globals['_LISTREQUESTSRESPONSE']._serialized_start=1165
-  _globals['_LISTREQUESTSRESPONSE']._serialized_end=1247
-  _globals['_CANCELREQUESTREQUEST']._serialized_start=1249
-  _globals['_CANCELREQUESTREQUEST']._serialized_end=1311
-  _globals['_CREATEBATCHJOBREQUEST']._serialized_start=1313
-  _globals['_CREATEBATCHJOBREQUEST']._serialized_end=1418
-  _globals['_BATCHFAILURE']._serialized_start=1420
-  _globals['_BATCHFAILURE']._serialized_end=1463
-  _globals['_BATCHJOB']._serialized_start=1466
-  _globals['_BATCHJOB']._serialized_end=1807
-  _globals['_GETBATCHJOBREQUEST']._serialized_start=1809
-  _globals['_GETBATCHJOBREQUEST']._serialized_end=1865
-  _globals['_LISTBATCHJOBSREQUEST']._serialized_start=1867
-  _globals['_LISTBATCHJOBSREQUEST']._serialized_end=1924
-  _globals['_LISTBATCHJOBSRESPONSE']._serialized_start=1926
-  _globals['_LISTBATCHJOBSRESPONSE']._serialized_end=2001
-  _globals['_CANCELBATCHJOBREQUEST']._serialized_start=2003
-  _globals['_CANCELBATCHJOBREQUEST']._serialized_end=2062
-  _globals['_ASYNCINFERENCESERVICE']._serialized_start=2243
-  _globals['_ASYNCINFERENCESERVICE']._serialized_end=3221
+  _globals['_SUBMITMANYREQUEST']._serialized_start=282
+  _globals['_SUBMITMANYREQUEST']._serialized_end=362
+  _globals['_SUBMITOUTCOME']._serialized_start=364
+  _globals['_SUBMITOUTCOME']._serialized_end=469
+  _globals['_SUBMITMANYRESPONSE']._serialized_start=471
+  _globals['_SUBMITMANYRESPONSE']._serialized_end=552
+  _globals['_ASYNCREQUEST']._serialized_start=555
+  _globals['_ASYNCREQUEST']._serialized_end=1068
+  _globals['_GETREQUESTREQUEST']._serialized_start=1070
+  _globals['_GETREQUESTREQUEST']._serialized_end=1129
+  _globals['_GETRESULTREQUEST']._serialized_start=1131
+  _globals['_GETRESULTREQUEST']._serialized_end=1189
+  _globals['_ASYNCRESULT']._serialized_start=1191
+  _globals['_ASYNCRESULT']._serialized_end=1276
+  _globals['_LISTREQUESTSREQUEST']._serialized_start=1279
+  _globals['_LISTREQUESTSREQUEST']._serialized_end=1435
+  _globals['_LISTREQUESTSRESPONSE']._serialized_start=1437
+  _globals['_LISTREQUESTSRESPONSE']._serialized_end=1519
+  _globals['_CANCELREQUESTREQUEST']._serialized_start=1521
+  _globals['_CANCELREQUESTREQUEST']._serialized_end=1583
+  _globals['_CREATEBATCHJOBREQUEST']._serialized_start=1585
+  _globals['_CREATEBATCHJOBREQUEST']._serialized_end=1690
+  _globals['_BATCHFAILURE']._serialized_start=1692
+  _globals['_BATCHFAILURE']._serialized_end=1735
+  _globals['_BATCHJOB']._serialized_start=1738
+  _globals['_BATCHJOB']._serialized_end=2079
+  _globals['_GETBATCHJOBREQUEST']._serialized_start=2081
+  _globals['_GETBATCHJOBREQUEST']._serialized_end=2137
+  _globals['_LISTBATCHJOBSREQUEST']._serialized_start=2139
+  _globals['_LISTBATCHJOBSREQUEST']._serialized_end=2196
+  _globals['_LISTBATCHJOBSRESPONSE']._serialized_start=2198
+  _globals['_LISTBATCHJOBSRESPONSE']._serialized_end=2273
+  _globals['_CANCELBATCHJOBREQUEST']._serialized_start=2275
+  _globals['_CANCELBATCHJOBREQUEST']._serialized_end=2334
+  _globals['_ASYNCINFERENCESERVICE']._serialized_start=2515
+  _globals['_ASYNCINFERENCESERVICE']._serialized_end=3602
 # @@protoc_insertion_point(module_scope)

@@ -47,6 +47,11 @@ class AsyncInferenceServiceStub:
                 request_serializer=shipyard_dot_asyncinference_dot_v1_dot_asyncinference__pb2.SubmitRequest.SerializeToString,
                 response_deserializer=shipyard_dot_asyncinference_dot_v1_dot_asyncinference__pb2.AsyncRequest.FromString,
                 _registered_method=True)
+        self.SubmitMany = channel.unary_unary(
+                '/shipyard.asyncinference.v1.AsyncInferenceService/SubmitMany',
+                request_serializer=shipyard_dot_asyncinference_dot_v1_dot_asyncinference__pb2.SubmitManyRequest.SerializeToString,
+                response_deserializer=shipyard_dot_asyncinference_dot_v1_dot_asyncinference__pb2.SubmitManyResponse.FromString,
+                _registered_method=True)
         self.GetRequest = channel.unary_unary(
                 '/shipyard.asyncinference.v1.AsyncInferenceService/GetRequest',
                 request_serializer=shipyard_dot_asyncinference_dot_v1_dot_asyncinference__pb2.GetRequestRequest.SerializeToString,
@@ -102,6 +107,15 @@ class AsyncInferenceServiceServicer:
 
     def Submit(self, request, context):
         """Stores and queues one request. Internal only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SubmitMany(self, request, context):
+        """Stores and queues several requests in one transaction, each accepted or
+        refused on its own (the gateway coalesces concurrent submissions into one
+        call). Internal only.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -171,6 +185,11 @@ def add_AsyncInferenceServiceServicer_to_server(servicer, server):
                     servicer.Submit,
                     request_deserializer=shipyard_dot_asyncinference_dot_v1_dot_asyncinference__pb2.SubmitRequest.FromString,
                     response_serializer=shipyard_dot_asyncinference_dot_v1_dot_asyncinference__pb2.AsyncRequest.SerializeToString,
+            ),
+            'SubmitMany': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitMany,
+                    request_deserializer=shipyard_dot_asyncinference_dot_v1_dot_asyncinference__pb2.SubmitManyRequest.FromString,
+                    response_serializer=shipyard_dot_asyncinference_dot_v1_dot_asyncinference__pb2.SubmitManyResponse.SerializeToString,
             ),
             'GetRequest': grpc.unary_unary_rpc_method_handler(
                     servicer.GetRequest,
@@ -248,6 +267,33 @@ class AsyncInferenceService:
             '/shipyard.asyncinference.v1.AsyncInferenceService/Submit',
             shipyard_dot_asyncinference_dot_v1_dot_asyncinference__pb2.SubmitRequest.SerializeToString,
             shipyard_dot_asyncinference_dot_v1_dot_asyncinference__pb2.AsyncRequest.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitMany(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shipyard.asyncinference.v1.AsyncInferenceService/SubmitMany',
+            shipyard_dot_asyncinference_dot_v1_dot_asyncinference__pb2.SubmitManyRequest.SerializeToString,
+            shipyard_dot_asyncinference_dot_v1_dot_asyncinference__pb2.SubmitManyResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -43,6 +43,11 @@ class AsyncInferenceServiceStub:
     def __new__(cls, channel: _aio.Channel) -> AsyncInferenceServiceAsyncStub: ...
     Submit: _grpc.UnaryUnaryMultiCallable[_asyncinference_pb2.SubmitRequest, _asyncinference_pb2.AsyncRequest]
     """Stores and queues one request. Internal only."""
+    SubmitMany: _grpc.UnaryUnaryMultiCallable[_asyncinference_pb2.SubmitManyRequest, _asyncinference_pb2.SubmitManyResponse]
+    """Stores and queues several requests in one transaction, each accepted or
+    refused on its own (the gateway coalesces concurrent submissions into one
+    call). Internal only.
+    """
     GetRequest: _grpc.UnaryUnaryMultiCallable[_asyncinference_pb2.GetRequestRequest, _asyncinference_pb2.AsyncRequest]
     """One request's status."""
     GetResult: _grpc.UnaryUnaryMultiCallable[_asyncinference_pb2.GetResultRequest, _asyncinference_pb2.AsyncResult]
@@ -77,6 +82,11 @@ class AsyncInferenceServiceAsyncStub(AsyncInferenceServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Submit: _aio.UnaryUnaryMultiCallable[_asyncinference_pb2.SubmitRequest, _asyncinference_pb2.AsyncRequest]  # type: ignore[assignment]
     """Stores and queues one request. Internal only."""
+    SubmitMany: _aio.UnaryUnaryMultiCallable[_asyncinference_pb2.SubmitManyRequest, _asyncinference_pb2.SubmitManyResponse]  # type: ignore[assignment]
+    """Stores and queues several requests in one transaction, each accepted or
+    refused on its own (the gateway coalesces concurrent submissions into one
+    call). Internal only.
+    """
     GetRequest: _aio.UnaryUnaryMultiCallable[_asyncinference_pb2.GetRequestRequest, _asyncinference_pb2.AsyncRequest]  # type: ignore[assignment]
     """One request's status."""
     GetResult: _aio.UnaryUnaryMultiCallable[_asyncinference_pb2.GetResultRequest, _asyncinference_pb2.AsyncResult]  # type: ignore[assignment]
@@ -114,6 +124,17 @@ class AsyncInferenceServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_asyncinference_pb2.AsyncRequest, _abc.Awaitable[_asyncinference_pb2.AsyncRequest]]:
         """Stores and queues one request. Internal only."""
+
+    @_abc_1.abstractmethod
+    def SubmitMany(
+        self,
+        request: _asyncinference_pb2.SubmitManyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_asyncinference_pb2.SubmitManyResponse, _abc.Awaitable[_asyncinference_pb2.SubmitManyResponse]]:
+        """Stores and queues several requests in one transaction, each accepted or
+        refused on its own (the gateway coalesces concurrent submissions into one
+        call). Internal only.
+        """
 
     @_abc_1.abstractmethod
     def GetRequest(
