@@ -15,6 +15,7 @@ from shipyard_core.eventstore import (
     EventStore,
     NewEvent,
     OutboxMessage,
+    RowsInsert,
     StoredEvent,
     Upcasters,
     ensure_schema,
@@ -83,6 +84,31 @@ async def test_messages_sent_after_commit_leave_with_the_transaction(store: Even
         {"X-Kind": "a", "Nats-Msg-Id": str(ids[0])},
         {"Nats-Msg-Id": str(ids[1])},
     ]
+
+
+async def test_side_writes_go_with_the_append_or_not_at_all(store: EventStore) -> None:
+    async with store.pool.acquire() as conn:
+        await conn.execute("CREATE TABLE svc.side (k text PRIMARY KEY, n int, b bytea)")
+    cols = (("k", "text"), ("n", "int"), ("b", "bytea"))
+    ids = [uuid.uuid4(), uuid.uuid4()]
+    await store.append_streams(
+        [([_event("a", 1)], 0)],
+        messages=[OutboxMessage("work.a", b"one", ids[0])],
+        rows=[RowsInsert("svc.side", cols, [("x", 1, b"\x00"), ("y", 2, b"")])],
+    )
+    # A stale version: the events, the message and the rows are all left out.
+    with pytest.raises(ConcurrencyError):
+        await store.append_streams(
+            [([_event("a", 2)], 0)],
+            messages=[OutboxMessage("work.b", b"two", ids[1])],
+            rows=[RowsInsert("svc.side", cols, [("z", 3, b"")])],
+        )
+    async with store.pool.acquire() as conn:
+        side = await conn.fetch("SELECT k, n, b FROM svc.side ORDER BY k")
+        subjects = await conn.fetch("SELECT subject FROM svc.outbox ORDER BY position")
+    assert [(r["k"], r["n"], bytes(r["b"])) for r in side] == [("x", 1, b"\x00"), ("y", 2, b"")]
+    assert sorted(r["subject"] for r in subjects) == ["events.svc.thing.a", "work.a"]
+    assert len(await store.read_stream("thing:a")) == 1
 
 
 async def test_stale_expected_version_is_a_typed_error(store: EventStore) -> None:

@@ -7,14 +7,20 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, ClassVar, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
 from shipyard_core.db import Conn
 from shipyard_core.errors import ConcurrencyError
-from shipyard_core.eventstore import EventStore, NewEvent, StoredEvent
+from shipyard_core.eventstore import (
+    EventStore,
+    NewEvent,
+    OutboxMessage,
+    RowsInsert,
+    StoredEvent,
+)
 from shipyard_core.metadata import current_metadata
 
 
@@ -121,17 +127,26 @@ class Repository(Generic[A]):
         return out
 
     async def save(
-        self, *aggregates: Aggregate, conn: Conn | None = None, **metadata: Any
+        self,
+        *aggregates: Aggregate,
+        conn: Conn | None = None,
+        messages: Sequence[OutboxMessage] = (),
+        rows: Sequence[RowsInsert] = (),
+        metadata_of: Mapping[str, Mapping[str, Any]] | None = None,
+        **metadata: Any,
     ) -> list[StoredEvent]:
         """Appends every aggregate's pending events atomically, checking each version.
 
         Aggregates of other types may be saved in the same transaction (e.g. a user and
-        the groups they join)."""
+        the groups they join). ``messages`` and ``rows`` are written in the same
+        statement (:meth:`EventStore.append_streams`); ``metadata_of`` adds metadata per
+        aggregate id (e.g. each request's own actor) to ``metadata``."""
         meta = current_metadata(**metadata)
         writes = []
         for agg in aggregates:
             if not agg.pending:
                 continue
+            own = meta if metadata_of is None else {**meta, **metadata_of.get(agg.id, {})}
             events = [
                 NewEvent(
                     aggregate=agg.aggregate_type,
@@ -139,12 +154,12 @@ class Repository(Generic[A]):
                     event_type=ev.event_type(),
                     schema_version=ev.schema_version,
                     payload=ev.model_dump(mode="json"),
-                    metadata=meta,
+                    metadata=own,
                 )
                 for ev in agg.pending
             ]
             writes.append((events, agg.version))
-        stored = await self.store.append_streams(writes, conn=conn)
+        stored = await self.store.append_streams(writes, conn=conn, messages=messages, rows=rows)
         for agg in aggregates:
             agg.version += len(agg.pending)
             agg.pending = []

@@ -2,13 +2,14 @@
 
 from shipyard_core.eventstore.envelope import NewEvent, StoredEvent, subject_for
 from shipyard_core.eventstore.schema import ensure_schema, validate_identifier
-from shipyard_core.eventstore.store import EventStore, OutboxMessage
+from shipyard_core.eventstore.store import EventStore, OutboxMessage, RowsInsert
 from shipyard_core.eventstore.upcasting import Upcasters
 
 __all__ = [
     "EventStore",
     "NewEvent",
     "OutboxMessage",
+    "RowsInsert",
     "StoredEvent",
     "Upcasters",
     "ensure_schema",

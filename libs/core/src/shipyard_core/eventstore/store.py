@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
 
 import asyncpg
@@ -35,10 +35,27 @@ class OutboxMessage(NamedTuple):
     headers: Mapping[str, str] | None = None
 
 
+@dataclass(frozen=True)
+class RowsInsert:
+    """Rows of another table of the service, written by :meth:`EventStore.append_streams`
+    in the statement that appends the events (only when the version check passes), so
+    one round trip and no explicit transaction make them atomic."""
+
+    table: str
+    """``<schema>.<table>``."""
+    columns: tuple[tuple[str, str], ...]
+    """``(name, PostgreSQL type)`` of each column, in the order of the row tuples."""
+    rows: Sequence[tuple[Any, ...]]
+
+
 _COLUMNS = (
     "position, stream_id, version, event_id, aggregate, event_type, schema_version, "
     "payload, metadata, recorded_at"
 )
+
+
+def _message_headers(message: OutboxMessage) -> str:
+    return json.dumps({**(message.headers or {}), "Nats-Msg-Id": str(message.message_id)})
 
 
 class EventStore:
@@ -126,8 +143,15 @@ class EventStore:
         self,
         writes: Sequence[tuple[Sequence[NewEvent], int]],
         conn: Conn | None = None,
+        *,
+        messages: Sequence[OutboxMessage] = (),
+        rows: Sequence[RowsInsert] = (),
     ) -> list[StoredEvent]:
-        """Appends to several streams atomically, each with its expected version."""
+        """Appends to several streams atomically, each with its expected version.
+
+        ``messages`` go into the outbox (see :meth:`send_after_commit`) and ``rows`` into
+        their tables in the same statement, only if the append succeeds: a command's
+        whole write in one round trip, atomic without an explicit transaction."""
         stored: list[StoredEvent] = []
         expected_ids: list[str] = []
         expected_versions: list[int] = []
@@ -164,17 +188,18 @@ class EventStore:
             )
             for col, value in zip(cols, row, strict=True):
                 col.append(value)
+        sql = self._append_sql
+        args: list[Any] = [*cols, expected_ids, expected_versions]
+        if messages or rows:
+            sql, extra = self._with_side_writes(messages, rows)
+            args += extra
         result: asyncpg.Record | None
         try:
             if conn is None:
                 async with self.pool.acquire() as c:
-                    result = await c.fetchrow(
-                        self._append_sql, *cols, expected_ids, expected_versions
-                    )
+                    result = await c.fetchrow(sql, *args)
             else:
-                result = await conn.fetchrow(
-                    self._append_sql, *cols, expected_ids, expected_versions
-                )
+                result = await conn.fetchrow(sql, *args)
         except asyncpg.UniqueViolationError as exc:
             first = stored[0]
             raise ConcurrencyError(first.stream_id, first.version - 1) from exc
@@ -183,6 +208,41 @@ class EventStore:
             first = stored[0]
             raise ConcurrencyError(first.stream_id, first.version - 1)
         return [replace(ev, position=pos) for ev, pos in zip(stored, positions, strict=True)]
+
+    def _with_side_writes(
+        self, messages: Sequence[OutboxMessage], rows: Sequence[RowsInsert]
+    ) -> tuple[str, list[Any]]:
+        """The append statement with CTEs writing ``messages`` and ``rows`` when the
+        version check passes (data-modifying CTEs run whether or not they are read)."""
+        ctes: list[str] = []
+        args: list[Any] = []
+        ok = "WHERE (SELECT ok FROM expected)"
+
+        def params(types: Sequence[str]) -> str:
+            first = 15 + len(args)
+            return ", ".join(f"${first + i}::{t}[]" for i, t in enumerate(types))
+
+        if messages:
+            ctes.append(
+                f"msg AS (INSERT INTO {self.service}.outbox (event_id, subject, headers, body) "
+                f"SELECT * FROM unnest({params(('uuid', 'text', 'jsonb', 'bytea'))}) {ok})"
+            )
+            args += [
+                [m.message_id for m in messages],
+                [m.subject for m in messages],
+                [_message_headers(m) for m in messages],
+                [m.body for m in messages],
+            ]
+        for n, insert in enumerate(rows):
+            names = ", ".join(validate_identifier(name) for name, _ in insert.columns)
+            table = ".".join(validate_identifier(part) for part in insert.table.split("."))
+            ctes.append(
+                f"side{n} AS (INSERT INTO {table} ({names}) "
+                f"SELECT * FROM unnest({params([t for _, t in insert.columns])}) {ok})"
+            )
+            args += [[row[i] for row in insert.rows] for i in range(len(insert.columns))]
+        head, _, tail = self._append_sql.partition("), ob AS (")
+        return f"{head}), {', '.join(ctes)}, ob AS ({tail}", args
 
     async def send_after_commit(
         self,
@@ -210,7 +270,7 @@ class EventStore:
             "WHERE EXISTS (SELECT 1 FROM ins)",
             [m.message_id for m in messages],
             [m.subject for m in messages],
-            [json.dumps({**(m.headers or {}), "Nats-Msg-Id": str(m.message_id)}) for m in messages],
+            [_message_headers(m) for m in messages],
             [m.body for m in messages],
         )
 

@@ -180,30 +180,24 @@ class AsyncCommands:
                     at=now,
                     expires_at=now + self.retention,
                 )
-            by_actor: dict[str, list[AsyncRequest]] = {}
-            for agg, sub in accepted:
-                by_actor.setdefault(sub.caller or "anonymous", []).append(agg)
-            async with self.pool.acquire() as conn, conn.transaction():
-                await self.blobs.write_inline_many(
-                    conn,
-                    PAYLOAD,
-                    [(agg.id, agg.payload_location, sub.body) for agg, sub in accepted],
-                )
-                for actor, aggs in by_actor.items():
-                    await self.repo.save(*aggs, conn=conn, actor=actor)
-                # The work items leave through the outbox with the events: on the queue
-                # once committed, whatever crashes (decision 0033).
-                await self.store.send_many_after_commit(
-                    conn,
-                    [
-                        OutboxMessage(
-                            queue.subject(agg.deployment, agg.id),
-                            queue.message(agg.id),
-                            uuid.UUID(agg.id),
-                        )
-                        for agg, _ in accepted
-                    ],
-                )
+            # One statement: payload rows, events and work items commit together (the
+            # work items leave through the outbox: on the queue once committed, whatever
+            # crashes; decision 0033), in one round trip (decision 0034).
+            await self.repo.save(
+                *(agg for agg, _ in accepted),
+                rows=self.blobs.inline_rows(
+                    PAYLOAD, [(agg.id, agg.payload_location, sub.body) for agg, sub in accepted]
+                ),
+                messages=[
+                    OutboxMessage(
+                        queue.subject(agg.deployment, agg.id),
+                        queue.message(agg.id),
+                        uuid.UUID(agg.id),
+                    )
+                    for agg, _ in accepted
+                ],
+                metadata_of={agg.id: {"actor": sub.caller or "anonymous"} for agg, sub in accepted},
+            )
         except BaseException:
             for location in locations:
                 if isinstance(location, str):
@@ -338,9 +332,9 @@ class AsyncCommands:
                 ]
                 try:
                     if rows:
-                        async with self.pool.acquire() as conn, conn.transaction():
-                            await self.blobs.write_inline_many(conn, RESULT, rows)
-                            await self.repo.save(*aggs, conn=conn, actor=worker)
+                        await self.repo.save(
+                            *aggs, rows=self.blobs.inline_rows(RESULT, rows), actor=worker
+                        )
                 except (ConcurrencyError, asyncpg.UniqueViolationError):
                     # Someone else moved one of them: load them all again, decide again.
                     aggs = await self.repo.load_many([r.request.id for r in results])

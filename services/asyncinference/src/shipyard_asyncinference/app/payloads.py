@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from shipyard_asyncinference.domain import INLINE, OBJECT_PREFIX
 from shipyard_core.db import Conn
 from shipyard_core.errors import NotFound
+from shipyard_core.eventstore import RowsInsert
 from shipyard_core.objectstore import ObjectStore
 
 PAYLOAD = "payload"
@@ -45,28 +46,22 @@ class Blobs:
 
     async def stage(self, request_id: str, kind: str, body: bytes, attempt: int = 0) -> str:
         """Stores ``body`` in the object store when it is large and returns its location
-        (``inline`` for a small one: :meth:`write_inline_many` stores it with the event)."""
+        (``inline`` for a small one: :meth:`inline_rows` stores it with the event)."""
         if len(body) <= self.inline_max_bytes:
             return INLINE
         key = self.key(request_id, kind, attempt)
         await self.objects.put_bytes(key, body)
         return OBJECT_PREFIX + key
 
-    async def write_inline_many(
-        self, conn: Conn, kind: str, rows: Sequence[tuple[str, str, bytes]]
-    ) -> None:
-        """Inserts the small bodies of ``(request_id, location, body)`` rows (those
-        whose location is ``inline``) in one statement, in the caller's transaction (a
-        conflict is an error)."""
-        inline = [(rid, body) for rid, location, body in rows if location == INLINE]
-        if inline:
-            await conn.execute(
-                f"INSERT INTO {self.schema}.blobs (request_id, kind, body) "
-                "SELECT r, $2, b FROM unnest($1::text[], $3::bytea[]) AS u(r, b)",
-                [rid for rid, _ in inline],
-                kind,
-                [body for _, body in inline],
-            )
+    def inline_rows(self, kind: str, rows: Sequence[tuple[str, str, bytes]]) -> list[RowsInsert]:
+        """The small bodies of ``(request_id, location, body)`` rows (those whose location
+        is ``inline``), to write with the event naming them (``Repository.save(rows=)``:
+        in its statement, so a conflict writes nothing)."""
+        inline = [(rid, kind, body) for rid, location, body in rows if location == INLINE]
+        if not inline:
+            return []
+        columns = (("request_id", "text"), ("kind", "text"), ("body", "bytea"))
+        return [RowsInsert(f"{self.schema}.blobs", columns, inline)]
 
     async def discard(self, location: str) -> None:
         """Deletes a staged object that no event names (a lost race, a failed append)."""
