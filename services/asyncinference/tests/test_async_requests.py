@@ -4,8 +4,10 @@ JetStream work queue) → worker process → gateway → a real model server, an
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import uuid
+from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -16,8 +18,9 @@ import pytest
 from shipyard.asyncinference.v1 import asyncinference_pb2 as apb
 from shipyard.asyncinference.v1 import asyncinference_pb2_grpc
 from shipyard_asyncinference.adapters import queue
-from shipyard_asyncinference.adapters.gateway import GatewayRunner
+from shipyard_asyncinference.adapters.gateway import GatewayRunner, Outcome
 from shipyard_asyncinference.app import Worker
+from shipyard_asyncinference.domain import AsyncRequest
 from shipyard_testing import wait_for
 
 from .conftest import INTERNAL, MAX_PAYLOAD, Stack, auth, md, open_gate
@@ -327,20 +330,7 @@ async def test_a_burst_is_stored_started_and_completed_in_batches(stack: Stack) 
     object store, and a request whose queue message arrives twice runs once."""
     js = stack.service.service.js
     pool = stack.service.service.store.pool
-    stack.worker.stop()  # the burst waits until the batching worker below takes it
-    stop = asyncio.Event()
-    runner = GatewayRunner(stack.url, INTERNAL, 30.0)
-    worker = Worker(
-        stack.service.commands,
-        js,
-        runner,
-        concurrency=32,
-        ack_wait_seconds=5.0,
-        retry_delay_seconds=0.1,
-        name="batching-worker",
-    )
-    task: asyncio.Task[None] | None = None
-    try:
+    async with _batching_worker(stack) as start_worker:
         big = json.dumps({"pad": "x" * (MAX_PAYLOAD + 10)})
         submissions: list[Any] = [{"tag": f"burst-{i}"} for i in range(16)]
         submissions += [
@@ -380,7 +370,7 @@ async def test_a_burst_is_stored_started_and_completed_in_batches(stack: Stack) 
         twice = ids["burst-3"]
         await queue.enqueue(js, twice, "echo", str(uuid.uuid4()))
 
-        task = asyncio.ensure_future(worker.run(stop))
+        start_worker()
         for tag, request_id in ids.items():
             done = await stack.wait_status(request_id, "completed", "failed", within=60)
             if tag == "burst-poison":
@@ -407,9 +397,75 @@ async def test_a_burst_is_stored_started_and_completed_in_batches(stack: Stack) 
         for kind in ("AsyncRequestQueued", "AsyncRequestStarted", "AsyncRequestCompleted"):
             txs, n = by_type[kind]
             assert txs < n, (kind, by_type)
+
+
+async def test_a_slow_request_does_not_hold_back_the_others_of_its_batch(stack: Stack) -> None:
+    release = asyncio.Event()
+    async with _batching_worker(stack, hold=release) as start_worker:
+        slow = await stack.submit({"tag": "held"})
+        fast = await stack.submit({"tag": "quick"})
+        js = stack.service.service.js
+        for request_id in (slow, fast):
+            await wait_for(
+                lambda r=request_id: queue.is_queued(js, r, "echo"),  # type: ignore[misc]
+                timeout=10,
+                message="the queue messages",
+            )
+        start_worker()  # both come in one fetch; the worker holds "held" before its call
+        done = await stack.wait_status(fast, "completed", "failed")
+        assert done["status"] == "completed", done
+        assert (await stack.status(slow))["status"] == "running"
+        release.set()
+        assert (await stack.wait_status(slow, "completed", "failed"))["status"] == "completed"
+        started = await stack.service.service.store.pool.fetchval(
+            "SELECT count(DISTINCT tx_id) FROM asyncinference.events "
+            "WHERE event_type = 'AsyncRequestStarted' AND stream_id = ANY($1::text[])",
+            [f"async_request:{slow}", f"async_request:{fast}"],
+        )
+        assert started == 1  # they were one batch
+
+
+class _HoldingRunner:
+    """The real gateway runner, except that a payload tagged "held" waits for ``release``
+    first (held in the worker, so the model server's own queue plays no part)."""
+
+    def __init__(self, runner: GatewayRunner, release: asyncio.Event) -> None:
+        self.runner = runner
+        self.release = release
+
+    async def run(self, agg: AsyncRequest, body: bytes) -> Outcome:
+        if json.loads(body).get("tag") == "held":
+            await self.release.wait()
+        return await self.runner.run(agg, body)
+
+
+@contextlib.asynccontextmanager
+async def _batching_worker(
+    stack: Stack, hold: asyncio.Event | None = None
+) -> AsyncIterator[Callable[[], None]]:
+    """Stops the worker process (what is submitted meanwhile waits) and yields a function
+    that starts a worker in this process taking up to 32 requests at a time (``hold``:
+    see :class:`_HoldingRunner`); the worker process runs again afterwards."""
+    stack.worker.stop()
+    stop = asyncio.Event()
+    runner = GatewayRunner(stack.url, INTERNAL, 30.0)
+    worker = Worker(
+        stack.service.commands,
+        stack.service.service.js,
+        runner if hold is None else _HoldingRunner(runner, hold),
+        concurrency=32,
+        ack_wait_seconds=5.0,
+        retry_delay_seconds=0.1,
+        name="batching-worker",
+    )
+    tasks: list[asyncio.Task[None]] = []
+    try:
+        yield lambda: tasks.append(asyncio.ensure_future(worker.run(stop)))
     finally:
+        if hold is not None:
+            hold.set()
         stop.set()
-        if task is not None:
+        for task in tasks:
             await asyncio.wait_for(task, 30)
         await runner.close()
         stack.worker.start()

@@ -119,6 +119,9 @@ GROUP_HEADER = "X-Shipyard-Group"
 _TRUE = frozenset({"true", "1", "yes"})
 _JSON = "application/json"
 _SUBMIT_TIMEOUT = 30.0
+_ONE_BY_ONE_SECONDS = 60.0
+"""After an asyncinference answered UNIMPLEMENTED to SubmitMany (an older release during
+a rolling upgrade), submissions go one by one this long before SubmitMany is tried again."""
 _QUERY_TIMEOUT = 10.0
 _SELDON_PATH = "/api/v1.0/predictions"
 
@@ -249,7 +252,7 @@ class AsyncApi:
         self._channels: list[grpc.aio.Channel] = []
         self._stub: asyncinference_pb2_grpc.AsyncInferenceServiceStub | None = None
         self._traced_stub: asyncinference_pb2_grpc.AsyncInferenceServiceStub | None = None
-        self._coalesce = True
+        self._one_by_one_until = 0.0
         self.submissions = SubmitCoalescer(self._submit_many)
         """Concurrent submissions share ``SubmitMany`` calls (decision 0034)."""
 
@@ -302,7 +305,8 @@ class AsyncApi:
 
     async def _submit(self, request: apb.SubmitRequest) -> apb.AsyncRequest:
         # A traced request goes alone, so its trace context travels with its call.
-        if self._coalesce and not trace.get_current_span().is_recording():
+        coalesce = time.monotonic() >= self._one_by_one_until
+        if coalesce and not trace.get_current_span().is_recording():
             return await self.submissions.submit(request)
         answer: apb.AsyncRequest = await self._call("Submit", request, _SUBMIT_TIMEOUT)
         return answer
@@ -317,16 +321,15 @@ class AsyncApi:
         except ShipyardError as exc:
             if not exc.message.startswith("UNIMPLEMENTED"):
                 raise
-            # An asyncinference older than this gateway (a rolling upgrade): one by one.
-            self._coalesce = False
+            # An asyncinference older than this gateway (a rolling upgrade): one by one
+            # for a while, then SubmitMany is tried again.
+            self._one_by_one_until = time.monotonic() + _ONE_BY_ONE_SECONDS
             outcomes = []
             for request in requests:
                 try:
                     one = await self._call("Submit", request, _SUBMIT_TIMEOUT)
                     outcomes.append(apb.SubmitOutcome(request=one))
-                except Unavailable:
-                    raise
-                except ShipyardError as refusal:
+                except ShipyardError as refusal:  # its own answer, stored ones keep theirs
                     code, message = status_for_exception(refusal)
                     outcomes.append(apb.SubmitOutcome(code=code.value[0], message=message))
             return outcomes

@@ -32,12 +32,16 @@ from shipyard_core.errors import (
     NotFound,
     ResourceExhausted,
     ShipyardError,
+    Unavailable,
 )
 from shipyard_core.eventstore import EventStore, OutboxMessage
 from shipyard_core.validation import deployment_name
 
 log = logging.getLogger(__name__)
 
+_COMPLETE_ROUNDS = 12
+"""How often a batch of results is decided again after losing a race before giving up
+(its messages are then redelivered)."""
 _REQUEST_ID = re.compile(r"^[0-9a-f]{32}$")
 _MODEL_PATH = re.compile(r"^/[A-Za-z0-9._~:/@%+-]{0,500}$")
 
@@ -141,7 +145,9 @@ class AsyncCommands:
     ) -> list[RequestView | ShipyardError]:
         """:meth:`submit` for several requests in one transaction (the gateway coalesces
         concurrent submissions): each is accepted (its view) or refused (the error a
-        submit of it alone raises). An outage fails the whole call: none is accepted."""
+        submit of it alone raises; a large payload the object store does not take is
+        refused alone, Unavailable). A database outage fails the whole call: none is
+        accepted."""
         caller.require_internal("submit an async request (the gateway does)")
         slots: list[AsyncRequest | ShipyardError] = []
         accepted: list[tuple[AsyncRequest, Submission]] = []
@@ -161,10 +167,20 @@ class AsyncCommands:
             *(self.blobs.stage(agg.id, PAYLOAD, sub.body) for agg, sub in accepted),
             return_exceptions=True,
         )
+        staged: list[tuple[AsyncRequest, Submission, str]] = []
+        for (agg, sub), location in zip(accepted, locations, strict=True):
+            if isinstance(location, BaseException):
+                # A large payload the object store did not take: refused alone, the
+                # others of the call go on.
+                log.warning("async request %s: cannot stage its payload: %s", agg.id, location)
+                slots[slots.index(agg)] = Unavailable(
+                    "the object store for large payloads is unavailable; retry shortly"
+                )
+            else:
+                staged.append((agg, sub, location))
+        accepted = [(agg, sub) for agg, sub, _ in staged]
         try:
-            for (agg, sub), location in zip(accepted, locations, strict=True):
-                if isinstance(location, BaseException):
-                    raise location
+            for agg, sub, location in staged:
                 agg.queue(
                     deployment=sub.deployment,
                     group=sub.group,
@@ -196,14 +212,21 @@ class AsyncCommands:
                     )
                     for agg, _ in accepted
                 ],
-                metadata_of={agg.id: {"actor": sub.caller or "anonymous"} for agg, sub in accepted},
+                # Each request its own actor and correlation id (the call carries many).
+                metadata_of={
+                    agg.id: {
+                        "actor": sub.caller or "anonymous",
+                        "correlation_id": str(uuid.UUID(agg.id)),
+                    }
+                    for agg, sub in accepted
+                },
             )
         except BaseException:
             for location in locations:
                 if isinstance(location, str):
                     await self.blobs.discard(location)
             raise
-        if self.js is not None:
+        if self.js is not None and accepted:
             # And at once, under the same message ids (JetStream keeps one): the relay's
             # copy waits for its wake-up and for older transactions to end, milliseconds
             # a queued request would spend idle.
@@ -295,23 +318,31 @@ class AsyncCommands:
         async with self.pool.acquire() as conn:
             return await self.blobs.read(conn, agg.id, PAYLOAD, agg.payload_location)
 
-    async def complete_many(self, results: Sequence[Result], worker: str) -> list[bool]:
-        """Stores the result of each attempt, in one transaction; False for one that was
-        not its attempt's to store (the request moved on): nothing is written for it.
-        Each ``Result.request`` is the request as the worker started it, tried first
-        (the usual case: nothing happened since); the concurrency check catches it when
-        something did, and then all are loaded again and decided anew."""
-        locations = await asyncio.gather(
+    async def complete_many(self, results: Sequence[Result], worker: str) -> list[bool | None]:
+        """Stores the result of each attempt, in one statement; False for one that was
+        not its attempt's to store (the request moved on): nothing is written for it;
+        None for one whose large result could not be put in the object store (the
+        caller leaves it to run again). Each ``Result.request`` is the request as the
+        worker started it, tried first (the usual case: nothing happened since); the
+        concurrency check catches it when something did, and then all are loaded again
+        and decided anew."""
+        staged = await asyncio.gather(
             *(self.blobs.stage(r.request.id, RESULT, r.body, r.attempt) for r in results),
             return_exceptions=True,
         )
+        outcome: list[bool | None] = [None] * len(results)
+        usable: list[tuple[int, Result, str]] = []
+        for i, (result, location) in enumerate(zip(results, staged, strict=True)):
+            if isinstance(location, BaseException):
+                log.warning(
+                    "async request %s: cannot stage its result: %s", result.request.id, location
+                )
+            else:
+                usable.append((i, result, location))
         kept: set[str] = set()
-        aggs: list[AsyncRequest] = [r.request for r in results]
+        aggs = [result.request for _, result, _ in usable]
         try:
-            for location in locations:
-                if isinstance(location, BaseException):
-                    raise location
-            while True:
+            for round_ in range(1, _COMPLETE_ROUNDS + 1):
                 now = self.clock()
                 stored = [
                     agg.complete(
@@ -320,14 +351,14 @@ class AsyncCommands:
                         content_type=r.content_type,
                         result_bytes=len(r.body),
                         result_sha256=hashlib.sha256(r.body).hexdigest(),
-                        result_location=str(location),
+                        result_location=location,
                         at=now,
                     )
-                    for agg, r, location in zip(aggs, results, locations, strict=True)
+                    for agg, (_, r, location) in zip(aggs, usable, strict=True)
                 ]
                 rows = [
-                    (r.request.id, str(location), r.body)
-                    for r, location, ok in zip(results, locations, stored, strict=True)
+                    (r.request.id, location, r.body)
+                    for (_, r, location), ok in zip(usable, stored, strict=True)
                     if ok
                 ]
                 try:
@@ -336,13 +367,18 @@ class AsyncCommands:
                             *aggs, rows=self.blobs.inline_rows(RESULT, rows), actor=worker
                         )
                 except (ConcurrencyError, asyncpg.UniqueViolationError):
+                    if round_ == _COMPLETE_ROUNDS:
+                        raise
                     # Someone else moved one of them: load them all again, decide again.
-                    aggs = await self.repo.load_many([r.request.id for r in results])
+                    aggs = await self.repo.load_many([r.request.id for _, r, _ in usable])
                     continue
-                kept = {row[1] for row in rows}
-                return stored
+                kept = {location for _, location, _ in rows}
+                for (i, _, _), ok in zip(usable, stored, strict=True):
+                    outcome[i] = ok
+                return outcome
+            raise AssertionError("unreachable")
         finally:
-            for location in locations:
+            for location in staged:
                 if isinstance(location, str) and location not in kept:
                     await self.blobs.discard(location)
 

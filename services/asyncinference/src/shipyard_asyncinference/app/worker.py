@@ -1,14 +1,16 @@
 """Workers: pull request ids from the ``ASYNC`` work queue and run them.
 
 The messages of one fetch are worked as a batch: the requests are marked running (a new
-attempt each, saved with the concurrency check) in one transaction while their payloads
-are read, each runs through the gateway (concurrently: the model server batches what
-arrives together), and their results are stored in one transaction, once; then the
-messages are acknowledged. A lone message is a batch of one. While the calls run the
-worker tells JetStream it is still at it (every third of the ack wait), so only a dead
-worker's messages are redelivered. A failed attempt is recorded and the message
-redelivered after a back-off until the request's attempts are used up. Every replica's
-workers share the one durable consumer.
+attempt each, saved with the concurrency check) in one statement while their payloads
+are read, and each runs through the gateway (concurrently: the model server batches what
+arrives together). Each outcome is settled as soon as it is there, with whatever else
+finished meanwhile: their results stored in one statement, once, then their messages
+acknowledged; a slow request holds back neither the others' results nor their slots. A
+lone message is a batch of one. While the calls run the worker tells JetStream it is
+still at it (every third of the ack wait), so only a dead worker's messages are
+redelivered. A failed attempt is recorded and the message redelivered after a back-off
+until the request's attempts are used up. Every replica's workers share the one durable
+consumer.
 """
 
 from __future__ import annotations
@@ -110,68 +112,96 @@ class Worker:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
 
-    async def _heartbeat(self, msgs: list[Msg]) -> None:
+    async def _heartbeat(self, batch: _Batch) -> None:
         while True:
             await asyncio.sleep(self.ack_wait / 3)
-            for msg in msgs:
+            # Only the messages still open: a progress report on a nak'd one would undo
+            # its back-off (the server restarts its ack wait).
+            for msg in list(batch.open.values()):
                 with contextlib.suppress(Exception):
                     await msg.in_progress()
 
     async def _handle(self, msgs: list[Msg]) -> None:
+        batch = _Batch(self)
         try:
-            by_id: dict[str, Msg] = {}
             for msg in msgs:
                 try:
                     request_id = queue.request_id_of(msg.data)
                 except ValueError as exc:
                     await self._dead_letter(msg, str(exc))
                     continue
-                if request_id in by_id:
+                if request_id in batch.open:
                     await msg.ack()  # the same request twice: the first message covers it
                     continue
-                by_id[request_id] = msg
-            if not by_id:
+                batch.open[request_id] = msg
+            if not batch.open:
                 return
-            beat = asyncio.ensure_future(self._heartbeat(list(by_id.values())))
+            beat = asyncio.ensure_future(self._heartbeat(batch))
             try:
-                await self._process(by_id)
+                await self._process(batch)
             except Exception as exc:
                 # Left unacknowledged: redelivered after the ack wait, to this or another
                 # worker, which then decides from the requests' state.
                 log.warning(
                     "async requests %s: worker error: %s",
-                    ", ".join(list(by_id)[:5]),
+                    ", ".join(list(batch.open)[:5]),
                     exc,
                     exc_info=True,
                 )
             finally:
                 beat.cancel()
         finally:
-            self.running -= len(msgs)
+            self.running -= len(msgs) - batch.released
 
-    async def _process(self, by_id: dict[str, Msg]) -> None:
-        ids = list(by_id)
+    async def _process(self, batch: _Batch) -> None:
+        ids = list(batch.open)
         started = await self.commands.start_many(ids, self.name)
         runs: list[Started] = []
         for request_id, run in zip(ids, started, strict=True):
             if run is None:
-                await by_id[request_id].ack()  # ended (or given up): nothing to do
+                await batch.ack(request_id)  # ended (or given up): nothing to do
             else:
                 runs.append(run)
         if self.on_start is not None:
             for run in runs:
                 await self.on_start(run.request.id, run.attempt)
-        outcomes = await asyncio.gather(
-            *(self._attempt(run) for run in runs), return_exceptions=True
-        )
+        # Each outcome is settled as soon as it is there, with whatever else finished
+        # meanwhile: a slow request does not hold the others' results back.
+        finished: asyncio.Queue[tuple[Started, Outcome | BaseException]] = asyncio.Queue()
+
+        async def attempt(run: Started) -> None:
+            try:
+                outcome: Outcome | BaseException = await self._attempt(run)
+            except Exception as exc:
+                outcome = exc
+            finished.put_nowait((run, outcome))
+
+        calls = [asyncio.ensure_future(attempt(run)) for run in runs]
+        try:
+            left = len(runs)
+            while left:
+                ready = [await finished.get()]
+                while not finished.empty():
+                    ready.append(finished.get_nowait())
+                left -= len(ready)
+                await self._settle(batch, ready)
+        finally:
+            for call in calls:
+                call.cancel()
+
+    async def _settle(
+        self, batch: _Batch, ready: list[tuple[Started, Outcome | BaseException]]
+    ) -> None:
+        """Records what finished: results in one write, failures one by one. A request
+        whose outcome cannot be recorded is left unacknowledged (redelivered)."""
         results: list[Result] = []
-        for run, outcome in zip(runs, outcomes, strict=True):
+        for run, outcome in ready:
             request_id = run.request.id
-            msg = by_id[request_id]
             if isinstance(outcome, NotFound):
-                await msg.ack()  # its payload was removed: nothing to run
+                await batch.ack(request_id)  # its payload was removed: nothing to run
             elif isinstance(outcome, BaseException):
                 log.warning("async request %s: worker error: %s", request_id, outcome)
+                batch.leave(request_id)
             elif outcome.ok:
                 results.append(
                     Result(
@@ -179,24 +209,39 @@ class Worker:
                     )
                 )
             else:
-                again = await self.commands.fail_attempt(
-                    request_id, run.attempt, outcome.error, final=outcome.final, worker=self.name
-                )
+                try:
+                    again = await self.commands.fail_attempt(
+                        request_id,
+                        run.attempt,
+                        outcome.error,
+                        final=outcome.final,
+                        worker=self.name,
+                    )
+                except Exception as exc:
+                    log.warning("async request %s: cannot record its failure: %s", request_id, exc)
+                    batch.leave(request_id)
+                    continue
                 if again:
-                    await msg.nak(delay=self.retry_delay * 2 ** (run.attempt - 1))
+                    await batch.nak(request_id, self.retry_delay * 2 ** (run.attempt - 1))
                 else:
-                    await msg.ack()
+                    await batch.ack(request_id)
         if not results:
             return
-        stored = await self.commands.complete_many(results, self.name)
+        try:
+            stored = await self.commands.complete_many(results, self.name)
+        except Exception as exc:
+            log.warning("async requests: cannot store %d results: %s", len(results), exc)
+            for result in results:
+                batch.leave(result.request.id)
+            return
         for result, ok in zip(results, stored, strict=True):
+            request_id = result.request.id
+            if ok is None:  # its result could not be staged: run it again later
+                batch.leave(request_id)
+                continue
             if not ok:
-                log.info(
-                    "async request %s: attempt %d lost to another",
-                    result.request.id,
-                    result.attempt,
-                )
-            await by_id[result.request.id].ack()
+                log.info("async request %s: attempt %d lost to another", request_id, result.attempt)
+            await batch.ack(request_id)
 
     async def _attempt(self, run: Started) -> Outcome:
         body = await self.commands.payload(run)
@@ -212,3 +257,32 @@ class Worker:
         )
         log.error("async worker dead-lettered a malformed queue message: %s", reason)
         await msg.ack()
+
+
+class _Batch:
+    """The open messages of one fetch, by request id; settling one frees its slot."""
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+        self.open: dict[str, Msg] = {}
+        self.released = 0
+
+    def leave(self, request_id: str) -> Msg | None:
+        """Stops tracking a message (left unacknowledged: redelivered after the ack wait)."""
+        msg = self.open.pop(request_id, None)
+        if msg is not None:
+            self.released += 1
+            self.worker.running -= 1
+        return msg
+
+    async def ack(self, request_id: str) -> None:
+        """Acknowledges the request's message: done with it."""
+        msg = self.leave(request_id)
+        if msg is not None:
+            await msg.ack()
+
+    async def nak(self, request_id: str, delay: float) -> None:
+        """Asks for the message again after ``delay`` seconds."""
+        msg = self.leave(request_id)
+        if msg is not None:
+            await msg.nak(delay=delay)
