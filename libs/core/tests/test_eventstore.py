@@ -62,19 +62,20 @@ async def test_read_streams_reads_several_in_one_query(store: EventStore) -> Non
     assert events["thing:none"] == []
 
 
-async def test_messages_sent_after_commit_leave_with_the_transaction(store: EventStore) -> None:
+async def test_messages_go_to_the_outbox_with_their_headers(store: EventStore) -> None:
     ids = [uuid.uuid4(), uuid.uuid4()]
+    await store.append_streams(
+        [([_event("a", 1)], 0)],
+        messages=[
+            OutboxMessage("work.a", b"one", ids[0], {"X-Kind": "a"}),
+            OutboxMessage("work.b", b"two", ids[1]),
+        ],
+    )
     async with store.pool.acquire() as conn:
-        async with conn.transaction():
-            await store.send_many_after_commit(
-                conn,
-                [
-                    OutboxMessage("work.a", b"one", ids[0], {"X-Kind": "a"}),
-                    OutboxMessage("work.b", b"two", ids[1]),
-                ],
-            )
-            await store.send_many_after_commit(conn, [])  # nothing to send: no statement
-        rows = await conn.fetch("SELECT event_id, subject, headers, body FROM svc.outbox")
+        rows = await conn.fetch(
+            "SELECT event_id, subject, headers, body FROM svc.outbox "
+            "WHERE subject LIKE 'work.%' ORDER BY subject"
+        )
     assert [(r["event_id"], r["subject"], bytes(r["body"])) for r in rows] == [
         (ids[0], "work.a", b"one"),
         (ids[1], "work.b", b"two"),

@@ -21,7 +21,7 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from shipyard_core import bus, db
-from shipyard_core.eventstore import EventStore, StoredEvent, ensure_schema
+from shipyard_core.eventstore import EventStore, OutboxMessage, StoredEvent, ensure_schema
 from shipyard_core.outbox import OutboxRelay
 from shipyard_core.projections import ProjectionRunner, replay_projection
 from shipyard_testing import wait_for
@@ -322,19 +322,24 @@ async def test_an_append_wakes_its_own_relay_only(kit: Kit) -> None:
     assert woken and set(woken) == {SERVICE}, woken
 
 
-async def test_a_message_sent_after_commit_leaves_with_its_transaction_only(kit: Kit) -> None:
+async def test_a_message_sent_with_events_leaves_with_its_transaction_only(kit: Kit) -> None:
     kit.start(OutboxRelay(kit.dsn, kit.js, SERVICE, poll_interval=60).run)
     await kit.js.add_stream(name="WORK", subjects=["work.>"])
     kept, dropped = uuid.uuid4(), uuid.uuid4()
     async with kit.pool.acquire() as conn:
         with contextlib.suppress(RuntimeError):
             async with conn.transaction():
-                await kit.store.send_after_commit(conn, "work.items", b"dropped", dropped)
+                await kit.store.append_streams(
+                    [([thing("dropper", 0)], 0)],
+                    conn=conn,
+                    messages=[OutboxMessage("work.items", b"dropped", dropped)],
+                )
                 raise RuntimeError("the command failed: nothing may leave")
         async with conn.transaction():
-            await kit.store.append([thing("sender", 0)], expected_version=0, conn=conn)
-            await kit.store.send_after_commit(
-                conn, "work.items", b"kept", kept, headers={"x-kind": "item"}
+            await kit.store.append_streams(
+                [([thing("sender", 0)], 0)],
+                conn=conn,
+                messages=[OutboxMessage("work.items", b"kept", kept, {"x-kind": "item"})],
             )
 
     async def delivered() -> list[Any]:

@@ -110,21 +110,20 @@ class Repository(Generic[A]):
         """The aggregate as of its last event (version 0 when it has none)."""
         aggregate = self.factory(aggregate_id)
         stream = f"{aggregate.aggregate_type}:{aggregate_id}"
-        for stored in await self.store.read_stream(stream, conn=conn):
-            aggregate.apply(self.registry.decode(stored))
-            aggregate.version = stored.version
-        return aggregate
+        return self._replay(aggregate, await self.store.read_stream(stream, conn=conn))
 
     async def load_many(self, aggregate_ids: Sequence[str], conn: Conn | None = None) -> list[A]:
         """:meth:`load` for several aggregates, in one query, in the order asked."""
         out = [self.factory(aggregate_id) for aggregate_id in aggregate_ids]
         streams = [f"{agg.aggregate_type}:{agg.id}" for agg in out]
         events = await self.store.read_streams(streams, conn=conn)
-        for agg, stream in zip(out, streams, strict=True):
-            for stored in events[stream]:
-                agg.apply(self.registry.decode(stored))
-                agg.version = stored.version
-        return out
+        return [self._replay(agg, events[stream]) for agg, stream in zip(out, streams, strict=True)]
+
+    def _replay(self, aggregate: A, events: Sequence[StoredEvent]) -> A:
+        for stored in events:
+            aggregate.apply(self.registry.decode(stored))
+            aggregate.version = stored.version
+        return aggregate
 
     async def save(
         self,

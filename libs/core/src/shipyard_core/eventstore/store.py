@@ -27,7 +27,11 @@ def outbox_channel(service: str) -> str:
 
 
 class OutboxMessage(NamedTuple):
-    """A message (not an event) for the outbox: see :meth:`EventStore.send_after_commit`."""
+    """A message (not an event) for the outbox, written with the events of a command
+    (:meth:`EventStore.append_streams`): the relay publishes it once they commit, to
+    whichever stream takes ``subject``, with ``Nats-Msg-Id`` = ``message_id``. A command's
+    side message (e.g. a work item) then leaves exactly when its events do, whatever
+    crashes."""
 
     subject: str
     body: bytes
@@ -52,10 +56,6 @@ _COLUMNS = (
     "position, stream_id, version, event_id, aggregate, event_type, schema_version, "
     "payload, metadata, recorded_at"
 )
-
-
-def _message_headers(message: OutboxMessage) -> str:
-    return json.dumps({**(message.headers or {}), "Nats-Msg-Id": str(message.message_id)})
 
 
 class EventStore:
@@ -149,7 +149,7 @@ class EventStore:
     ) -> list[StoredEvent]:
         """Appends to several streams atomically, each with its expected version.
 
-        ``messages`` go into the outbox (see :meth:`send_after_commit`) and ``rows`` into
+        ``messages`` go into the outbox (see :class:`OutboxMessage`) and ``rows`` into
         their tables in the same statement, only if the append succeeds: a command's
         whole write in one round trip, atomic without an explicit transaction."""
         stored: list[StoredEvent] = []
@@ -191,7 +191,7 @@ class EventStore:
         sql = self._append_sql
         args: list[Any] = [*cols, expected_ids, expected_versions]
         if messages or rows:
-            sql, extra = self._with_side_writes(messages, rows)
+            sql, extra = self._with_side_writes(messages, rows, first_param=len(args) + 1)
             args += extra
         result: asyncpg.Record | None
         try:
@@ -210,16 +210,17 @@ class EventStore:
         return [replace(ev, position=pos) for ev, pos in zip(stored, positions, strict=True)]
 
     def _with_side_writes(
-        self, messages: Sequence[OutboxMessage], rows: Sequence[RowsInsert]
+        self, messages: Sequence[OutboxMessage], rows: Sequence[RowsInsert], first_param: int
     ) -> tuple[str, list[Any]]:
         """The append statement with CTEs writing ``messages`` and ``rows`` when the
-        version check passes (data-modifying CTEs run whether or not they are read)."""
+        version check passes (data-modifying CTEs run whether or not they are read); their
+        parameters are numbered from ``first_param`` on."""
         ctes: list[str] = []
         args: list[Any] = []
         ok = "WHERE (SELECT ok FROM expected)"
 
         def params(types: Sequence[str]) -> str:
-            first = 15 + len(args)
+            first = first_param + len(args)
             return ", ".join(f"${first + i}::{t}[]" for i, t in enumerate(types))
 
         if messages:
@@ -230,7 +231,10 @@ class EventStore:
             args += [
                 [m.message_id for m in messages],
                 [m.subject for m in messages],
-                [_message_headers(m) for m in messages],
+                [
+                    json.dumps({**(m.headers or {}), "Nats-Msg-Id": str(m.message_id)})
+                    for m in messages
+                ],
                 [m.body for m in messages],
             ]
         for n, insert in enumerate(rows):
@@ -243,36 +247,6 @@ class EventStore:
             args += [[row[i] for row in insert.rows] for i in range(len(insert.columns))]
         head, _, tail = self._append_sql.partition("), ob AS (")
         return f"{head}), {', '.join(ctes)}, ob AS ({tail}", args
-
-    async def send_after_commit(
-        self,
-        conn: Conn,
-        subject: str,
-        body: bytes,
-        message_id: uuid.UUID,
-        headers: Mapping[str, str] | None = None,
-    ) -> None:
-        """Puts a message (not an event) in the outbox, in ``conn``'s transaction: the
-        relay publishes it once the transaction commits, to whichever stream takes
-        ``subject``, with ``Nats-Msg-Id`` = ``message_id``. A command's side message
-        (e.g. a work item) then leaves exactly when its events do, whatever crashes."""
-        await self.send_many_after_commit(conn, [OutboxMessage(subject, body, message_id, headers)])
-
-    async def send_many_after_commit(self, conn: Conn, messages: Sequence[OutboxMessage]) -> None:
-        """:meth:`send_after_commit` for several messages, in one statement."""
-        if not messages:
-            return
-        s = self.service
-        await conn.execute(
-            f"WITH ins AS (INSERT INTO {s}.outbox (event_id, subject, headers, body) "
-            "SELECT * FROM unnest($1::uuid[], $2::text[], $3::jsonb[], $4::bytea[]) "
-            f"RETURNING 1) SELECT pg_notify('{outbox_channel(s)}', '') "
-            "WHERE EXISTS (SELECT 1 FROM ins)",
-            [m.message_id for m in messages],
-            [m.subject for m in messages],
-            [_message_headers(m) for m in messages],
-            [m.body for m in messages],
-        )
 
     def _envelope(self, event: NewEvent, version: int) -> StoredEvent:
         return StoredEvent(

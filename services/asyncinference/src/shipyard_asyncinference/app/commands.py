@@ -17,7 +17,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-import asyncpg
 from nats.js import JetStreamContext
 
 from shipyard_asyncinference.adapters import queue
@@ -27,7 +26,6 @@ from shipyard_asyncinference.domain import EVENTS, INLINE, AsyncRequest
 from shipyard_core.aggregate import Repository, retry_on_conflict
 from shipyard_core.auth import Principal
 from shipyard_core.errors import (
-    ConcurrencyError,
     InvalidArgument,
     NotFound,
     ResourceExhausted,
@@ -39,9 +37,6 @@ from shipyard_core.validation import deployment_name
 
 log = logging.getLogger(__name__)
 
-_COMPLETE_ROUNDS = 12
-"""How often a batch of results is decided again after losing a race before giving up
-(its messages are then redelivered)."""
 _REQUEST_ID = re.compile(r"^[0-9a-f]{32}$")
 _MODEL_PATH = re.compile(r"^/[A-Za-z0-9._~:/@%+-]{0,500}$")
 
@@ -325,7 +320,7 @@ class AsyncCommands:
         caller leaves it to run again). Each ``Result.request`` is the request as the
         worker started it, tried first (the usual case: nothing happened since); the
         concurrency check catches it when something did, and then all are loaded again
-        and decided anew."""
+        and decided anew (:func:`retry_on_conflict`; then the messages are redelivered)."""
         staged = await asyncio.gather(
             *(self.blobs.stage(r.request.id, RESULT, r.body, r.attempt) for r in results),
             return_exceptions=True,
@@ -340,47 +335,47 @@ class AsyncCommands:
             else:
                 usable.append((i, result, location))
         kept: set[str] = set()
+        digests = [hashlib.sha256(r.body).hexdigest() for _, r, _ in usable]
         aggs = [result.request for _, result, _ in usable]
+        first = True
+
+        async def decide() -> list[bool]:
+            nonlocal aggs, first, kept
+            if not first:  # someone else moved one of them: load them all again
+                aggs = await self.repo.load_many([r.request.id for _, r, _ in usable])
+            first = False
+            now = self.clock()
+            stored = [
+                agg.complete(
+                    r.attempt,
+                    status=r.status,
+                    content_type=r.content_type,
+                    result_bytes=len(r.body),
+                    result_sha256=digest,
+                    result_location=location,
+                    at=now,
+                )
+                for agg, (_, r, location), digest in zip(aggs, usable, digests, strict=True)
+            ]
+            rows = [
+                (r.request.id, location, r.body)
+                for (_, r, location), ok in zip(usable, stored, strict=True)
+                if ok
+            ]
+            if rows:
+                await self.repo.save(*aggs, rows=self.blobs.inline_rows(RESULT, rows), actor=worker)
+            kept = {location for _, location, _ in rows}
+            return stored
+
         try:
-            for round_ in range(1, _COMPLETE_ROUNDS + 1):
-                now = self.clock()
-                stored = [
-                    agg.complete(
-                        r.attempt,
-                        status=r.status,
-                        content_type=r.content_type,
-                        result_bytes=len(r.body),
-                        result_sha256=hashlib.sha256(r.body).hexdigest(),
-                        result_location=location,
-                        at=now,
-                    )
-                    for agg, (_, r, location) in zip(aggs, usable, strict=True)
-                ]
-                rows = [
-                    (r.request.id, location, r.body)
-                    for (_, r, location), ok in zip(usable, stored, strict=True)
-                    if ok
-                ]
-                try:
-                    if rows:
-                        await self.repo.save(
-                            *aggs, rows=self.blobs.inline_rows(RESULT, rows), actor=worker
-                        )
-                except (ConcurrencyError, asyncpg.UniqueViolationError):
-                    if round_ == _COMPLETE_ROUNDS:
-                        raise
-                    # Someone else moved one of them: load them all again, decide again.
-                    aggs = await self.repo.load_many([r.request.id for _, r, _ in usable])
-                    continue
-                kept = {location for _, location, _ in rows}
-                for (i, _, _), ok in zip(usable, stored, strict=True):
-                    outcome[i] = ok
-                return outcome
-            raise AssertionError("unreachable")
+            stored = await retry_on_conflict(decide)
         finally:
             for location in staged:
                 if isinstance(location, str) and location not in kept:
                     await self.blobs.discard(location)
+        for (i, _, _), ok in zip(usable, stored, strict=True):
+            outcome[i] = ok
+        return outcome
 
     async def fail_attempt(
         self, request_id: str, attempt: int, error: str, *, final: bool, worker: str
