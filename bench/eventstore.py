@@ -24,10 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import psutil
 
 from bench._machine import describe
-from bench._stack import running
+from bench._stack import cpu_seconds, running
 from shipyard.common.v1 import events_pb2, events_pb2_grpc
 from shipyard.quota.v1 import quota_pb2, quota_pb2_grpc
 from shipyard_core import db
@@ -45,22 +44,7 @@ def _cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
     """CPU time (user + system) so far of each component; PostgreSQL's includes its
     backends (a process per connection). The bench process started the others, so its
     own children are not counted as its own."""
-    out: dict[str, float] = {}
-    for name, pid in pids.items():
-        try:
-            proc = psutil.Process(pid)
-            procs = [proc] if pid == os.getpid() else [proc, *proc.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            continue
-        total = 0.0
-        for p in procs:
-            try:
-                t = p.cpu_times()
-                total += t.user + t.system
-            except psutil.NoSuchProcess:
-                pass
-        out[name] = total
-    return out
+    return {name: cpu_seconds((pid,), descendants=pid != os.getpid()) for name, pid in pids.items()}
 
 
 async def _throughput(stub: Any, md: Any, seconds: float) -> dict[str, float]:

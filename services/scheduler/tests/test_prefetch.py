@@ -3,15 +3,28 @@
 from __future__ import annotations
 
 import json
+import uuid
+from datetime import UTC, datetime
 from typing import Any
 
+from shipyard_core.eventstore import StoredEvent
 from shipyard_scheduler.adapters.prefetch import PackToFetch, pack_of
 
 
 def _envelope(event_type: str = "ImageVersionCreated", **payload: Any) -> bytes:
+    """An imagebuild event as the bus carries it."""
     data = {"version": 3, "digest": "ab" * 32, "pack_key": "images/iris/sha256/abab", **payload}
-    return json.dumps(
-        {"event_type": event_type, "stream_id": "image:team-a/iris", "payload": data}
+    return StoredEvent(
+        service="imagebuild",
+        event_id=uuid.uuid4(),
+        stream_id="image:team-a/iris",
+        version=4,
+        aggregate="image",
+        event_type=event_type,
+        schema_version=2,
+        payload=data,
+        metadata={},
+        recorded_at=datetime.now(UTC),
     ).encode()
 
 

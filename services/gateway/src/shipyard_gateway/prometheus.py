@@ -55,7 +55,12 @@ from shipyard_core.auth import Authenticator
 from shipyard_core.errors import Unauthenticated
 from shipyard_gateway.access import credentials_from_headers
 from shipyard_gateway.load import LoadTracker
-from shipyard_gateway.metrics import LATENCY_BOUNDS_MS, UPSTREAM_ERROR_KINDS, MetricsRecorder
+from shipyard_gateway.metrics import (
+    LATENCY_BOUNDS_MS,
+    UPSTREAM_ERROR_KINDS,
+    DeploymentCounts,
+    MetricsRecorder,
+)
 from shipyard_gateway.routing import RoutingTable
 
 __all__ = [
@@ -102,6 +107,14 @@ PROCESS_FDS = "process_open_fds"
 
 STATUS_CLASSES = ("2xx", "4xx", "5xx")
 """Values of the ``status_class`` label."""
+
+
+def by_status_class(counts: DeploymentCounts | None) -> list[tuple[str, int]]:
+    """A deployment's requests per status class, in :data:`STATUS_CLASSES` order (zeros
+    when it has none): the same series for ``/metrics`` and for OpenTelemetry."""
+    values = (counts.ok, counts.client_errors, counts.server_errors) if counts else (0, 0, 0)
+    return list(zip(STATUS_CLASSES, values, strict=True))
+
 
 LABEL_NAMES = frozenset({"deployment", "status_class", "kind", "le", "version", "gateway"})
 """Every label name that can appear (a dashboard's queries may group by these only)."""
@@ -225,11 +238,7 @@ class GatewayMetrics:
 
         family(REQUESTS)
         for name in names:
-            counts = totals.get(name)
-            values = (
-                (counts.ok, counts.client_errors, counts.server_errors) if counts else (0, 0, 0)
-            )
-            for status_class, value in zip(STATUS_CLASSES, values, strict=True):
+            for status_class, value in by_status_class(totals.get(name)):
                 out.append(f'{REQUESTS}{{{labels[name]},status_class="{status_class}"}} {value}\n')
 
         family(DURATION)
@@ -380,11 +389,7 @@ def export_to_opentelemetry(metrics: GatewayMetrics, provider: Any) -> None:
     def requests(options: CallbackOptions) -> Iterable[Observation]:
         totals = dict(recorder.totals())
         for name in metrics.deployments():
-            counts = totals.get(name)
-            values = (
-                (counts.ok, counts.client_errors, counts.server_errors) if counts else (0, 0, 0)
-            )
-            for status_class, value in zip(STATUS_CLASSES, values, strict=True):
+            for status_class, value in by_status_class(totals.get(name)):
                 yield Observation(value, {"deployment": name, "status_class": status_class})
 
     def in_flight(options: CallbackOptions) -> Iterable[Observation]:

@@ -356,9 +356,7 @@ class LogsClient:
             yield from (ln for ln in images.log_lines(build_id) if keep(ln))
             return
         try:
-            found = self.tail_build(
-                build_id, tail=DEFAULT_TAIL if tail is None else tail, grep=grep
-            )
+            found = self.tail_build(build_id, tail=tail, grep=grep)
         except (NotFound, Unavailable, Unimplemented):
             found = []
         if found:
@@ -366,7 +364,7 @@ class LogsClient:
             return
         # Not (yet, or any more) in the logging service: imagebuild's copy, filtered here.
         lines = (ln for ln in images.log_lines(build_id) if keep(ln))
-        yield from _last(lines, DEFAULT_TAIL if tail is None else tail)
+        yield from _last(lines, tail)
 
     def _images(self) -> ImagesClient:
         return ImagesClient(self._transport)

@@ -33,7 +33,7 @@ from shipyard_core.errors import FailedPrecondition, NotFound, ShipyardError, Un
 from shipyard_core.objectstore import ObjectStore, sha256_file
 from shipyard_imagebuild.adapters import envpack, folder
 from shipyard_imagebuild.app.buildlogs import BuildLogWriter
-from shipyard_imagebuild.app.commands import read_readme
+from shipyard_imagebuild.app.commands import pack_cache_key, read_readme
 from shipyard_imagebuild.domain import ImageRepo
 from shipyard_imagebuild.domain.events import BuildQueued, ImageKind, ImageVersionCreated
 
@@ -48,9 +48,10 @@ T = TypeVar("T")
 # Cluster builds that did not end this long after their Job's own deadline are given up
 # (the Job's deadline counts from its start; a pod may wait for a node before that).
 _DEADLINE_GRACE_SECONDS = 300.0
-# One Kubernetes API call may take this long. The client has no timeout of its own, and a
-# call that never returns would otherwise keep its build "building" (and heartbeating)
-# forever; its thread is abandoned, the call counts as the API being unavailable.
+# One runner method (one or two Kubernetes API calls) may take this long in all.
+# ``kube.call`` bounds each request's connect and read; this bounds the method as a whole,
+# so a build is never left "building" (and heartbeating) on a stuck call; its thread is
+# abandoned, and the call counts as the API being unavailable.
 _API_CALL_SECONDS = 60.0
 
 
@@ -119,9 +120,7 @@ class LocalPackBackend:
 
     def cache_key(self, source_digest: str, python: str, install_dependencies: bool) -> str:
         """:func:`envpack.cache_key` with the runtime of this checkout."""
-        return envpack.cache_key(
-            source_digest, python, install_dependencies, envpack.runtime_version()
-        )
+        return pack_cache_key(source_digest, python, install_dependencies)
 
     async def make(self, task: BuildTask) -> ImageVersionCreated:
         """Builds, checks, packs and stores the environment."""

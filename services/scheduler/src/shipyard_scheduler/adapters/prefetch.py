@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from shipyard_core.errors import ShipyardError
+from shipyard_core.eventstore import StoredEvent
 from shipyard_scheduler.adapters.local import LocalBackend
 
 log = logging.getLogger(__name__)
@@ -47,14 +47,13 @@ def pack_of(body: bytes) -> PackToFetch | None:
     """The pack an ``ImageVersionCreated`` envelope names, or None for any other event,
     a cluster (OCI) image, or a body that does not parse."""
     try:
-        event = json.loads(body)
-        if event.get("event_type") != "ImageVersionCreated":
+        event = StoredEvent.decode(body)
+        if event.event_type != "ImageVersionCreated":
             return None
-        data = event["payload"]
+        data = event.payload
         if data.get("kind", "pack") != "pack" or not data.get("pack_key"):
             return None
-        # The stream is ``image:<group>/<name>``.
-        name = str(event["stream_id"]).split(":", 1)[1].split("/", 1)[-1]
+        name = event.aggregate_id.split("/", 1)[-1]  # ``<group>/<name>``
         return PackToFetch(f"{name}:{int(data['version'])}", str(data["digest"]), data["pack_key"])
     except (ValueError, KeyError, TypeError, AttributeError, IndexError):
         return None
