@@ -25,6 +25,8 @@ import pytest
 
 from shipyard.scheduler.v1 import scheduler_pb2 as spb
 from shipyard.scheduler.v1 import scheduler_pb2_grpc
+from shipyard_asyncinference.domain import EVENTS, SingleRequest, lot, lot_of
+from shipyard_asyncinference.domain.lots import request_events
 from shipyard_asyncinference.main import AsyncInference, build
 from shipyard_asyncinference.settings import AsyncInferenceSettings
 from shipyard_core.auth import InternalTokenAuthenticator, Principal
@@ -286,9 +288,23 @@ class Stack:
         )
 
     async def event_types(self, request_id: str) -> list[str]:
-        """The types of a request's events, in order."""
-        stored = await self.service.service.store.read_stream(f"async_request:{request_id}")
-        return [e.event_type for e in stored]
+        """The types of a request's changes, in order: the request events its lot's
+        events stand for (``AsyncRequestStarted`` for its item of an ``AsyncLotStarted``)."""
+        lot_id = lot_of(request_id)
+        found = lot(lot_id)
+        stored = await self.service.service.store.read_stream(f"{found.aggregate_type}:{lot_id}")
+        types = []
+        for event in stored:
+            decoded = EVENTS.decode(event)
+            if isinstance(found, SingleRequest):
+                types.append(event.event_type)
+                continue
+            types.extend(
+                type(change).__mro__[1].__name__
+                for rid, change in request_events(decoded)
+                if rid == request_id
+            )
+        return types
 
 
 @pytest.fixture(scope="module")

@@ -1,25 +1,28 @@
 """The work queue: JetStream stream ``ASYNC`` (work-queue retention), subjects
-``async.requests.<deployment>.<request id>``, one message per request to run (body: its
-id).
+``async.requests.<deployment>.<lot id>``, one message per lot of requests to run
+(body: its id and how many requests it has).
 
-The queue only says "look at request X"; PostgreSQL says what X is and where it stands.
-So a message delivered twice, late, or for a request that ended is harmless: the worker
-loads the request and does what its state allows. Submit writes the message into its
-service's outbox in the transaction that records the request, so the relay publishes it
-once the request exists, whatever crashes; Submit also publishes it at once after the
-commit. Both carry ``Nats-Msg-Id`` = the request id as a UUID, so JetStream keeps one
-message within its duplicate window (decision 0033).
+The queue only says "look at lot X"; PostgreSQL says what its requests are and where
+they stand. So a message delivered twice, late, or for a lot whose requests ended is
+harmless: the worker loads the lot and does what its requests' states allow. (A message
+of a request accepted before lots names the request: a lot of one.) Submit writes the
+message into its service's outbox in the statement that records the lot, so the relay
+publishes it once the lot exists, whatever crashes; Submit also publishes it at once
+after the commit. Both carry ``Nats-Msg-Id`` = the lot's first request id as a UUID, so
+JetStream keeps one message within its duplicate window (decision 0033).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import re
 
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import BadRequestError, NotFoundError
 
+from shipyard_asyncinference.domain.lots import MAX_LOT_SIZE
 from shipyard_core.bus import EVENTS_STREAM
 from shipyard_core.eventstore.envelope import subject_token
 
@@ -27,6 +30,7 @@ ASYNC_STREAM = "ASYNC"
 SUBJECT_PREFIX = "async.requests"
 WORKERS_CONSUMER = "asyncinference_workers"
 DUPLICATE_WINDOW_SECONDS = 600.0
+_LOT_ID = re.compile(r"^(?:[0-9a-f]{24}|[0-9a-f]{32})$")
 
 
 def stream_config() -> StreamConfig:
@@ -75,10 +79,10 @@ async def ensure_queue(js: JetStreamContext, ack_wait_seconds: float) -> None:
         await js.add_consumer(ASYNC_STREAM, consumer)
 
 
-def subject(deployment: str, request_id: str) -> str:
-    """``async.requests.<deployment>.<request id>``: one subject per request, so whether a
-    request's message is still in the stream can be asked (:func:`is_queued`)."""
-    return f"{SUBJECT_PREFIX}.{subject_token(deployment)}.{subject_token(request_id)}"
+def subject(deployment: str, lot_id: str) -> str:
+    """``async.requests.<deployment>.<lot id>``: one subject per lot, so whether a lot's
+    message is still in the stream can be asked (:func:`is_queued`)."""
+    return f"{SUBJECT_PREFIX}.{subject_token(deployment)}.{subject_token(lot_id)}"
 
 
 _RETIRED_DISPATCHER = "policy_asyncinference_dispatch"
@@ -91,38 +95,44 @@ async def retire_dispatcher(js: JetStreamContext) -> None:
         await js.delete_consumer(EVENTS_STREAM, _RETIRED_DISPATCHER)
 
 
-def message(request_id: str) -> bytes:
-    """The body of a queue message: which request to look at."""
-    return json.dumps({"request_id": request_id}).encode()
+def message(lot_id: str, size: int) -> bytes:
+    """The body of a queue message: which lot to look at, and how many requests it has
+    (so their payloads can be read while the lot is loaded; 0: unknown)."""
+    return json.dumps({"lot_id": lot_id, "requests": size}).encode()
 
 
-async def is_queued(js: JetStreamContext, request_id: str, deployment: str) -> bool:
-    """Whether the request's message is in the stream (waiting, or delivered and not
+async def is_queued(js: JetStreamContext, lot_id: str, deployment: str) -> bool:
+    """Whether the lot's message is in the stream (waiting, or delivered and not
     acknowledged yet)."""
     try:
-        await js.get_last_msg(ASYNC_STREAM, subject(deployment, request_id))
+        await js.get_last_msg(ASYNC_STREAM, subject(deployment, lot_id))
     except NotFoundError:
         return False
     return True
 
 
-async def enqueue(js: JetStreamContext, request_id: str, deployment: str, msg_id: str) -> None:
-    """Puts ``request_id`` on the queue directly, deduplicated by ``msg_id`` within the
+async def enqueue(
+    js: JetStreamContext, lot_id: str, deployment: str, msg_id: str, size: int = 0
+) -> None:
+    """Puts ``lot_id`` on the queue directly, deduplicated by ``msg_id`` within the
     window (Submit's fast path; the sweeper's re-dispatch of a lost message)."""
     await js.publish(
-        subject(deployment, request_id),
-        message(request_id),
+        subject(deployment, lot_id),
+        message(lot_id, size),
         stream=ASYNC_STREAM,
         headers={"Nats-Msg-Id": msg_id},
     )
 
 
-def request_id_of(body: bytes) -> str:
-    """The request id of a queue message; ``ValueError`` for a malformed one."""
+def lot_of_message(body: bytes) -> tuple[str, int]:
+    """``(lot id, requests)`` of a queue message (a request's from before lots: its own
+    lot of one); ``ValueError`` for a malformed one."""
     try:
-        value = json.loads(body)["request_id"]
-    except (ValueError, KeyError, TypeError) as exc:
+        data = json.loads(body)
+        value = data["lot_id"] if "lot_id" in data else data["request_id"]
+        size = int(data.get("requests", 1))
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ValueError(f"not an async queue message: {exc}") from exc
-    if not isinstance(value, str) or not value:
-        raise ValueError("not an async queue message: no request_id")
-    return value
+    if not isinstance(value, str) or not _LOT_ID.match(value):
+        raise ValueError(f"not an async queue message: lot id {str(value)[:40]!r}")
+    return value, min(max(size, 0), MAX_LOT_SIZE)

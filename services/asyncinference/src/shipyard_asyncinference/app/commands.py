@@ -1,9 +1,9 @@
 """Command handlers: submit, cancel, and the worker's start / complete / fail, expiry.
 
-Each one loads the request, lets the aggregate decide, and appends its events with the
-optimistic concurrency check (plus, in the same transaction, a small payload or result).
-A worker that lost a race (another one completed the request, or it was cancelled)
-changes nothing: a result is written once.
+Each one loads the requests' lot, lets its requests decide, and appends the lot's events
+with the optimistic concurrency check (plus, in the same statement, small payloads or
+results). A worker that lost a race (another one completed the request, or it was
+cancelled) changes nothing: a result is written once.
 """
 
 from __future__ import annotations
@@ -16,13 +16,15 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
 
 from nats.js import JetStreamContext
 
 from shipyard_asyncinference.adapters import queue
 from shipyard_asyncinference.app.payloads import PAYLOAD, RESULT, Blobs
 from shipyard_asyncinference.app.views import RequestView, Submission
-from shipyard_asyncinference.domain import EVENTS, INLINE, AsyncRequest
+from shipyard_asyncinference.domain import EVENTS, INLINE, AsyncLot, AsyncRequest, lot, lot_of
+from shipyard_asyncinference.domain.lots import member_ids, new_lot_id, request_id
 from shipyard_core.aggregate import Repository, retry_on_conflict
 from shipyard_core.auth import Principal
 from shipyard_core.errors import (
@@ -56,8 +58,10 @@ def check_request_id(request_id: str) -> str:
 
 @dataclass(frozen=True)
 class Started:
-    """A request a worker started: its state, the attempt, its payload if inline."""
+    """A request a worker started: its lot, its state, the attempt, its payload if
+    inline."""
 
+    lot: AsyncLot
     request: AsyncRequest
     attempt: int
     inline_payload: bytes | None = None
@@ -83,6 +87,9 @@ def payload_too_large(size: int, limit: int) -> ResourceExhausted:
     )
 
 
+T = TypeVar("T")
+
+
 class AsyncCommands:
     """The write side of async requests."""
 
@@ -99,7 +106,7 @@ class AsyncCommands:
     ) -> None:
         self.store = store
         self.pool = store.pool
-        self.repo: Repository[AsyncRequest] = Repository(store, AsyncRequest, EVENTS)
+        self.repo: Repository[AsyncLot] = Repository(store, lot, EVENTS)
         self.blobs = blobs
         self.js = js
         self.max_payload_bytes = max_payload_bytes
@@ -109,8 +116,9 @@ class AsyncCommands:
 
     async def load(self, request_id: str) -> AsyncRequest:
         """The request (NotFound when it does not exist)."""
-        agg = await self.repo.load(check_request_id(request_id))
-        if not agg.exists:
+        found = await self.repo.load(lot_of(check_request_id(request_id)))
+        agg = found.members.get(request_id)
+        if agg is None:
             raise NotFound(f"async request {request_id!r} does not exist")
         return agg
 
@@ -138,112 +146,120 @@ class AsyncCommands:
     async def submit_many(
         self, caller: Principal, subs: Sequence[Submission]
     ) -> list[RequestView | ShipyardError]:
-        """:meth:`submit` for several requests in one transaction (the gateway coalesces
-        concurrent submissions): each is accepted (its view) or refused (the error a
-        submit of it alone raises; a large payload the object store does not take is
-        refused alone, Unavailable). A database outage fails the whole call: none is
-        accepted."""
+        """:meth:`submit` for several requests in one statement (the gateway coalesces
+        concurrent submissions): one lot per deployment, one queue message per lot. Each
+        request is accepted (its view) or refused (the error a submit of it alone raises;
+        a large payload the object store does not take is refused alone, Unavailable). A
+        database outage fails the whole call: none is accepted."""
         caller.require_internal("submit an async request (the gateway does)")
-        slots: list[AsyncRequest | ShipyardError] = []
-        accepted: list[tuple[AsyncRequest, Submission]] = []
-        now = self.clock()
+        slots: list[str | ShipyardError] = []
+        by_deployment: dict[str, list[tuple[str, Submission]]] = {}
+        lot_ids: dict[str, str] = {}
         for sub in subs:
             try:
                 self._check(sub)
             except ShipyardError as exc:
                 slots.append(exc)
                 continue
-            agg = AsyncRequest(uuid.uuid4().hex)
-            accepted.append((agg, sub))
-            slots.append(agg)
+            members = by_deployment.setdefault(sub.deployment, [])
+            lot_id = lot_ids.setdefault(sub.deployment, new_lot_id())
+            rid = request_id(lot_id, len(members))
+            members.append((rid, sub))
+            slots.append(rid)
+        accepted = [pair for members in by_deployment.values() for pair in members]
         if not accepted:
             return [s for s in slots if isinstance(s, ShipyardError)]
         locations = await asyncio.gather(
-            *(self.blobs.stage(agg.id, PAYLOAD, sub.body) for agg, sub in accepted),
+            *(self.blobs.stage(rid, PAYLOAD, sub.body) for rid, sub in accepted),
             return_exceptions=True,
         )
-        staged: list[tuple[AsyncRequest, Submission, str]] = []
-        for (agg, sub), location in zip(accepted, locations, strict=True):
+        staged: dict[str, str] = {}
+        for (rid, _), location in zip(accepted, locations, strict=True):
             if isinstance(location, BaseException):
                 # A large payload the object store did not take: refused alone, the
                 # others of the call go on.
-                log.warning("async request %s: cannot stage its payload: %s", agg.id, location)
-                slots[slots.index(agg)] = Unavailable(
+                log.warning("async request %s: cannot stage its payload: %s", rid, location)
+                slots[slots.index(rid)] = Unavailable(
                     "the object store for large payloads is unavailable; retry shortly"
                 )
             else:
-                staged.append((agg, sub, location))
-        accepted = [(agg, sub) for agg, sub, _ in staged]
+                staged[rid] = location
+        now = self.clock()
+        lots: list[AsyncLot] = []
+        bodies: list[tuple[str, str, bytes]] = []
+        for deployment, members in by_deployment.items():
+            kept = [(rid, sub) for rid, sub in members if rid in staged]
+            if not kept:
+                continue
+            new = AsyncLot(lot_ids[deployment])
+            new.queue([(rid, self._queued(sub, staged[rid], now)) for rid, sub in kept])
+            lots.append(new)
+            bodies.extend((rid, staged[rid], sub.body) for rid, sub in kept)
         try:
-            for agg, sub, location in staged:
-                agg.queue(
-                    deployment=sub.deployment,
-                    group=sub.group,
-                    caller=sub.caller,
-                    protocol=sub.protocol,
-                    model_path=sub.model_path,
-                    content_type=sub.content_type or "application/json",
-                    client_request_id=sub.client_request_id[:128],
-                    payload_bytes=len(sub.body),
-                    payload_sha256=hashlib.sha256(sub.body).hexdigest(),
-                    payload_location=location,
-                    max_attempts=self.max_attempts,
-                    at=now,
-                    expires_at=now + self.retention,
-                )
             # One statement: payload rows, events and work items commit together (the
             # work items leave through the outbox: on the queue once committed, whatever
             # crashes; decision 0033), in one round trip (decision 0034).
             await self.repo.save(
-                *(agg for agg, _ in accepted),
-                rows=self.blobs.inline_rows(
-                    PAYLOAD, [(agg.id, agg.payload_location, sub.body) for agg, sub in accepted]
-                ),
+                *lots,
+                rows=self.blobs.inline_rows(PAYLOAD, bodies),
                 messages=[
                     OutboxMessage(
-                        queue.subject(agg.deployment, agg.id),
-                        queue.message(agg.id),
-                        uuid.UUID(agg.id),
+                        queue.subject(new.deployment, new.id),
+                        queue.message(new.id, len(new.members)),
+                        _message_id(new.id),
                     )
-                    for agg, _ in accepted
+                    for new in lots
                 ],
-                # Each request its own actor and correlation id (the call carries many).
-                metadata_of={
-                    agg.id: {
-                        "actor": sub.caller or "anonymous",
-                        "correlation_id": str(uuid.UUID(agg.id)),
-                    }
-                    for agg, sub in accepted
-                },
+                metadata_of={new.id: _lot_metadata(new) for new in lots},
             )
         except BaseException:
             for location in locations:
                 if isinstance(location, str):
                     await self.blobs.discard(location)
             raise
-        if self.js is not None and accepted:
+        if self.js is not None and lots:
             # And at once, under the same message ids (JetStream keeps one): the relay's
             # copy waits for its wake-up and for older transactions to end, milliseconds
             # a queued request would spend idle.
             sent = await asyncio.gather(
                 *(
-                    queue.enqueue(self.js, agg.id, agg.deployment, str(uuid.UUID(agg.id)))
-                    for agg, _ in accepted
+                    queue.enqueue(
+                        self.js, new.id, new.deployment, str(_message_id(new.id)), len(new.members)
+                    )
+                    for new in lots
                 ),
                 return_exceptions=True,
             )
             failed = [r for r in sent if isinstance(r, BaseException)]
             if failed:  # the relay's copies will do
                 log.warning("%d fast queue publishes failed (%s)", len(failed), failed[0])
-        return [s if isinstance(s, ShipyardError) else RequestView.of(s) for s in slots]
+        members_of = {rid: agg for new in lots for rid, agg in new.members.items()}
+        return [s if isinstance(s, ShipyardError) else RequestView.of(members_of[s]) for s in slots]
+
+    def _queued(self, sub: Submission, location: str, now: datetime) -> dict[str, Any]:
+        return {
+            "deployment": sub.deployment,
+            "group": sub.group,
+            "caller": sub.caller,
+            "protocol": sub.protocol,
+            "model_path": sub.model_path,
+            "content_type": sub.content_type or "application/json",
+            "client_request_id": sub.client_request_id[:128],
+            "payload_bytes": len(sub.body),
+            "payload_sha256": hashlib.sha256(sub.body).hexdigest(),
+            "payload_location": location,
+            "max_attempts": self.max_attempts,
+            "at": now,
+            "expires_at": now + self.retention,
+        }
 
     async def cancel(self, caller: Principal, deployment: str, request_id: str) -> RequestView:
         """Cancels a queued request (FailedPrecondition once it runs or ended)."""
 
         async def attempt() -> RequestView:
-            agg = await self.visible(caller, deployment, request_id)
-            agg.cancel(caller.user, self.clock())
-            await self.repo.save(agg, actor=caller.user)
+            found, agg = await self._visible(caller, deployment, request_id)
+            found.cancel(agg.id, caller.user, self.clock())
+            await self.repo.save(found, actor=caller.user)
             return RequestView.of(agg)
 
         return await retry_on_conflict(attempt)
@@ -251,12 +267,18 @@ class AsyncCommands:
     async def visible(self, caller: Principal, deployment: str, request_id: str) -> AsyncRequest:
         """The request if ``caller`` may see it and it belongs to ``deployment``; else
         NotFound (whether it exists is not the caller's business)."""
-        try:
-            agg = await self.load(request_id)
-        except NotFound:
-            agg = None
+        return (await self._visible(caller, deployment, request_id))[1]
+
+    async def _visible(
+        self, caller: Principal, deployment: str, request_id: str
+    ) -> tuple[AsyncLot, AsyncRequest]:
+        found = agg = None
+        if _REQUEST_ID.match(request_id):
+            found = await self.repo.load(lot_of(request_id))
+            agg = found.members.get(request_id)
         if (
-            agg is None
+            found is None
+            or agg is None
             or agg.deployment != deployment
             or not (caller.internal or caller.can_see(agg.group))
         ):
@@ -264,29 +286,28 @@ class AsyncCommands:
                 f"async request {request_id[:64]!r} of deployment {deployment[:64]!r} "
                 "does not exist"
             )
-        return agg
+        return found, agg
 
     # -- workers ---------------------------------------------------------------------
 
-    async def start_many(self, request_ids: Sequence[str], worker: str) -> list[Started | None]:
-        """Marks each request running (a new attempt) in one transaction; None for one
-        with nothing to run (ended, given up, or unknown). The inline payloads are read
-        meanwhile, on another connection: a round trip less before the model call.
-        ``request_ids`` must be distinct."""
-        payloads = asyncio.ensure_future(self._inline_payloads(request_ids))
+    async def start_many(self, lots: Sequence[tuple[str, int]], worker: str) -> list[list[Started]]:
+        """Starts every lot of ``(lot id, size)`` (size 0: unknown) in one statement:
+        each of its requests not ended gets a new attempt (or fails, its attempts used
+        up); per lot, the requests to run. The inline payloads are read meanwhile, on
+        another connection: a round trip less before the model calls. The lot ids must
+        be distinct."""
+        guessed = [rid for lot_id, size in lots for rid in _member_ids(lot_id, size)]
+        payloads = asyncio.ensure_future(self._inline_payloads(guessed))
 
-        async def attempt() -> list[Started | None]:
+        async def attempt() -> list[tuple[AsyncLot, list[tuple[AsyncRequest, int]]]]:
             async with self.pool.acquire() as conn:
-                aggs = await self.repo.load_many(request_ids, conn=conn)
+                found = await self.repo.load_many([lot_id for lot_id, _ in lots], conn=conn)
                 now = self.clock()
-                numbers = [agg.start(worker, now) for agg in aggs]
-                changed = [agg for agg in aggs if agg.pending]
+                runs = [one.start(worker, now) for one in found]
+                changed = [one for one in found if one.pending]
                 if changed:
                     await self.repo.save(*changed, conn=conn, actor=worker)
-            return [
-                None if number is None else Started(agg, number)
-                for agg, number in zip(aggs, numbers, strict=True)
-            ]
+            return list(zip(found, runs, strict=True))
 
         try:
             started = await retry_on_conflict(attempt)
@@ -297,11 +318,13 @@ class AsyncCommands:
             elif not payloads.cancelled():
                 payloads.exception()  # retrieved: the error that matters is raised above
         return [
-            None if s is None else Started(s.request, s.attempt, inline.get(s.request.id))
-            for s in started
+            [Started(one, agg, number, inline.get(agg.id)) for agg, number in runs]
+            for one, runs in started
         ]
 
     async def _inline_payloads(self, request_ids: Sequence[str]) -> dict[str, bytes]:
+        if not request_ids:
+            return {}
         async with self.pool.acquire() as conn:
             return await self.blobs.read_inline_many(conn, request_ids, PAYLOAD)
 
@@ -313,101 +336,161 @@ class AsyncCommands:
         async with self.pool.acquire() as conn:
             return await self.blobs.read(conn, agg.id, PAYLOAD, agg.payload_location)
 
-    async def complete_many(self, results: Sequence[Result], worker: str) -> list[bool | None]:
+    async def _decide(
+        self,
+        lots: dict[str, AsyncLot],
+        lot_ids: Sequence[str],
+        decide: Callable[[list[AsyncLot]], tuple[T, list[tuple[str, str, bytes]]]],
+        worker: str,
+    ) -> T:
+        """Lets ``decide`` change the lots ``lot_ids`` and saves them in one statement,
+        with the inline results ``decide`` returns. It is tried first on the lots as the
+        worker holds them in ``lots`` (the usual case: nothing happened since); after a
+        concurrency conflict they are loaded again and ``decide`` runs anew
+        (:func:`retry_on_conflict`). ``lots`` is kept current either way."""
+        fresh = False
+
+        async def attempt() -> T:
+            nonlocal fresh
+            missing = lot_ids if fresh else [i for i in lot_ids if i not in lots]
+            if missing:
+                for one in await self.repo.load_many(missing):
+                    lots[one.id] = one
+            fresh = True
+            current = [lots[lot_id] for lot_id in lot_ids]
+            value, rows = decide(current)
+            changed = [one for one in current if one.pending]
+            if changed:
+                try:
+                    await self.repo.save(
+                        *changed, rows=self.blobs.inline_rows(RESULT, rows), actor=worker
+                    )
+                except BaseException:
+                    for one in changed:  # its requests decided what was not saved
+                        lots.pop(one.id, None)
+                    raise
+            return value
+
+        return await retry_on_conflict(attempt)
+
+    async def complete_many(
+        self, lots: dict[str, AsyncLot], results: Sequence[Result], worker: str
+    ) -> list[bool | None]:
         """Stores the result of each attempt, in one statement; False for one that was
         not its attempt's to store (the request moved on): nothing is written for it;
         None for one whose large result could not be put in the object store (the
-        caller leaves it to run again). Each ``Result.request`` is the request as the
-        worker started it, tried first (the usual case: nothing happened since); the
-        concurrency check catches it when something did, and then all are loaded again
-        and decided anew (:func:`retry_on_conflict`; then the messages are redelivered)."""
+        caller leaves it to run again). ``lots`` holds the results' lots as the worker
+        knows them (see :meth:`_decide`)."""
         staged = await asyncio.gather(
             *(self.blobs.stage(r.request.id, RESULT, r.body, r.attempt) for r in results),
             return_exceptions=True,
         )
         outcome: list[bool | None] = [None] * len(results)
-        usable: list[tuple[int, Result, str]] = []
+        usable: list[tuple[int, Result, str, str]] = []
         for i, (result, location) in enumerate(zip(results, staged, strict=True)):
             if isinstance(location, BaseException):
                 log.warning(
                     "async request %s: cannot stage its result: %s", result.request.id, location
                 )
             else:
-                usable.append((i, result, location))
+                digest = hashlib.sha256(result.body).hexdigest()
+                usable.append((i, result, location, digest))
+        lot_ids = list(dict.fromkeys(lot_of(r.request.id) for _, r, _, _ in usable))
         kept: set[str] = set()
-        digests = [hashlib.sha256(r.body).hexdigest() for _, r, _ in usable]
-        aggs = [result.request for _, result, _ in usable]
-        first = True
 
-        async def decide() -> list[bool]:
-            nonlocal aggs, first, kept
-            if not first:  # someone else moved one of them: load them all again
-                aggs = await self.repo.load_many([r.request.id for _, r, _ in usable])
-            first = False
+        def decide(current: list[AsyncLot]) -> tuple[list[bool], list[tuple[str, str, bytes]]]:
+            nonlocal kept
             now = self.clock()
-            stored = [
-                agg.complete(
-                    r.attempt,
-                    status=r.status,
-                    content_type=r.content_type,
-                    result_bytes=len(r.body),
-                    result_sha256=digest,
-                    result_location=location,
-                    at=now,
+            stored: dict[int, bool] = {}
+            for one in current:
+                mine = [u for u in usable if lot_of(u[1].request.id) == one.id]
+                oks = one.complete(
+                    [
+                        (
+                            r.request.id,
+                            r.attempt,
+                            {
+                                "status": r.status,
+                                "content_type": r.content_type,
+                                "result_bytes": len(r.body),
+                                "result_sha256": digest,
+                                "result_location": location,
+                                "at": now,
+                            },
+                        )
+                        for _, r, location, digest in mine
+                    ]
                 )
-                for agg, (_, r, location), digest in zip(aggs, usable, digests, strict=True)
-            ]
-            rows = [
-                (r.request.id, location, r.body)
-                for (_, r, location), ok in zip(usable, stored, strict=True)
-                if ok
-            ]
-            if rows:
-                await self.repo.save(*aggs, rows=self.blobs.inline_rows(RESULT, rows), actor=worker)
+                stored.update((i, ok) for (i, _, _, _), ok in zip(mine, oks, strict=True))
+            rows = [(r.request.id, loc, r.body) for i, r, loc, _ in usable if stored[i]]
             kept = {location for _, location, _ in rows}
-            return stored
+            return [stored[i] for i, _, _, _ in usable], rows
 
         try:
-            stored = await retry_on_conflict(decide)
+            stored = await self._decide(lots, lot_ids, decide, worker) if usable else []
         finally:
             for location in staged:
                 if isinstance(location, str) and location not in kept:
                     await self.blobs.discard(location)
-        for (i, _, _), ok in zip(usable, stored, strict=True):
+        for (i, _, _, _), ok in zip(usable, stored, strict=True):
             outcome[i] = ok
         return outcome
 
     async def fail_attempt(
-        self, request_id: str, attempt: int, error: str, *, final: bool, worker: str
+        self,
+        lots: dict[str, AsyncLot],
+        request: AsyncRequest,
+        attempt: int,
+        error: str,
+        *,
+        final: bool,
+        worker: str,
     ) -> bool:
         """Records a failed attempt; True when the request is queued for another."""
 
-        async def decide() -> bool:
-            agg = await self.repo.load(request_id)
-            again = agg.attempt_failed(attempt, error[:2000], final=final, at=self.clock())
-            if agg.pending:
-                await self.repo.save(agg, actor=worker)
-            return again
+        def decide(current: list[AsyncLot]) -> tuple[bool, list[tuple[str, str, bytes]]]:
+            again = current[0].attempt_failed(
+                request.id, attempt, error[:2000], final=final, at=self.clock()
+            )
+            return again, []
 
-        return await retry_on_conflict(decide)
+        return await self._decide(lots, [lot_of(request.id)], decide, worker)
 
-    async def expire(self, request_id: str) -> bool:
-        """Removes payload and result of a request past its retention; False when it
+    async def expire(self, lot_id: str) -> bool:
+        """Removes the payloads and results of a lot past its retention; False when it
         was expired already."""
 
         async def decide() -> bool:
-            agg = await self.repo.load(request_id)
-            if not agg.exists or agg.expired:
+            found = await self.repo.load(lot_id)
+            if not found.members or found.expired:
                 return False
-            agg.expire(self.clock())
-            locations = [agg.payload_location]
-            if agg.result_location:
-                locations.append(agg.result_location)
+            found.expire(self.clock())
+            locations = [
+                location
+                for agg in found.members.values()
+                for location in (agg.payload_location, agg.result_location)
+                if location and location != INLINE
+            ]
             async with self.pool.acquire() as conn, conn.transaction():
-                await self.repo.save(agg, conn=conn, actor="sweeper")
-                await self.blobs.remove(
-                    conn, request_id, [loc for loc in locations if loc != INLINE]
-                )
+                await self.repo.save(found, conn=conn, actor="sweeper")
+                await self.blobs.remove(conn, list(found.members), locations)
             return True
 
         return await retry_on_conflict(decide)
+
+
+def _member_ids(lot_id: str, size: int) -> list[str]:
+    return member_ids(lot_id, size) if size else []
+
+
+def _message_id(lot_id: str) -> uuid.UUID:
+    """The queue message id of a lot (its first request's id as a UUID)."""
+    return uuid.UUID(member_ids(lot_id, 1)[0])
+
+
+def _lot_metadata(new: AsyncLot) -> dict[str, Any]:
+    """A new lot's event metadata: its callers (one, or the gateway's coalescing) and a
+    correlation id (its first request's, for a lot of one: the request's own)."""
+    callers = {agg.caller for agg in new.members.values()}
+    actor = callers.pop() if len(callers) == 1 else "gateway"
+    return {"actor": actor or "anonymous", "correlation_id": str(_message_id(new.id))}

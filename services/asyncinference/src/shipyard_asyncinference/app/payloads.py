@@ -99,8 +99,12 @@ class Blobs:
             raise NotFound(f"the {kind} of async request {request_id} was removed")
         return body
 
-    async def remove(self, conn: Conn, request_id: str, locations: list[str]) -> None:
-        """Removes every stored body of a request (expiry)."""
+    async def remove(self, conn: Conn, request_ids: Sequence[str], locations: list[str]) -> None:
+        """Removes every stored body of some requests (expiry); ``locations``: those in
+        the object store."""
         for location in locations:
             await self.discard(location)
-        await conn.execute(f"DELETE FROM {self.schema}.blobs WHERE request_id = $1", request_id)
+        await conn.execute(
+            f"DELETE FROM {self.schema}.blobs WHERE request_id = ANY($1::text[])",
+            list(request_ids),
+        )

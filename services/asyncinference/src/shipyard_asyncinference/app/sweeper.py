@@ -13,6 +13,7 @@ from nats.js import JetStreamContext
 from shipyard_asyncinference.adapters import queue
 from shipyard_asyncinference.app.commands import AsyncCommands
 from shipyard_asyncinference.app.queries import AsyncQueries
+from shipyard_asyncinference.domain import lot_of
 from shipyard_core.aio import pause
 
 log = logging.getLogger(__name__)
@@ -44,17 +45,18 @@ class Sweeper:
         self._cursor: tuple[datetime, str] | None = None
 
     async def sweep_once(self) -> int:
-        """Expires what is due now; returns how many."""
+        """Expires what is due now; returns how many lots."""
         count = 0
-        for request_id in await self.queries.due_for_expiry(datetime.now(UTC)):
-            if await self.commands.expire(request_id):
+        due = await self.queries.due_for_expiry(datetime.now(UTC))
+        for lot_id in dict.fromkeys(lot_of(request_id) for request_id in due):
+            if await self.commands.expire(lot_id):
                 count += 1
         self.expired += count
         return count
 
     async def redispatch_once(self, page: int = 200) -> int:
-        """Re-sends the lost queue messages of requests queued (or running) for long;
-        returns how many. Looks at ``page`` candidates per call, going on from where the
+        """Re-sends the lost queue messages of lots with requests queued (or running) for
+        long; returns how many. Looks at ``page`` candidates per call, going on from where the
         previous call stopped, so a backlog of waiting requests whose messages are fine
         cannot hide one whose message is gone."""
         if self.js is None:
@@ -64,13 +66,14 @@ class Sweeper:
         candidates = await self.queries.waiting_since(before, self._cursor, page)
         # A short page means the end: the next call starts from the oldest again.
         self._cursor = (candidates[-1][0], candidates[-1][1]) if len(candidates) == page else None
-        for _since, request_id, deployment in candidates:
-            if await queue.is_queued(self.js, request_id, deployment):
+        lots = {lot_of(request_id): deployment for _since, request_id, deployment in candidates}
+        for lot_id, deployment in lots.items():
+            if await queue.is_queued(self.js, lot_id, deployment):
                 continue
             # A new message id: the lost one may still be in the duplicate window.
-            msg_id = f"{request_id}:redispatch:{time.time_ns()}"
-            await queue.enqueue(self.js, request_id, deployment, msg_id)
-            log.warning("async request %s had no queue message: sent again", request_id)
+            msg_id = f"{lot_id}:redispatch:{time.time_ns()}"
+            await queue.enqueue(self.js, lot_id, deployment, msg_id)
+            log.warning("async lot %s had no queue message: sent again", lot_id)
             count += 1
         self.redispatched += count
         return count

@@ -1,14 +1,15 @@
-"""Workers: pull request ids from the ``ASYNC`` work queue and run them.
+"""Workers: pull lots of requests from the ``ASYNC`` work queue and run them.
 
-The messages of one fetch are worked as a batch: the requests are marked running (a new
+The lots of one fetch are worked as a batch: their requests are marked running (a new
 attempt each, saved with the concurrency check) in one statement while their payloads
-are read, and each runs through the gateway (concurrently: the model server batches what
-arrives together). Each outcome is settled as soon as it is there, with whatever else
-finished meanwhile: their results stored in one statement, once, then their messages
-acknowledged; a slow request holds back neither the others' results nor their slots. A
-lone message is a batch of one. While the calls run the worker tells JetStream it is
-still at it (every third of the ack wait), so only a dead worker's messages are
-redelivered. A failed attempt is recorded and the message redelivered after a back-off
+are read, and each request runs through the gateway (at most ``concurrency`` at a time
+per worker, concurrently: the model server batches what arrives together). Each outcome
+is settled as soon as it is there, with whatever else finished meanwhile: their results
+stored in one statement, once; a slow request holds back neither the others' results nor
+their slots. A lot's message is acknowledged once every request of it is settled. While
+the calls run the worker tells JetStream it is still at it (every third of the ack
+wait), so only a dead worker's messages are redelivered. A failed attempt is recorded
+and the lot's message redelivered after a back-off (its ended requests are then skipped)
 until the request's attempts are used up. Every replica's workers share the one durable
 consumer.
 """
@@ -31,7 +32,7 @@ from nats.js.errors import FetchTimeoutError
 from shipyard_asyncinference.adapters import queue
 from shipyard_asyncinference.adapters.gateway import Outcome
 from shipyard_asyncinference.app.commands import AsyncCommands, Result, Started
-from shipyard_asyncinference.domain import AsyncRequest
+from shipyard_asyncinference.domain import AsyncLot, AsyncRequest, lot_of
 from shipyard_core.aio import pause
 from shipyard_core.bus import DLQ_STREAM
 from shipyard_core.errors import NotFound
@@ -51,6 +52,10 @@ class Runner(Protocol):
 
 class Worker:
     """Runs requests from the queue, ``concurrency`` at a time."""
+
+    # A fetch takes lots while fewer than ``concurrency`` requests are open: one lot may
+    # bring many, so that many may wait for a model-call slot (their messages kept alive
+    # by the heartbeat).
 
     def __init__(
         self,
@@ -73,6 +78,8 @@ class Worker:
         self.retry_delay = retry_delay_seconds
         self.name = name or f"{socket.gethostname()}-{os.getpid()}"
         self.running = 0
+        """Requests taken and not settled (a lot counts one until it is started)."""
+        self.calls = asyncio.Semaphore(concurrency)
         self.on_start: Callable[[str, int], Awaitable[None]] | None = None
         """Test hook, awaited once an attempt is recorded as started."""
 
@@ -122,28 +129,32 @@ class Worker:
                     await msg.in_progress()
 
     async def _handle(self, msgs: list[Msg]) -> None:
-        batch = _Batch(self)
+        batch = _Batch(self, len(msgs))
+        sizes: dict[str, int] = {}
         try:
             for msg in msgs:
                 try:
-                    request_id = queue.request_id_of(msg.data)
+                    lot_id, size = queue.lot_of_message(msg.data)
                 except ValueError as exc:
                     await self._dead_letter(msg, str(exc))
+                    batch.release(1)
                     continue
-                if request_id in batch.open:
-                    await msg.ack()  # the same request twice: the first message covers it
+                if lot_id in batch.open:
+                    await msg.ack()  # the same lot twice: the first message covers it
+                    batch.release(1)
                     continue
-                batch.open[request_id] = msg
+                batch.open[lot_id] = msg
+                sizes[lot_id] = size
             if not batch.open:
                 return
             beat = asyncio.ensure_future(self._heartbeat(batch))
             try:
-                await self._process(batch)
+                await self._process(batch, sizes)
             except Exception as exc:
                 # Left unacknowledged: redelivered after the ack wait, to this or another
                 # worker, which then decides from the requests' state.
                 log.warning(
-                    "async requests %s: worker error: %s",
+                    "async lots %s: worker error: %s",
                     ", ".join(list(batch.open)[:5]),
                     exc,
                     exc_info=True,
@@ -151,17 +162,20 @@ class Worker:
             finally:
                 beat.cancel()
         finally:
-            self.running -= len(msgs) - batch.released
+            batch.release(batch.held)
 
-    async def _process(self, batch: _Batch) -> None:
+    async def _process(self, batch: _Batch, sizes: dict[str, int]) -> None:
         ids = list(batch.open)
-        started = await self.commands.start_many(ids, self.name)
+        started = await self.commands.start_many([(i, sizes[i]) for i in ids], self.name)
+        lots: dict[str, AsyncLot] = {}
         runs: list[Started] = []
-        for request_id, run in zip(ids, started, strict=True):
-            if run is None:
-                await batch.ack(request_id)  # ended (or given up): nothing to do
+        for lot_id, lot_runs in zip(ids, started, strict=True):
+            if lot_runs:
+                lots[lot_id] = lot_runs[0].lot
+                batch.expect(lot_id, len(lot_runs))
+                runs.extend(lot_runs)
             else:
-                runs.append(run)
+                await batch.ack(lot_id)  # all ended (or given up): nothing to do
         if self.on_start is not None:
             for run in runs:
                 await self.on_start(run.request.id, run.attempt)
@@ -171,7 +185,8 @@ class Worker:
 
         async def attempt(run: Started) -> None:
             try:
-                outcome: Outcome | BaseException = await self._attempt(run)
+                async with self.calls:
+                    outcome: Outcome | BaseException = await self._attempt(run)
             except Exception as exc:
                 outcome = exc
             finished.put_nowait((run, outcome))
@@ -184,24 +199,29 @@ class Worker:
                 while not finished.empty():
                     ready.append(finished.get_nowait())
                 left -= len(ready)
-                await self._settle(batch, ready)
+                await self._settle(batch, lots, ready)
         finally:
             for call in calls:
                 call.cancel()
 
     async def _settle(
-        self, batch: _Batch, ready: list[tuple[Started, Outcome | BaseException]]
+        self,
+        batch: _Batch,
+        lots: dict[str, AsyncLot],
+        ready: list[tuple[Started, Outcome | BaseException]],
     ) -> None:
         """Records what finished: results in one write, failures one by one. A request
-        whose outcome cannot be recorded is left unacknowledged (redelivered)."""
+        whose outcome cannot be recorded leaves its lot's message unacknowledged
+        (redelivered)."""
         results: list[Result] = []
         for run, outcome in ready:
+            lot_id = run.lot.id
             request_id = run.request.id
             if isinstance(outcome, NotFound):
-                await batch.ack(request_id)  # its payload was removed: nothing to run
+                await batch.settled(lot_id)  # its payload was removed: nothing to run
             elif isinstance(outcome, BaseException):
                 log.warning("async request %s: worker error: %s", request_id, outcome)
-                batch.leave(request_id)
+                await batch.settled(lot_id, leave=True)
             elif outcome.ok:
                 results.append(
                     Result(
@@ -211,7 +231,8 @@ class Worker:
             else:
                 try:
                     again = await self.commands.fail_attempt(
-                        request_id,
+                        lots,
+                        run.request,
                         run.attempt,
                         outcome.error,
                         final=outcome.final,
@@ -219,29 +240,25 @@ class Worker:
                     )
                 except Exception as exc:
                     log.warning("async request %s: cannot record its failure: %s", request_id, exc)
-                    batch.leave(request_id)
+                    await batch.settled(lot_id, leave=True)
                     continue
-                if again:
-                    await batch.nak(request_id, self.retry_delay * 2 ** (run.attempt - 1))
-                else:
-                    await batch.ack(request_id)
+                delay = self.retry_delay * 2 ** (run.attempt - 1) if again else None
+                await batch.settled(lot_id, retry_after=delay)
         if not results:
             return
         try:
-            stored = await self.commands.complete_many(results, self.name)
+            stored = await self.commands.complete_many(lots, results, self.name)
         except Exception as exc:
             log.warning("async requests: cannot store %d results: %s", len(results), exc)
             for result in results:
-                batch.leave(result.request.id)
+                await batch.settled(lot_of(result.request.id), leave=True)
             return
         for result, ok in zip(results, stored, strict=True):
             request_id = result.request.id
-            if ok is None:  # its result could not be staged: run it again later
-                batch.leave(request_id)
-                continue
-            if not ok:
+            if ok is False:
                 log.info("async request %s: attempt %d lost to another", request_id, result.attempt)
-            await batch.ack(request_id)
+            # None: its result could not be staged: run it again later.
+            await batch.settled(lot_of(request_id), leave=ok is None)
 
     async def _attempt(self, run: Started) -> Outcome:
         body = await self.commands.payload(run)
@@ -260,29 +277,54 @@ class Worker:
 
 
 class _Batch:
-    """The open messages of one fetch, by request id; settling one frees its slot."""
+    """The open messages of one fetch, by lot id, and what each lot still runs. A lot's
+    message is settled when its last request is: acknowledged, or asked for again after
+    the longest back-off its failed attempts want, or left unacknowledged (redelivered
+    after the ack wait) when a request's outcome could not be recorded."""
 
-    def __init__(self, worker: Worker) -> None:
+    def __init__(self, worker: Worker, held: int) -> None:
         self.worker = worker
+        self.held = held
+        """Units of ``worker.running`` this batch holds."""
         self.open: dict[str, Msg] = {}
-        self.released = 0
+        self._runs: dict[str, int] = {}
+        self._retry: dict[str, float] = {}
+        self._leave: set[str] = set()
 
-    def leave(self, request_id: str) -> Msg | None:
-        """Stops tracking a message (left unacknowledged: redelivered after the ack wait)."""
-        msg = self.open.pop(request_id, None)
-        if msg is not None:
-            self.released += 1
-            self.worker.running -= 1
-        return msg
+    def release(self, units: int) -> None:
+        """Gives back ``units`` of the worker's running count."""
+        self.held -= units
+        self.worker.running -= units
 
-    async def ack(self, request_id: str) -> None:
-        """Acknowledges the request's message: done with it."""
-        msg = self.leave(request_id)
-        if msg is not None:
+    def expect(self, lot_id: str, runs: int) -> None:
+        """The lot runs ``runs`` requests (its placeholder unit becomes one per run)."""
+        self._runs[lot_id] = runs
+        self.held += runs - 1
+        self.worker.running += runs - 1
+
+    async def settled(
+        self, lot_id: str, *, leave: bool = False, retry_after: float | None = None
+    ) -> None:
+        """One request of the lot is settled; the lot's message too when it was the last."""
+        self.release(1)
+        if leave:
+            self._leave.add(lot_id)
+        if retry_after is not None:
+            self._retry[lot_id] = max(retry_after, self._retry.get(lot_id, 0.0))
+        self._runs[lot_id] -= 1
+        if self._runs[lot_id]:
+            return
+        msg = self.open.pop(lot_id, None)
+        if msg is None or lot_id in self._leave:
+            return
+        if lot_id in self._retry:
+            await msg.nak(delay=self._retry[lot_id])
+        else:
             await msg.ack()
 
-    async def nak(self, request_id: str, delay: float) -> None:
-        """Asks for the message again after ``delay`` seconds."""
-        msg = self.leave(request_id)
+    async def ack(self, lot_id: str) -> None:
+        """Acknowledges a lot with nothing to run."""
+        msg = self.open.pop(lot_id, None)
+        self.release(1)
         if msg is not None:
-            await msg.nak(delay=delay)
+            await msg.ack()

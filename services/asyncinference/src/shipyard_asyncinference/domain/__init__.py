@@ -1,4 +1,4 @@
-"""The AsyncRequest aggregate and its events."""
+"""The AsyncLot and BatchJob aggregates and their events."""
 
 from shipyard_asyncinference.domain.aggregates import (
     CANCELLED,
@@ -11,8 +11,13 @@ from shipyard_asyncinference.domain.aggregates import (
     STATUSES,
     AsyncRequest,
 )
-from shipyard_asyncinference.domain.batch import BatchJob
-from shipyard_asyncinference.domain.events import EVENTS
+from shipyard_asyncinference.domain.batch import BATCH_EVENTS, BatchJob
+from shipyard_asyncinference.domain.events import REQUEST_EVENTS
+from shipyard_asyncinference.domain.lots import LOT_EVENTS, AsyncLot, SingleRequest, lot, lot_of
+from shipyard_core.aggregate import EventRegistry
+
+EVENTS = EventRegistry(*BATCH_EVENTS, *REQUEST_EVENTS, *LOT_EVENTS)
+"""Every event of the service, for decoding stored ones."""
 
 __all__ = [
     "CANCELLED",
@@ -24,6 +29,10 @@ __all__ = [
     "QUEUED",
     "RUNNING",
     "STATUSES",
+    "AsyncLot",
     "AsyncRequest",
     "BatchJob",
+    "SingleRequest",
+    "lot",
+    "lot_of",
 ]

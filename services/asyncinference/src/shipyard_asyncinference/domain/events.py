@@ -1,17 +1,18 @@
 """The async inference service's events (version 1 each; see docs/events.md).
 
-One stream per request (``async_request:<id>``). Payloads and results are never in the
-events: they are in ``asyncinference.blobs`` (small) or the object store (large), so the
-sweeper can really remove them after the retention period; the events say where they are
-and how large they are.
+A request's changes are recorded on its lot's stream (``async_lot:<id>``, see
+``lots.py``), or, for a request accepted before lots, on its own
+(``async_request:<id>``). Payloads and results are never in the events: they are in
+``asyncinference.blobs`` (small) or the object store (large), so the sweeper can really
+remove them after the retention period; the events say where they are and how large they
+are.
 """
 
 from __future__ import annotations
 
 from datetime import datetime
 
-from shipyard_asyncinference.domain.batch import BATCH_EVENTS
-from shipyard_core.aggregate import DomainEvent, EventRegistry
+from shipyard_core.aggregate import DomainEvent
 
 
 class AsyncRequestQueued(DomainEvent):
@@ -84,8 +85,7 @@ class AsyncRequestExpired(DomainEvent):
     at: datetime
 
 
-EVENTS = EventRegistry(
-    *BATCH_EVENTS,
+REQUEST_EVENTS: tuple[type[DomainEvent], ...] = (
     AsyncRequestQueued,
     AsyncRequestStarted,
     AsyncRequestAttemptFailed,
@@ -94,4 +94,4 @@ EVENTS = EventRegistry(
     AsyncRequestCancelled,
     AsyncRequestExpired,
 )
-"""Every event of the service, for decoding stored ones."""
+"""The events of a request's own stream (requests accepted before lots)."""

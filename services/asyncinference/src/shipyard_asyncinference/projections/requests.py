@@ -1,9 +1,11 @@
 """The ``async_requests`` read model: one row per request, for the list queries and the
-sweeper (which requests passed their retention)."""
+sweeper (which requests passed their retention). A lot's events change their requests'
+rows in one statement each (decision 0035)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 from shipyard_core.eventstore import StoredEvent
 from shipyard_core.projections import Projection, Statement
@@ -16,7 +18,7 @@ class AsyncRequestsProjection(Projection):
 
     name = "async_requests"
     schema = SCHEMA
-    sources = ((SCHEMA, "async_request"),)
+    sources = ((SCHEMA, "async_lot"), (SCHEMA, "async_request"))
     tables = {
         "async_requests": (
             "request_id text PRIMARY KEY, deployment text NOT NULL, group_name text NOT NULL, "
@@ -37,10 +39,48 @@ class AsyncRequestsProjection(Projection):
     )
 
     def handle(self, event: StoredEvent) -> Iterable[Statement]:
-        """The row change of one event."""
-        p = event.payload
-        rid = event.aggregate_id
+        """The row changes of one event."""
         kind = event.event_type
+        items = event.payload.get("requests", [])
+        if kind == "AsyncLotQueued":
+            yield Statement(
+                "INSERT INTO {async_requests} (request_id, deployment, group_name, caller, "
+                "protocol, model_path, content_type, status, attempts, max_attempts, "
+                "payload_bytes, created_at, expires_at) SELECT u.id, u.d, u.g, u.c, u.p, "
+                "u.mp, u.ct, 'queued', 0, u.ma, u.pb, u.at, u.ex FROM unnest($1::text[], "
+                "$2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], "
+                "$8::int[], $9::bigint[], $10::text[]::timestamptz[], "
+                "$11::text[]::timestamptz[]) AS u(id, d, g, c, p, mp, ct, ma, pb, at, ex)",
+                _columns(
+                    items,
+                    ("request_id", "deployment", "group", "caller", "protocol", "model_path"),
+                    ("content_type", "max_attempts", "payload_bytes", "at", "expires_at"),
+                ),
+            )
+        elif kind == "AsyncLotStarted":
+            yield Statement(
+                "UPDATE {async_requests} AS t SET status = 'running', attempts = u.attempt, "
+                "started_at = u.at FROM unnest($1::text[], $2::int[], "
+                "$3::text[]::timestamptz[]) AS u(id, attempt, at) WHERE t.request_id = u.id",
+                _columns(items, ("request_id", "attempt", "at")),
+            )
+        elif kind == "AsyncLotCompleted":
+            yield Statement(
+                "UPDATE {async_requests} AS t SET status = 'completed', error = '', "
+                "result_status = u.status, result_content_type = u.content_type, "
+                "result_bytes = u.result_bytes, finished_at = u.at FROM unnest($1::text[], "
+                "$2::int[], $3::text[], $4::bigint[], $5::text[]::timestamptz[]) "
+                "AS u(id, status, content_type, result_bytes, at) WHERE t.request_id = u.id",
+                _columns(items, ("request_id", "status", "content_type", "result_bytes", "at")),
+            )
+        elif kind in _LOT_OF_ONES:
+            for item in items:  # rare: a row at a time
+                yield from self._request(_LOT_OF_ONES[kind], item["request_id"], item)
+        else:
+            yield from self._request(kind, event.aggregate_id, event.payload)
+
+    def _request(self, kind: str, rid: str, p: dict[str, Any]) -> Iterable[Statement]:
+        """The row change of one request's event."""
         if kind == "AsyncRequestQueued":
             yield Statement(
                 "INSERT INTO {async_requests} (request_id, deployment, group_name, caller, "
@@ -95,3 +135,17 @@ class AsyncRequestsProjection(Projection):
             yield Statement(
                 "UPDATE {async_requests} SET expired = true WHERE request_id = $1", (rid,)
             )
+
+
+_LOT_OF_ONES = {
+    "AsyncLotAttemptsFailed": "AsyncRequestAttemptFailed",
+    "AsyncLotRequestsFailed": "AsyncRequestFailed",
+    "AsyncLotRequestsCancelled": "AsyncRequestCancelled",
+    "AsyncLotExpired": "AsyncRequestExpired",
+}
+"""Lot events applied request by request, and the request event each item stands for."""
+
+
+def _columns(items: Sequence[dict[str, Any]], *groups: Sequence[str]) -> tuple[Any, ...]:
+    """The items' fields as one array each (for ``unnest``), in the order named."""
+    return tuple([item[name] for item in items] for group in groups for name in group)
