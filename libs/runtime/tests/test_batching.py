@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from shipyard_runtime import batchwire
 from shipyard_testing import wait_for_sync
 
 from .conftest import RuntimeServer, write_model
@@ -172,3 +173,66 @@ def test_max_batch_1_turns_batching_off(tmp_path: Path) -> None:
         ]
     finally:
         assert server.stop() == 0, server.logs()
+
+
+def _batch_call(server: RuntimeServer, parts: list[batchwire.Part]) -> tuple[int, str, bytes]:
+    body = batchwire.encode(parts)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(
+            (
+                f"POST {batchwire.PATH} HTTP/1.1\r\nHost: x\r\n"
+                f"Content-Type: {batchwire.CONTENT_TYPE}\r\nContent-Length: {len(body)}\r\n\r\n"
+            ).encode()
+            + body
+        )
+        head = b""
+        while not head.endswith(b"\r\n\r\n"):
+            byte = sock.recv(1)
+            assert byte, "connection closed"
+            head += byte
+        fields = dict(line.split(b": ", 1) for line in head.split(b"\r\n")[1:] if b": " in line)
+        length = int(fields[b"Content-Length"])
+        answer = b""
+        while len(answer) < length:
+            answer += sock.recv(length - len(answer))
+    return int(head.split(b" ", 2)[1]), fields[b"Content-Type"].decode(), answer
+
+
+def test_the_batch_route_answers_each_request_as_it_would_alone(
+    batching: RuntimeServer,
+) -> None:
+    """``POST /shipyard/batch`` (the async workers' call): one exchange, one
+    ``predict_batch()`` for the prediction requests in it, and per request the answer it
+    would have got alone, in order: a protocol's own shape, a bad payload's own 400, an
+    unknown path's 404."""
+    json_headers = {"content-type": "application/json"}
+
+    def part(path: str, payload: Any) -> batchwire.Part:
+        body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        return batchwire.Part({"path": path, "headers": json_headers}, body)
+
+    status, content_type, body = _batch_call(
+        batching,
+        [
+            part("/predict", {"x": 1}),
+            part("/v1/models/batcher:predict", {"instances": [{"x": "v1"}]}),
+            part("/predict", b"not json{"),
+            part("/nowhere", {"x": 3}),
+            part("/predict", {"x": 4}),
+        ],
+    )
+    assert (status, content_type) == (200, batchwire.CONTENT_TYPE)
+    answers = [(p.head["status"], json.loads(p.body)) for p in batchwire.decode(body)]
+    assert answers[0] == (200, {"x": 1, "batch": 3}), answers
+    assert answers[1] == (200, {"predictions": [{"x": "v1", "batch": 3}]})
+    assert answers[2][0] == 400 and "JSON" in answers[2][1]["error"]
+    assert answers[3][0] == 404 and "no such endpoint" in answers[3][1]["error"]
+    assert answers[4] == (200, {"x": 4, "batch": 3})
+
+    # A malformed batch is refused as a whole, in JSON, naming what is wrong.
+    status, content_type, body = _batch_call(batching, [])
+    assert status == 200 and batchwire.decode(body) == []
+    with socket.create_connection(("127.0.0.1", batching.port), timeout=30) as sock:
+        sock.sendall(_request(batchwire.PATH, b'{"parts": [{"length": 9}]}\nshort'))
+        status, error = _read_answer(sock)
+    assert status == 400 and "9 bytes announced, 5 left" in error["error"], error

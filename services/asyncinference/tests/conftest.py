@@ -94,7 +94,12 @@ class ModelServer:
 
     proc: subprocess.Popen[bytes]
     model_dir: Path
+    log_path: Path
     address: str = ""
+
+    def exchanges(self, path: str) -> int:
+        """How many HTTP requests to ``path`` the server answered (its access log)."""
+        return sum(f"POST {path} " in line for line in self.log_path.read_text().splitlines())
 
     def calls(self) -> list[Any]:
         """The ``tag`` of every payload the model was called with, in order."""
@@ -122,11 +127,12 @@ def _start_model_server(model_dir: Path, log_path: Path) -> ModelServer:
                 "2",
                 "--name",
                 "echo",
+                "--access-log",
             ],
             stdout=subprocess.PIPE,
             stderr=log,
         )
-    server = ModelServer(proc, model_dir)
+    server = ModelServer(proc, model_dir, log_path)
     stdout = proc.stdout
     assert stdout is not None
     buffered = b""

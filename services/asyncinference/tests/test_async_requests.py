@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import json
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ from shipyard_asyncinference.adapters import queue
 from shipyard_asyncinference.adapters.gateway import GatewayRunner, Outcome
 from shipyard_asyncinference.app import Worker
 from shipyard_asyncinference.domain import AsyncRequest, lot_of
+from shipyard_runtime import batchwire
 from shipyard_testing import wait_for
 
 from .conftest import INTERNAL, MAX_PAYLOAD, Stack, auth, md, open_gate
@@ -370,6 +371,7 @@ async def test_a_burst_is_stored_started_and_completed_in_batches(stack: Stack) 
         twice = ids["burst-3"]
         await queue.enqueue(js, lot_of(twice), "echo", str(uuid.uuid4()))
 
+        exchanges = stack.model.exchanges(batchwire.PATH), stack.model.exchanges("/predict")
         start_worker()
         for tag, request_id in ids.items():
             done = await stack.wait_status(request_id, "completed", "failed", within=60)
@@ -387,6 +389,9 @@ async def test_a_burst_is_stored_started_and_completed_in_batches(stack: Stack) 
         types = await stack.event_types(twice)
         assert types.count("AsyncRequestCompleted") == 1, types
         assert stack.model.calls().count("burst-3") == types.count("AsyncRequestStarted")
+        # The model server was called in batches (its batch route), never one by one.
+        batches = stack.model.exchanges(batchwire.PATH) - exchanges[0]
+        assert 0 < batches < len(ids) and stack.model.exchanges("/predict") == exchanges[1]
         # Lots: fewer events and transactions than requests for each step.
         rows = await pool.fetch(
             "SELECT event_type, count(DISTINCT tx_id) AS txs, count(*) AS n "
@@ -426,17 +431,18 @@ async def test_a_slow_request_does_not_hold_back_the_others_of_its_batch(stack: 
 
 
 class _HoldingRunner:
-    """The real gateway runner, except that a payload tagged "held" waits for ``release``
-    first (held in the worker, so the model server's own queue plays no part)."""
+    """The real gateway runner, except that a call with a payload tagged "held" waits for
+    ``release`` first (held in the worker, so the model server's own queue plays no
+    part)."""
 
     def __init__(self, runner: GatewayRunner, release: asyncio.Event) -> None:
         self.runner = runner
         self.release = release
 
-    async def run(self, agg: AsyncRequest, body: bytes) -> Outcome:
-        if json.loads(body).get("tag") == "held":
+    async def run_batch(self, runs: Sequence[tuple[AsyncRequest, bytes]]) -> list[Outcome]:
+        if any(json.loads(body).get("tag") == "held" for _, body in runs):
             await self.release.wait()
-        return await self.runner.run(agg, body)
+        return await self.runner.run_batch(runs)
 
 
 @contextlib.asynccontextmanager

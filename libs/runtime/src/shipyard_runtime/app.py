@@ -16,7 +16,7 @@ from functools import partial
 from typing import Any
 from urllib.parse import unquote
 
-from shipyard_runtime import __version__, codec
+from shipyard_runtime import __version__, batchwire, codec
 from shipyard_runtime.codec import NotSerializableError, RequestError
 from shipyard_runtime.model import LoadedModel, Manifest, describe_exception
 
@@ -70,6 +70,8 @@ class Route:
     """Set on prediction routes (POST) when the model can batch: the HTTP layer then
     decodes the request, collects it with the others that arrived in the same event-loop
     turn, and answers them all from one :meth:`App.run_batch`."""
+    content_type: str | None = None
+    """The content type of its 200 answers when not JSON (errors are JSON)."""
 
 
 class _PredictFailed(Exception):
@@ -180,8 +182,17 @@ class App:
             routes[f"/v2/models/{name}{suffix}"] = route
             if self.version:
                 routes[f"/v2/models/{name}/versions/{self.version}{suffix}"] = route
+        # Several predictions in one exchange (the async workers' calls, decision 0035).
+        routes[batchwire.PATH] = Route(
+            {"POST": self._serve_batch},
+            simple_error,
+            "POST",
+            content_type=batchwire.CONTENT_TYPE,
+        )
         # Exact paths in one dict: routing a request is a single lookup.
         self._routes = routes
+        self.max_batch = 32
+        """The most requests one ``predict_batch()`` call gets (``--max-batch``)."""
 
         self._no_route = Route({}, simple_error)
         self._unknown_path_message = (
@@ -301,6 +312,48 @@ class App:
             self._answer(partial(p.finish, r), p.headers, p.error)
             for p, r in zip(batch, results, strict=True)
         ]
+
+    def _serve_batch(self, headers: dict[str, str], body: bytes) -> tuple[int, bytes]:
+        """``POST /shipyard/batch``: each part is a request to the route its ``path``
+        names, with its ``headers`` (lower-case names); the answer has one part per
+        request, in order, each what that request alone would have got. Prediction
+        requests run through :meth:`run_batch` (``max_batch`` at a time)."""
+        try:
+            parts = batchwire.decode(body)
+        except ValueError as exc:
+            return 400, simple_error(400, f"malformed batch: {exc}")
+        answers: list[tuple[int, bytes] | None] = [None] * len(parts)
+        waiting: list[tuple[int, Prepared]] = []
+        for i, part in enumerate(parts):
+            path = part.head.get("path")
+            got = part.head.get("headers")
+            item_headers = {str(k).lower(): str(v) for k, v in got.items()} if got else {}
+            if not isinstance(path, str) or path == batchwire.PATH:
+                answers[i] = (400, simple_error(400, "each part needs the path of a route"))
+                continue
+            route = self.resolve(path)
+            handler = route.methods.get("POST")
+            if handler is None and not route.methods:
+                answers[i] = (404, self.unknown_path("POST", path))
+            elif handler is None:
+                answers[i] = (405, route.error(405, f"POST is not allowed on {path}"))
+            elif route.decode is not None:
+                decoded = self.decode(route, item_headers, part.body)
+                if isinstance(decoded, tuple):
+                    answers[i] = decoded
+                else:
+                    waiting.append((i, decoded))
+            else:
+                answers[i] = handler(item_headers, part.body)
+        for start in range(0, len(waiting), max(1, self.max_batch)):
+            chunk = waiting[start : start + max(1, self.max_batch)]
+            for (i, _), answer in zip(chunk, self.run_batch([p for _, p in chunk]), strict=True):
+                answers[i] = answer
+        out = [
+            batchwire.Part({"status": status, "content_type": "application/json"}, payload)
+            for status, payload in (a or (500, simple_error(500, "not answered")) for a in answers)
+        ]
+        return 200, batchwire.encode(out)
 
     def _single(self, prepared: Prepared) -> bytes:
         return prepared.finish(self._run(prepared))

@@ -363,6 +363,8 @@ class HttpConnection(asyncio.Protocol):
             else:
                 status, payload = handler(head.headers, body)
             extra = b""
+            if route.content_type is not None and status == 200:
+                extra = b"Content-Type: " + route.content_type.encode() + b"\r\n"
         elif not route.methods:
             status, payload = 404, self.app.unknown_path(method, head.target.partition("?")[0])
             extra = b""
@@ -426,6 +428,7 @@ class HttpConnection(asyncio.Protocol):
                 (
                     status_line,
                     self.server.common_headers,
+                    b"" if extra.startswith(b"Content-Type") else _JSON_CONTENT_TYPE,
                     b"Content-Length: ",
                     str(len(payload) if length is None else length).encode(),
                     b"\r\n",
@@ -469,6 +472,10 @@ class HttpConnection(asyncio.Protocol):
     def idle(self) -> bool:
         """No request in progress (safe to close during a drain)."""
         return self.head is None and not self.buf and self.waiting is None
+
+
+_JSON_CONTENT_TYPE = b"Content-Type: application/json\r\n"
+"""Every answer's, except a route's that names its own (``Route.content_type``)."""
 
 
 def _plain_error(status: int, message: str) -> bytes:
@@ -523,10 +530,7 @@ class WorkerServer:
         # Date changes once a second: build the shared headers once a second, not per
         # response.
         date = email.utils.formatdate(usegmt=True)
-        self.common_headers = (
-            f"Server: shipyard-runtime\r\nDate: {date}\r\n"
-            "Content-Type: application/json\r\n".encode()
-        )
+        self.common_headers = f"Server: shipyard-runtime\r\nDate: {date}\r\n".encode()
 
     def start(self) -> None:
         """Starts accepting connections and the once-a-second housekeeping."""

@@ -99,6 +99,7 @@ def run_worker(
     gc.collect()
     gc.freeze()
     app = App(model, config.name, config.manifest, config.workers)
+    app.max_batch = config.max_batch
     log.info("worker %d loaded %s in %.2fs", os.getpid(), script.path.name, model.load_seconds)
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)

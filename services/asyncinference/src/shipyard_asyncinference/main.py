@@ -123,6 +123,7 @@ async def build(
             svc.js,
             runner,
             concurrency=settings.worker_concurrency,
+            call_budget_seconds=settings.run_timeout_seconds / 10,
             ack_wait_seconds=settings.ack_wait_seconds,
             retry_delay_seconds=settings.retry_delay_seconds,
         )

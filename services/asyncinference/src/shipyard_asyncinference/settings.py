@@ -51,12 +51,14 @@ class AsyncInferenceSettings(CommonSettings):
     it, so a long prediction is never redelivered while it runs."""
 
     worker_concurrency: int = Field(default=8, ge=0)
-    """Requests one process runs at once. 0 runs no worker (an API-only replica);
-    every replica's workers share the one work queue."""
+    """Model calls one process runs at once (each carries requests of one lot: up to
+    64, fewer for a slow model, see ``run_timeout_seconds``). 0 runs no worker (an
+    API-only replica); every replica's workers share the one work queue."""
 
     run_timeout_seconds: float = Field(default=300.0, gt=0)
-    """How long a worker waits for the gateway's answer to one attempt (waking a
-    deployment scaled to zero included) before the attempt fails."""
+    """How long a worker waits for the gateway's answer to one model call (waking a
+    deployment scaled to zero included) before its attempts fail. A call carries as
+    many requests as the model answers in a tenth of it (measured per deployment)."""
 
     retention_seconds: float = Field(default=3 * 24 * 3600.0, gt=0)
     """How long a request's payload and result are kept after it was submitted (default

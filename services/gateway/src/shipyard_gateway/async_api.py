@@ -86,7 +86,7 @@ from shipyard_gateway.errors import (
     PayloadTooLarge,
     http_status_for_exception,
 )
-from shipyard_gateway.handler import RAW_PREDICT_PATH, PredictHandler, not_found
+from shipyard_gateway.handler import RAW_PREDICT_PATH, BatchItem, PredictHandler, not_found
 from shipyard_gateway.http import PREDICT_ROUTE, error_response
 from shipyard_gateway.metrics import MetricsRecorder
 from shipyard_gateway.protocols import (
@@ -98,9 +98,11 @@ from shipyard_gateway.protocols import (
     check_kserve_v1,
     check_oip,
     check_seldon,
+    error_body,
 )
 from shipyard_gateway.routing import Access
 from shipyard_gateway.submissions import SubmitCoalescer
+from shipyard_runtime import batchwire
 
 __all__ = [
     "ANSWERED_BY",
@@ -675,11 +677,9 @@ class AsyncApi:
                 raise InvalidArgument(
                     MODEL_PATH_HEADER, f"{path[:80]!r} is not a prediction path of the deployment"
                 )
-            user = request.headers.get(CALLER_HEADER, "")
-            group = request.headers.get(GROUP_HEADER, "")
-            # The original caller, who passed the access check when submitting; the
-            # check here only holds when the deployment still belongs to that group.
-            acting = Principal(user=user, admin=False, groups=frozenset({group})) if user else None
+            acting = _acting(
+                request.headers.get(CALLER_HEADER, ""), request.headers.get(GROUP_HEADER, "")
+            )
             headers = {
                 "content-type": request.headers.get("Content-Type") or _JSON,
                 "x-request-id": request.headers.get("X-Request-Id", ""),
@@ -706,6 +706,85 @@ class AsyncApi:
             response.headers[ANSWERED_BY] = "gateway"
         self.metrics.record(deployment, response.status, time.perf_counter() - start, ASYNC)
         return response
+
+    async def runs(self, request: web.Request) -> web.Response:
+        """``POST /deployments/{d}/async/runs``: one attempt of each of several requests
+        of the deployment (a worker's lot), in the batch wire format
+        (:mod:`shipyard_runtime.batchwire`). Each part's head names its ``model_path``,
+        ``caller``, ``group``, ``content_type`` and ``request_id``; each answer part has the
+        ``status``, ``content_type`` and ``answered_by`` (``model`` or ``gateway``) the
+        run route would have answered for it alone. A refusal of the whole (the caller,
+        an unknown or stopped deployment, no instance in time) is answered as the run
+        route would, as a whole."""
+        start = time.perf_counter()
+        deployment = request.match_info["deployment"]
+        try:
+            await self._internal_caller(request)
+            try:
+                parts = batchwire.decode(await self._body(request))
+            except ValueError as exc:
+                raise InvalidArgument("body", str(exc), "the batch wire format") from exc
+            answers: list[batchwire.Part | None] = [None] * len(parts)
+            items: list[tuple[int, BatchItem]] = []
+            paths = _model_paths(deployment)
+            for i, part in enumerate(parts):
+                head = part.head
+                path = str(head.get("model_path", ""))
+                if path not in paths:
+                    answers[i] = _gateway_part(
+                        InvalidArgument(
+                            "model_path",
+                            f"{path[:80]!r} is not a prediction path of the deployment",
+                        ),
+                        request,
+                    )
+                    continue
+                user, group = str(head.get("caller", "")), str(head.get("group", ""))
+                acting = (
+                    Principal(user=user, admin=False, groups=frozenset({group})) if user else None
+                )
+                headers = {
+                    "content-type": str(head.get("content_type") or _JSON),
+                    "x-request-id": str(head.get("request_id", "")),
+                }
+                if head.get("traceparent"):
+                    headers["traceparent"] = str(head["traceparent"])
+                items.append((i, BatchItem(path, part.body, headers, acting)))
+            replies = await self.handler.forward_batch(deployment, [item for _, item in items])
+            for (i, _), reply in zip(items, replies, strict=True):
+                if isinstance(reply, ShipyardError):
+                    answers[i] = _gateway_part(reply, request)
+                else:
+                    head = {"status": reply.status, "content_type": reply.content_type}
+                    answers[i] = batchwire.Part({**head, "answered_by": "model"}, reply.body)
+        except Exception as exc:
+            response = self._failure(exc, request, RAW)
+            response.headers[ANSWERED_BY] = "gateway"
+            self.metrics.record(deployment, response.status, time.perf_counter() - start, ASYNC)
+            return response
+        elapsed = time.perf_counter() - start
+        for answer in answers:
+            assert answer is not None
+            self.metrics.record(deployment, int(answer.head["status"]), elapsed, ASYNC)
+        return web.Response(
+            status=200,
+            body=batchwire.encode([a for a in answers if a is not None]),
+            headers={"Content-Type": batchwire.CONTENT_TYPE, ANSWERED_BY: "gateway"},
+        )
+
+
+def _acting(user: str, group: str) -> Principal | None:
+    """The original caller of an async request, who passed the access check when
+    submitting; the check at its run only holds when the deployment still belongs to
+    that group (None: anonymous, a public deployment's caller)."""
+    return Principal(user=user, admin=False, groups=frozenset({group})) if user else None
+
+
+def _gateway_part(exc: BaseException, request: web.Request) -> batchwire.Part:
+    """The answer part of a request the gateway refused itself."""
+    status, message = http_status_for_exception(exc, where=f"{request.method} {request.path}")
+    head = {"status": status, "content_type": _JSON, "answered_by": "gateway"}
+    return batchwire.Part(head, error_body(RAW, status, message))
 
 
 def mount_async_api(
@@ -736,6 +815,7 @@ def mount_async_api(
     app.router.add_get(base + "/{request_id}/result", api.result)
     app.router.add_post(base + "/{request_id}/cancel", api.cancel)
     app.router.add_post(base + "/{request_id}/run", api.run)
+    app.router.add_post(base + "/runs", api.runs)
     batch = "/deployments/{deployment}/batch"
     app.router.add_post(batch, api.batch_create)
     app.router.add_get(batch, api.batch_list)

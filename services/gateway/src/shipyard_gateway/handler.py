@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Protocol
@@ -41,8 +41,9 @@ from shipyard_gateway.errors import DeploymentStopped, TooManyRequests
 from shipyard_gateway.load import LoadTracker
 from shipyard_gateway.routing import Route, RoutingTable
 from shipyard_gateway.upstream import ConnectFailed, UpstreamClient
+from shipyard_runtime import batchwire
 
-__all__ = ["RAW_PREDICT_PATH", "Activator", "PredictHandler", "UpstreamResponse"]
+__all__ = ["RAW_PREDICT_PATH", "Activator", "BatchItem", "PredictHandler", "UpstreamResponse"]
 
 log = logging.getLogger(__name__)
 _tracer = tracer(__name__)
@@ -87,6 +88,28 @@ class Activator(Protocol):
 def not_found(deployment: str) -> NotFound:
     """The error for a deployment the routing table does not know."""
     return NotFound(f"deployment {deployment!r} does not exist; see `shipyard deploy list`")
+
+
+def _request_id(headers: Mapping[str, str]) -> str:
+    """The caller's ``X-Request-Id`` when it is reasonable, else a fresh one (bounded: it
+    travels into the model server's logs and the caller's answer)."""
+    supplied = headers.get("x-request-id") or ""
+    if 0 < len(supplied) <= _MAX_REQUEST_ID and supplied.isascii() and supplied.isprintable():
+        return supplied
+    return os.urandom(16).hex()
+
+
+@dataclass(frozen=True)
+class BatchItem:
+    """One request of :meth:`PredictHandler.forward_batch`."""
+
+    path: str
+    """The model server route."""
+    body: bytes
+    headers: Mapping[str, str]
+    """Its headers, lower-case names (``content-type``, ``x-request-id``, trace context)."""
+    principal: Principal | None
+    """The caller it runs as (an async request's original caller)."""
 
 
 def _check_version(route: Route, version: str) -> None:
@@ -165,15 +188,7 @@ class PredictHandler:
         shapes, model metadata). ``headers`` must look names up case-insensitively (an
         aiohttp ``CIMultiDictProxy``) or have lower-cased names (gRPC metadata).
         ``version``, when given, must be the active revision (else NotFound)."""
-        supplied = headers.get("x-request-id") or ""
-        # Bounded: it travels into the model server's logs and the caller's answer.
-        request_id = (
-            supplied
-            if 0 < len(supplied) <= _MAX_REQUEST_ID
-            and supplied.isascii()
-            and supplied.isprintable()
-            else os.urandom(16).hex()
-        )
+        request_id = _request_id(headers)
         route = self.table.get(deployment)
         if route is None:
             raise not_found(deployment)
@@ -209,6 +224,99 @@ class PredictHandler:
                 headers, request_id, caller, method, traced=span is not _NO_SPAN
             )
             return await self._send(deployment, path, body, upstream_headers, request_id, method)
+
+    async def forward_batch(
+        self, deployment: str, items: Sequence[BatchItem]
+    ) -> list[UpstreamResponse | ShipyardError]:
+        """Several requests to one instance of ``deployment`` in one exchange (the
+        model server's batch route; an async worker's lot): per item, the model server's
+        answer or the refusal that item alone would get (the access check of its
+        caller). The checks and the choice of an instance are those of :meth:`forward`,
+        once for all; a refusal of the whole (unknown or stopped deployment, no instance
+        in time) is raised. A model server without the batch route (an image built
+        before it) gets the items one by one."""
+        route = self.table.get(deployment)
+        if route is None:
+            raise not_found(deployment)
+        if route.stopped:
+            raise DeploymentStopped(deployment)
+        out: list[UpstreamResponse | ShipyardError | None] = [None] * len(items)
+        parts: list[batchwire.Part] = []
+        sent: list[tuple[int, str, dict[str, str]]] = []
+        for i, item in enumerate(items):
+            try:
+                caller = await self.access.caller(route, item.headers, item.principal)
+            except ShipyardError as exc:
+                out[i] = exc
+                continue
+            request_id = _request_id(item.headers)
+            headers = self._upstream_headers(item.headers, request_id, caller, "POST", traced=False)
+            parts.append(
+                batchwire.Part(
+                    {"path": item.path, "headers": {k.lower(): v for k, v in headers.items()}},
+                    item.body,
+                )
+            )
+            sent.append((i, request_id, headers))
+        if sent:
+            with self.load.track(deployment):
+                replies = await self._send_batch(deployment, items, parts, sent)
+            for (i, _, _), reply in zip(sent, replies, strict=True):
+                out[i] = reply
+        return [o if o is not None else Unavailable("not answered") for o in out]
+
+    async def _send_batch(
+        self,
+        deployment: str,
+        items: Sequence[BatchItem],
+        parts: list[batchwire.Part],
+        sent: list[tuple[int, str, dict[str, str]]],
+    ) -> list[UpstreamResponse | ShipyardError]:
+        first = sent[0][1]
+        whole = await self._send(
+            deployment,
+            batchwire.PATH,
+            batchwire.encode(parts),
+            {"Content-Type": batchwire.CONTENT_TYPE, "X-Request-Id": first},
+            first,
+            "POST",
+        )
+        if whole.status == 404:
+            # A runtime from before the batch route: each on its own, as sync requests go.
+            results = await asyncio.gather(
+                *(
+                    self._send(deployment, items[i].path, items[i].body, h, rid, "POST")
+                    for i, rid, h in sent
+                ),
+                return_exceptions=True,
+            )
+            out: list[UpstreamResponse | ShipyardError] = []
+            for result in results:
+                if isinstance(result, ShipyardError | UpstreamResponse):
+                    out.append(result)
+                else:
+                    raise result
+            return out
+        try:
+            if whole.status != 200 or whole.content_type != batchwire.CONTENT_TYPE:
+                raise ValueError(f"HTTP {whole.status}: {whole.body[:200]!r}")
+            answers = batchwire.decode(whole.body)
+            if len(answers) != len(sent):
+                raise ValueError(f"{len(answers)} answers to {len(sent)} requests")
+        except ValueError as exc:
+            log.warning("batch to %s at %s answered badly: %s", deployment, whole.address, exc)
+            bad = Unavailable(f"the model server did not answer the batch as expected ({exc})")
+            return [bad] * len(sent)
+        return [
+            UpstreamResponse(
+                status=int(answer.head.get("status", 502)),
+                body=answer.body,
+                content_type=str(answer.head.get("content_type") or _JSON),
+                request_id=rid,
+                address=whole.address,
+            )
+            for (_, rid, _), answer in zip(sent, answers, strict=True)
+        ]
 
     async def authorize(
         self,

@@ -1,20 +1,31 @@
-"""Runs one attempt of a request through the gateway's data plane.
+"""Runs attempts of requests through the gateway's data plane.
 
-``POST {gateway}/deployments/{d}/async/{id}/run`` with the internal token: the gateway
-routes it like a synchronous request of the original caller (wakes a deployment scaled
-to zero, balances over ready instances, passes the caller in ``X-Forwarded-User``) and
-answers with the model server's answer unchanged. ``X-Shipyard-Answered-By`` says
-whether the model or the gateway itself answered, which decides what a failure means.
+``POST {gateway}/deployments/{d}/async/runs`` with the internal token and several
+requests of one deployment in the batch wire format (:mod:`shipyard_runtime.batchwire`):
+the gateway routes them like synchronous requests of their original callers (wakes a
+deployment scaled to zero, picks a ready instance, passes each caller in
+``X-Forwarded-User``) in one exchange with the model server, and answers each with the
+model server's answer unchanged. ``answered_by`` (``X-Shipyard-Answered-By`` for a whole
+answer) says whether the model or the gateway itself answered, which decides what a
+failure means. Against a gateway from before that route, each request goes alone to
+``POST {gateway}/deployments/{d}/async/{id}/run`` (also the batch jobs' way).
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from urllib.parse import quote
 
 import aiohttp
 
 from shipyard_asyncinference.domain import AsyncRequest
+from shipyard_runtime import batchwire
+
+log = logging.getLogger(__name__)
 
 ANSWERED_BY = "X-Shipyard-Answered-By"
 """``model`` when the model server answered, ``gateway`` when the gateway did."""
@@ -48,6 +59,32 @@ def _snippet(body: bytes) -> str:
     return body[:500].decode("utf-8", errors="replace").strip()
 
 
+def _outcome(status: int, content_type: str, data: bytes, by: str) -> Outcome:
+    """What an answer means for the attempt: the model's success is the result; the
+    model's 4xx and the gateway's final refusals end the request; the rest is retried."""
+    if by == "model":
+        if status < 400:
+            return Outcome(status, content_type, data)
+        return Outcome(
+            status,
+            content_type,
+            data,
+            error=f"the model answered {status}: {_snippet(data)}",
+            final=status < 500,
+        )
+    return Outcome(
+        status,
+        content_type,
+        data,
+        error=f"the gateway answered {status}: {_snippet(data)}",
+        final=status in _FINAL_GATEWAY,
+    )
+
+
+_SINGLE_SECONDS = 60.0
+"""How long to send requests one by one after a gateway without the batch route."""
+
+
 class GatewayRunner:
     """Calls the gateway for workers (one HTTP connection pool per process)."""
 
@@ -56,6 +93,7 @@ class GatewayRunner:
         self.internal_token = internal_token
         self.timeout = aiohttp.ClientTimeout(total=timeout_seconds)
         self._session: aiohttp.ClientSession | None = None
+        self._single_until = 0.0
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -65,6 +103,68 @@ class GatewayRunner:
     def url(self, deployment: str, request_id: str) -> str:
         """The run route of one request."""
         return f"{self.gateway_url}/deployments/{quote(deployment, safe='')}/async/{request_id}/run"
+
+    async def run_batch(self, runs: Sequence[tuple[AsyncRequest, bytes]]) -> list[Outcome]:
+        """One attempt of each ``(request, payload)``, all of one deployment, in one call;
+        the outcomes in order."""
+        if time.monotonic() < self._single_until:
+            return list(await asyncio.gather(*(self.run(agg, body) for agg, body in runs)))
+        deployment = runs[0][0].deployment
+        parts = [
+            batchwire.Part(
+                {
+                    "model_path": agg.model_path,
+                    "caller": agg.caller,
+                    "group": agg.group,
+                    "content_type": agg.content_type,
+                    "request_id": agg.client_request_id or agg.id,
+                },
+                body,
+            )
+            for agg, body in runs
+        ]
+        headers = {
+            "Authorization": f"Bearer {self.internal_token}",
+            "Content-Type": batchwire.CONTENT_TYPE,
+        }
+        url = f"{self.gateway_url}/deployments/{quote(deployment, safe='')}/async/runs"
+        try:
+            async with self._client().post(
+                url, data=batchwire.encode(parts), headers=headers
+            ) as response:
+                data = await response.read()
+                status = response.status
+                content_type = response.headers.get("Content-Type", "application/json")
+                by = response.headers.get(ANSWERED_BY)
+        except TimeoutError:
+            return [Outcome(504, "", b"", error="no answer from the gateway in time")] * len(runs)
+        except aiohttp.ClientError as exc:
+            return [Outcome(503, "", b"", error=f"cannot reach the gateway: {exc}")] * len(runs)
+        if by is None and status in (404, 405):
+            # A gateway from before the batch route (a rolling upgrade): one by one for a
+            # while, then the batch route again.
+            self._single_until = time.monotonic() + _SINGLE_SECONDS
+            return list(await asyncio.gather(*(self.run(agg, body) for agg, body in runs)))
+        if status == 200 and content_type == batchwire.CONTENT_TYPE:
+            try:
+                answers = batchwire.decode(data)
+            except ValueError as exc:
+                answers = []
+                log.warning("the gateway's batch answer is malformed: %s", exc)
+            if len(answers) == len(runs):
+                return [
+                    _outcome(
+                        int(a.head.get("status", 502)),
+                        str(a.head.get("content_type") or "application/json"),
+                        a.body,
+                        str(a.head.get("answered_by", "gateway")),
+                    )
+                    for a in answers
+                ]
+            return [Outcome(502, "", b"", error="the gateway's batch answer is malformed")] * len(
+                runs
+            )
+        return [_outcome(status, content_type, data, by or "gateway")] * len(runs)
 
     async def run(self, agg: AsyncRequest, body: bytes) -> Outcome:
         """One attempt of ``agg`` with its payload ``body``."""
@@ -113,23 +213,7 @@ class GatewayRunner:
             return Outcome(504, "", b"", error="no answer from the gateway in time")
         except aiohttp.ClientError as exc:
             return Outcome(503, "", b"", error=f"cannot reach the gateway: {exc}")
-        if by == "model":
-            if status < 400:
-                return Outcome(status, content_type, data)
-            return Outcome(
-                status,
-                content_type,
-                data,
-                error=f"the model answered {status}: {_snippet(data)}",
-                final=status < 500,
-            )
-        return Outcome(
-            status,
-            content_type,
-            data,
-            error=f"the gateway answered {status}: {_snippet(data)}",
-            final=status in _FINAL_GATEWAY,
-        )
+        return _outcome(status, content_type, data, by)
 
     async def close(self) -> None:
         """Closes the connection pool."""

@@ -2,8 +2,8 @@
 
 The lots of one fetch are worked as a batch: their requests are marked running (a new
 attempt each, saved with the concurrency check) in one statement while their payloads
-are read, and each request runs through the gateway (at most ``concurrency`` at a time
-per worker, concurrently: the model server batches what arrives together). Each outcome
+are read, and each lot runs through the gateway in one call (the model server's batch
+route; at most ``concurrency`` calls at a time per worker). Each outcome
 is settled as soon as it is there, with whatever else finished meanwhile: their results
 stored in one statement, once; a slow request holds back neither the others' results nor
 their slots. A lot's message is acknowledged once every request of it is settled. While
@@ -21,7 +21,8 @@ import contextlib
 import logging
 import os
 import socket
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
 import asyncpg
@@ -43,19 +44,43 @@ _INFRA_ERRORS = (OSError, asyncpg.InterfaceError, asyncpg.PostgresConnectionErro
 
 
 class Runner(Protocol):
-    """Runs one attempt (:class:`~shipyard_asyncinference.adapters.gateway.GatewayRunner`)."""
+    """Runs attempts (:class:`~shipyard_asyncinference.adapters.gateway.GatewayRunner`)."""
 
-    async def run(self, agg: AsyncRequest, body: bytes) -> Outcome:
-        """The outcome of one attempt of ``agg`` with payload ``body``."""
+    async def run_batch(self, runs: Sequence[tuple[AsyncRequest, bytes]]) -> list[Outcome]:
+        """The outcome of one attempt of each ``(request, payload)`` (one deployment's)."""
         ...
 
 
-class Worker:
-    """Runs requests from the queue, ``concurrency`` at a time."""
+CALL_MAX_BYTES = 1 << 20
+"""The most payload bytes one model call carries (a larger payload goes alone)."""
 
-    # A fetch takes lots while fewer than ``concurrency`` requests are open: one lot may
-    # bring many, so that many may wait for a model-call slot (their messages kept alive
-    # by the heartbeat).
+
+class CallSizes:
+    """How many requests a model call of each deployment carries: sized from the time
+    per request its calls took, so that a call takes about ``budget`` seconds at most
+    (a tenth of the run timeout: a slow model's call must not time out because it
+    carries many requests), between 1 and ``most``. A deployment not called yet gets
+    ``first``."""
+
+    def __init__(self, most: int, budget: float, first: int = 8) -> None:
+        self.most = most
+        self.budget = budget
+        self.first = min(first, most)
+        self._sizes: dict[str, int] = {}
+
+    def size(self, deployment: str) -> int:
+        """Requests the next call of ``deployment`` may carry."""
+        return self._sizes.get(deployment, self.first)
+
+    def observe(self, deployment: str, requests: int, seconds: float) -> None:
+        """A call of ``requests`` requests took ``seconds`` (answered or not)."""
+        per_request = max(seconds, 1e-6) / max(requests, 1)
+        self._sizes[deployment] = max(1, min(self.most, int(self.budget / per_request)))
+
+
+class Worker:
+    """Runs lots of requests from the queue: ``concurrency`` lots, and as many model
+    calls, at a time."""
 
     def __init__(
         self,
@@ -65,6 +90,7 @@ class Worker:
         *,
         concurrency: int,
         batch_size: int = 64,
+        call_budget_seconds: float = 30.0,
         ack_wait_seconds: float,
         retry_delay_seconds: float,
         name: str = "",
@@ -78,8 +104,9 @@ class Worker:
         self.retry_delay = retry_delay_seconds
         self.name = name or f"{socket.gethostname()}-{os.getpid()}"
         self.running = 0
-        """Requests taken and not settled (a lot counts one until it is started)."""
+        """Lots taken and not settled."""
         self.calls = asyncio.Semaphore(concurrency)
+        self.sizes = CallSizes(batch_size, call_budget_seconds)
         self.on_start: Callable[[str, int], Awaitable[None]] | None = None
         """Test hook, awaited once an attempt is recorded as started."""
 
@@ -180,18 +207,35 @@ class Worker:
             for run in runs:
                 await self.on_start(run.request.id, run.attempt)
         # Each outcome is settled as soon as it is there, with whatever else finished
-        # meanwhile: a slow request does not hold the others' results back.
+        # meanwhile: a slow call does not hold the others' results back.
         finished: asyncio.Queue[tuple[Started, Outcome | BaseException]] = asyncio.Queue()
 
-        async def attempt(run: Started) -> None:
-            try:
-                async with self.calls:
-                    outcome: Outcome | BaseException = await self._attempt(run)
-            except Exception as exc:
-                outcome = exc
-            finished.put_nowait((run, outcome))
+        async def call(chunk: list[Started]) -> None:
+            bodies = await asyncio.gather(
+                *(self.commands.payload(run) for run in chunk), return_exceptions=True
+            )
+            ready: list[tuple[Started, bytes]] = []
+            for run, body in zip(chunk, bodies, strict=True):
+                if isinstance(body, BaseException):
+                    finished.put_nowait((run, body))
+                else:
+                    ready.append((run, body))
+            if not ready:
+                return
+            outcomes: list[Outcome | BaseException]
+            deployment = chunk[0].request.deployment
+            async with self.calls:
+                began = time.monotonic()
+                try:
+                    got = await self.runner.run_batch([(r.request, b) for r, b in ready])
+                    outcomes = list(got)
+                except Exception as exc:
+                    outcomes = [exc] * len(ready)
+                self.sizes.observe(deployment, len(ready), time.monotonic() - began)
+            for (run, _), outcome in zip(ready, outcomes, strict=True):
+                finished.put_nowait((run, outcome))
 
-        calls = [asyncio.ensure_future(attempt(run)) for run in runs]
+        calls = [asyncio.ensure_future(call(chunk)) for chunk in self._chunks(runs)]
         try:
             left = len(runs)
             while left:
@@ -201,8 +245,26 @@ class Worker:
                 left -= len(ready)
                 await self._settle(batch, lots, ready)
         finally:
-            for call in calls:
-                call.cancel()
+            for task in calls:
+                task.cancel()
+
+    def _chunks(self, runs: list[Started]) -> list[list[Started]]:
+        """The model calls of ``runs``: per lot, up to :class:`CallSizes` requests and
+        :data:`CALL_MAX_BYTES` of payloads each. (Lots of a fetch go in calls of their
+        own: a slow call holds back its own lot only.)"""
+        calls: list[list[Started]] = []
+        by_lot: dict[str, tuple[list[Started], int]] = {}
+        for run in runs:
+            size = run.request.payload_bytes
+            most = self.sizes.size(run.request.deployment)
+            chunk, used = by_lot.get(run.lot.id, ([], 0))
+            if chunk and (len(chunk) >= most or used + size > CALL_MAX_BYTES):
+                chunk, used = [], 0
+            if not chunk:
+                calls.append(chunk)
+            chunk.append(run)
+            by_lot[run.lot.id] = (chunk, used + size)
+        return calls
 
     async def _settle(
         self,
@@ -260,10 +322,6 @@ class Worker:
             # None: its result could not be staged: run it again later.
             await batch.settled(lot_of(request_id), leave=ok is None)
 
-    async def _attempt(self, run: Started) -> Outcome:
-        body = await self.commands.payload(run)
-        return await self.runner.run(run.request, body)
-
     async def _dead_letter(self, msg: Msg, reason: str) -> None:
         headers = dict(msg.headers or {})
         headers["Shipyard-Consumer"] = "asyncinference.workers"
@@ -280,12 +338,13 @@ class _Batch:
     """The open messages of one fetch, by lot id, and what each lot still runs. A lot's
     message is settled when its last request is: acknowledged, or asked for again after
     the longest back-off its failed attempts want, or left unacknowledged (redelivered
-    after the ack wait) when a request's outcome could not be recorded."""
+    after the ack wait) when a request's outcome could not be recorded. Each message
+    holds one unit of the worker's ``running`` until then."""
 
     def __init__(self, worker: Worker, held: int) -> None:
         self.worker = worker
         self.held = held
-        """Units of ``worker.running`` this batch holds."""
+        """Units of ``worker.running`` this batch holds (its messages not settled)."""
         self.open: dict[str, Msg] = {}
         self._runs: dict[str, int] = {}
         self._retry: dict[str, float] = {}
@@ -297,16 +356,13 @@ class _Batch:
         self.worker.running -= units
 
     def expect(self, lot_id: str, runs: int) -> None:
-        """The lot runs ``runs`` requests (its placeholder unit becomes one per run)."""
+        """The lot runs ``runs`` requests."""
         self._runs[lot_id] = runs
-        self.held += runs - 1
-        self.worker.running += runs - 1
 
     async def settled(
         self, lot_id: str, *, leave: bool = False, retry_after: float | None = None
     ) -> None:
         """One request of the lot is settled; the lot's message too when it was the last."""
-        self.release(1)
         if leave:
             self._leave.add(lot_id)
         if retry_after is not None:
@@ -315,7 +371,10 @@ class _Batch:
         if self._runs[lot_id]:
             return
         msg = self.open.pop(lot_id, None)
-        if msg is None or lot_id in self._leave:
+        if msg is None:
+            return
+        self.release(1)
+        if lot_id in self._leave:
             return
         if lot_id in self._retry:
             await msg.nak(delay=self._retry[lot_id])
@@ -325,6 +384,6 @@ class _Batch:
     async def ack(self, lot_id: str) -> None:
         """Acknowledges a lot with nothing to run."""
         msg = self.open.pop(lot_id, None)
-        self.release(1)
         if msg is not None:
+            self.release(1)
             await msg.ack()

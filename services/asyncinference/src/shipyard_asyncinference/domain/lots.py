@@ -254,8 +254,8 @@ class AsyncLot(Aggregate):
 
     def _record(self, touched: Iterable[AsyncRequest]) -> None:
         """Turns what the members decided (applied to them already) into lot events: one
-        per kind of change, in the order the kinds first occur (a request's changes of
-        one decision always come in that order: failed, then expired)."""
+        per kind of change, in the order of :data:`_LOT_EVENT` (the order of a request's
+        changes within one decision: failed, then expired)."""
         by_kind: dict[type[DomainEvent], list[DomainEvent]] = {}
         for agg in touched:
             for change in agg.pending:
@@ -264,8 +264,9 @@ class AsyncLot(Aggregate):
                 by_kind.setdefault(lot_cls, []).append(item)
             agg.version += len(agg.pending)
             agg.pending = []
-        for lot_cls, items in by_kind.items():
-            self.pending.append(lot_cls.model_construct(requests=items))  # type: ignore[call-arg]
+        for lot_cls in LOT_EVENTS:
+            if lot_cls in by_kind:
+                self.pending.append(lot_cls.model_construct(requests=by_kind[lot_cls]))  # type: ignore[call-arg]
 
     @property
     def expired(self) -> bool:
