@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import signal
 import subprocess
@@ -352,3 +353,37 @@ async def test_a_message_sent_with_events_leaves_with_its_transaction_only(kit: 
     assert [m.data for m in msgs] == [b"kept"]
     assert msgs[0].headers is not None
     assert msgs[0].headers["Nats-Msg-Id"] == str(kept) and msgs[0].headers["x-kind"] == "item"
+
+
+class _WiderCounter(CounterProjection):
+    """The counters projection of a later release, which also follows ``gadget``."""
+
+    sources = ((SERVICE, "thing"), (SERVICE, "gadget"))
+
+
+async def test_a_projection_that_follows_a_new_aggregate_gets_its_events(kit: Kit) -> None:
+    """An upgrade: the consumer the previous release created follows ``thing`` only; the
+    new release's runner widens it in place, keeping its position, and the new
+    aggregate's events are projected."""
+    kit.start(OutboxRelay(kit.dsn, kit.js, SERVICE).run)
+    old = ProjectionRunner(CounterProjection(), kit.dsn, kit.js)
+    await old.ensure_consumer()
+    before = await kit.js.consumer_info(bus.EVENTS_STREAM, old.durable)
+    assert set(before.config.filter_subjects or [before.config.filter_subject]) == {
+        f"events.{SERVICE}.thing.*"
+    }
+
+    runner = ProjectionRunner(_WiderCounter(), kit.dsn, kit.js)
+    await runner.ensure_consumer()
+    after = await kit.js.consumer_info(bus.EVENTS_STREAM, runner.durable)
+    assert set(after.config.filter_subjects or []) == {
+        f"events.{SERVICE}.thing.*",
+        f"events.{SERVICE}.gadget.*",
+    }
+    kit.start(runner.run)
+    gadget = thing("g1", 7)
+    gadget = dataclasses.replace(gadget, aggregate="gadget")
+    await kit.store.append([thing("t1", 2)], expected_version=0)
+    await kit.store.append([gadget], expected_version=0)
+    expected = {"thing:t1": (2, 1), "gadget:g1": (7, 1)}
+    await wait_for(lambda: _eq(kit.totals, expected), timeout=30, message="gadget projected")

@@ -229,6 +229,21 @@ def test_the_batch_route_answers_each_request_as_it_would_alone(
     assert answers[3][0] == 404 and "no such endpoint" in answers[3][1]["error"]
     assert answers[4] == (200, {"x": 4, "batch": 3})
 
+    # A part that is not a request of a route is refused alone: no batch in a batch
+    # (however its path is spelled), headers must be an object.
+    status, _, body = _batch_call(
+        batching,
+        [
+            part("/shipyard/batch/", {"x": 1}),
+            batchwire.Part({"path": "/predict", "headers": ["x"]}, b"{}"),
+            part("/predict", {"x": 2}),
+        ],
+    )
+    answers = [(p.head["status"], json.loads(p.body)) for p in batchwire.decode(body)]
+    assert answers[0] == (400, {"error": "a batch cannot hold a batch"}), answers
+    assert answers[1][0] == 400 and "headers" in answers[1][1]["error"]
+    assert answers[2] == (200, {"x": 2, "batch": 1})
+
     # A malformed batch is refused as a whole, in JSON, naming what is wrong.
     status, content_type, body = _batch_call(batching, [])
     assert status == 200 and batchwire.decode(body) == []
@@ -236,3 +251,7 @@ def test_the_batch_route_answers_each_request_as_it_would_alone(
         sock.sendall(_request(batchwire.PATH, b'{"parts": [{"length": 9}]}\nshort'))
         status, error = _read_answer(sock)
     assert status == 400 and "9 bytes announced, 5 left" in error["error"], error
+    with socket.create_connection(("127.0.0.1", batching.port), timeout=30) as sock:
+        sock.sendall(_request(batchwire.PATH, b"[" * 5000 + b"\n"))
+        status, error = _read_answer(sock)
+    assert status == 400 and "malformed batch" in error["error"], error

@@ -25,7 +25,7 @@ import pytest
 
 from shipyard.scheduler.v1 import scheduler_pb2 as spb
 from shipyard.scheduler.v1 import scheduler_pb2_grpc
-from shipyard_asyncinference.domain import EVENTS, SingleRequest, lot, lot_of
+from shipyard_asyncinference.domain import EVENTS, SingleRequest, lot
 from shipyard_asyncinference.domain.lots import request_events
 from shipyard_asyncinference.main import AsyncInference, build
 from shipyard_asyncinference.settings import AsyncInferenceSettings
@@ -293,10 +293,14 @@ class Stack:
             reached, timeout=within, interval=0.05, message=f"{request_id} to be {statuses}"
         )
 
+    async def lot_of(self, request_id: str) -> str:
+        """The lot a request belongs to (a request from before lots: itself)."""
+        return (await self.service.commands.lots_of([request_id]))[request_id]
+
     async def event_types(self, request_id: str) -> list[str]:
         """The types of a request's changes, in order: the request events its lot's
         events stand for (``AsyncRequestStarted`` for its item of an ``AsyncLotStarted``)."""
-        lot_id = lot_of(request_id)
+        lot_id = await self.lot_of(request_id)
         found = lot(lot_id)
         stored = await self.service.service.store.read_stream(f"{found.aggregate_type}:{lot_id}")
         types = []

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -19,8 +20,10 @@ from shipyard.asyncinference.v1 import asyncinference_pb2 as apb
 from shipyard.asyncinference.v1 import asyncinference_pb2_grpc
 from shipyard_asyncinference.adapters import queue
 from shipyard_asyncinference.adapters.gateway import GatewayRunner, Outcome
-from shipyard_asyncinference.app import Worker
-from shipyard_asyncinference.domain import AsyncRequest, lot_of
+from shipyard_asyncinference.app import RequestView, Submission, Worker
+from shipyard_asyncinference.app.worker import Runner
+from shipyard_asyncinference.domain import AsyncRequest
+from shipyard_core.auth import Principal
 from shipyard_runtime import batchwire
 from shipyard_testing import wait_for
 
@@ -290,8 +293,9 @@ async def test_a_request_whose_queue_message_was_lost_is_sent_again(stack: Stack
         older = await stack.submit({"tag": "kept"})
         lost = await stack.submit({"tag": "lost"})
         for request_id in (older, lost):
+            lot_id = await stack.lot_of(request_id)
             await wait_for(
-                lambda r=request_id: queue.is_queued(js, lot_of(r), "echo"),  # type: ignore[misc]
+                lambda lot_id=lot_id: queue.is_queued(js, lot_id, "echo"),  # type: ignore[misc]
                 timeout=10,
                 message="the relay to publish the queue messages",
             )
@@ -300,13 +304,14 @@ async def test_a_request_whose_queue_message_was_lost_is_sent_again(stack: Stack
         try:
             # Their messages are there: nothing to do.
             assert await sweeper.redispatch_once() == 0
-            gone = await js.get_last_msg(queue.ASYNC_STREAM, queue.subject("echo", lot_of(lost)))
+            lost_lot = await stack.lot_of(lost)
+            gone = await js.get_last_msg(queue.ASYNC_STREAM, queue.subject("echo", lost_lot))
             await js.delete_msg(queue.ASYNC_STREAM, gone.seq)
-            assert not await queue.is_queued(js, lot_of(lost), "echo")
+            assert not await queue.is_queued(js, lost_lot, "echo")
             # One candidate per call: the older one (fine) first, then the lost one.
             assert await sweeper.redispatch_once(page=1) == 0
             assert await sweeper.redispatch_once(page=1) == 1
-            assert await queue.is_queued(js, lot_of(lost), "echo")
+            assert await queue.is_queued(js, lost_lot, "echo")
             assert await sweeper.redispatch_once() == 0  # sent once, not every sweep
         finally:
             sweeper.redispatch_after = kept
@@ -362,16 +367,18 @@ async def test_a_burst_is_stored_started_and_completed_in_batches(stack: Stack) 
         }
         assert stack.api.submissions.calls - calls_before < len(answers)  # they went together
         for request_id in ids.values():
+            lot_id = await stack.lot_of(request_id)
             await wait_for(
-                lambda r=request_id: queue.is_queued(js, lot_of(r), "echo"),  # type: ignore[misc]
+                lambda lot_id=lot_id: queue.is_queued(js, lot_id, "echo"),  # type: ignore[misc]
                 timeout=10,
                 message="the queue messages",
             )
         # A second message for one lot (a relay's copy outside the duplicate window).
         twice = ids["burst-3"]
-        await queue.enqueue(js, lot_of(twice), "echo", str(uuid.uuid4()))
+        await queue.enqueue(js, await stack.lot_of(twice), "echo", str(uuid.uuid4()))
 
         exchanges = stack.model.exchanges(batchwire.PATH), stack.model.exchanges("/predict")
+        predictions = len(stack.model.calls())
         start_worker()
         for tag, request_id in ids.items():
             done = await stack.wait_status(request_id, "completed", "failed", within=60)
@@ -389,14 +396,17 @@ async def test_a_burst_is_stored_started_and_completed_in_batches(stack: Stack) 
         types = await stack.event_types(twice)
         assert types.count("AsyncRequestCompleted") == 1, types
         assert stack.model.calls().count("burst-3") == types.count("AsyncRequestStarted")
-        # The model server was called in batches (its batch route), never one by one.
+        # The model server was called in batches (its batch route; a lone request, such
+        # as the poison one's retries, through its own route): fewer exchanges than
+        # predictions.
         batches = stack.model.exchanges(batchwire.PATH) - exchanges[0]
-        assert 0 < batches < len(ids) and stack.model.exchanges("/predict") == exchanges[1]
+        alone = stack.model.exchanges("/predict") - exchanges[1]
+        assert batches > 0 and batches + alone < len(stack.model.calls()) - predictions
         # Lots: fewer events and transactions than requests for each step.
         rows = await pool.fetch(
             "SELECT event_type, count(DISTINCT tx_id) AS txs, count(*) AS n "
             "FROM asyncinference.events WHERE stream_id = ANY($1::text[]) GROUP BY event_type",
-            list({f"async_lot:{lot_of(r)}" for r in ids.values()}),
+            list({f"async_lot:{await stack.lot_of(r)}" for r in ids.values()}),
         )
         by_type = {row["event_type"]: (row["txs"], row["n"]) for row in rows}
         for kind in ("AsyncLotQueued", "AsyncLotStarted", "AsyncLotCompleted"):
@@ -411,8 +421,9 @@ async def test_a_slow_request_does_not_hold_back_the_others_of_its_batch(stack: 
         fast = await stack.submit({"tag": "quick"})
         js = stack.service.service.js
         for request_id in (slow, fast):
+            lot_id = await stack.lot_of(request_id)
             await wait_for(
-                lambda r=request_id: queue.is_queued(js, lot_of(r), "echo"),  # type: ignore[misc]
+                lambda lot_id=lot_id: queue.is_queued(js, lot_id, "echo"),  # type: ignore[misc]
                 timeout=10,
                 message="the queue messages",
             )
@@ -425,9 +436,61 @@ async def test_a_slow_request_does_not_hold_back_the_others_of_its_batch(stack: 
         started = await stack.service.service.store.pool.fetchval(
             "SELECT count(DISTINCT tx_id) FROM asyncinference.events "
             "WHERE event_type = 'AsyncLotStarted' AND stream_id = ANY($1::text[])",
-            [f"async_lot:{lot_of(slow)}", f"async_lot:{lot_of(fast)}"],
+            [f"async_lot:{await stack.lot_of(slow)}", f"async_lot:{await stack.lot_of(fast)}"],
         )
         assert started == 1  # they were one batch
+
+
+async def test_a_call_that_fails_as_a_whole_is_retried_one_request_at_a_time(
+    stack: Stack,
+) -> None:
+    """A lot's requests share one model call; when that call fails as a whole (here: the
+    gateway's timeout, which one hanging request causes), each is tried again alone in
+    the same attempt, so the hanging one fails none of its neighbours."""
+    runner = GatewayRunner(stack.url, INTERNAL, 30.0)
+    together = _HangingTogether(runner)
+    async with contextlib.AsyncExitStack() as cleanup:
+        cleanup.push_async_callback(runner.close)
+        start_worker = await cleanup.enter_async_context(_batching_worker(stack, runner=together))
+        internal = Principal(user="gateway", admin=False, internal=True)
+        subs = [
+            Submission("echo", "team-a", "ana", "/predict", "application/json", body, "raw")
+            for body in (
+                b'{"tag": "hang"}',
+                b'{"tag": "n-1"}',
+                b'{"tag": "n-2"}',
+                b'{"tag": "n-3"}',
+            )
+        ]
+        views = await stack.service.commands.submit_many(internal, subs)
+        ids = [v.request_id for v in views if isinstance(v, RequestView)]
+        assert len(ids) == 4 and len({await stack.lot_of(r) for r in ids}) == 1  # one lot
+        start_worker()
+        for request_id in ids[1:]:
+            done = await stack.wait_status(request_id, "completed", "failed")
+            assert done["status"] == "completed" and done["attempts"] == 1, done
+        hung = await stack.wait_status(ids[0], "failed", within=60)
+        assert hung["attempts"] == 3 and "no answer from the gateway" in hung["error"], hung
+    assert together.whole_failures >= 1  # the lot was first called together
+
+
+class _HangingTogether:
+    """The real gateway runner, except that a call with the payload tagged "hang" gets no
+    answer in time: a call of several fails as a whole, as a gateway timeout does, and
+    the "hang" request alone fails too."""
+
+    def __init__(self, runner: GatewayRunner) -> None:
+        self.runner = runner
+        self.whole_failures = 0
+
+    async def run_batch(self, runs: Sequence[tuple[AsyncRequest, bytes]]) -> list[Outcome]:
+        if not any(json.loads(body).get("tag") == "hang" for _, body in runs):
+            return await self.runner.run_batch(runs)
+        late = Outcome(504, "", b"", error="no answer from the gateway in time")
+        if len(runs) == 1:
+            return [late]
+        self.whole_failures += 1
+        return [dataclasses.replace(late, whole=True)] * len(runs)
 
 
 class _HoldingRunner:
@@ -447,18 +510,18 @@ class _HoldingRunner:
 
 @contextlib.asynccontextmanager
 async def _batching_worker(
-    stack: Stack, hold: asyncio.Event | None = None
+    stack: Stack, hold: asyncio.Event | None = None, runner: Runner | None = None
 ) -> AsyncIterator[Callable[[], None]]:
     """Stops the worker process (what is submitted meanwhile waits) and yields a function
     that starts a worker in this process taking up to 32 requests at a time (``hold``:
     see :class:`_HoldingRunner`); the worker process runs again afterwards."""
     stack.worker.stop()
     stop = asyncio.Event()
-    runner = GatewayRunner(stack.url, INTERNAL, 30.0)
+    gateway = GatewayRunner(stack.url, INTERNAL, 30.0)
     worker = Worker(
         stack.service.commands,
         stack.service.service.js,
-        runner if hold is None else _HoldingRunner(runner, hold),
+        runner or (gateway if hold is None else _HoldingRunner(gateway, hold)),
         concurrency=32,
         ack_wait_seconds=5.0,
         retry_delay_seconds=0.1,
@@ -473,5 +536,5 @@ async def _batching_worker(
         stop.set()
         for task in tasks:
             await asyncio.wait_for(task, 30)
-        await runner.close()
+        await gateway.close()
         stack.worker.start()

@@ -1,6 +1,5 @@
-"""The AsyncLot aggregate: request ids that name their lot, one lot event per kind of
-change, decisions still taken by each request, replay, and the lots of one that
-requests accepted before lots are."""
+"""The AsyncLot aggregate: ids, one lot event per kind of change, decisions still taken
+by each request, replay, and the lots of one that requests accepted before lots are."""
 
 from __future__ import annotations
 
@@ -27,11 +26,9 @@ from shipyard_asyncinference.domain.lots import (
     AsyncLotQueued,
     AsyncLotRequestsFailed,
     AsyncLotStarted,
-    lot_of,
-    member_ids,
     new_lot_id,
+    new_request_id,
     request_events,
-    request_id,
 )
 from shipyard_core.aggregate import DomainEvent
 from shipyard_core.errors import NotFound
@@ -75,7 +72,7 @@ def result(at: datetime = T0) -> dict[str, Any]:
 def queued_lot(*max_attempts: int) -> tuple[AsyncLot, list[str]]:
     """A new lot of one request per ``max_attempts`` given, and its request ids."""
     lot_id = new_lot_id()
-    ids = member_ids(lot_id, len(max_attempts))
+    ids = [new_request_id() for _ in max_attempts]
     new = AsyncLot(lot_id)
     new.queue([(rid, fields(n)) for rid, n in zip(ids, max_attempts, strict=True)])
     return new, ids
@@ -125,39 +122,25 @@ def state(agg: AsyncRequest) -> dict[str, Any]:
 # -- ids --------------------------------------------------------------------------------
 
 
-def test_a_lot_id_is_24_hex_digits_of_a_uuid_version_8() -> None:
-    ids = {new_lot_id() for _ in range(200)}
-    assert len(ids) == 200
-    for lot_id in ids:
-        assert len(lot_id) == LOT_ID_LENGTH == 24
-        assert HEX.match(lot_id), lot_id
-        assert lot_id[12] == "8", lot_id
-        # With any index, a request id is a well-formed UUID of version 8.
-        rid = request_id(lot_id, 0)
-        assert uuid.UUID(rid).version == 8
-        assert uuid.UUID(rid).hex == rid
-
-
-def test_request_ids_name_their_lot() -> None:
-    lot_id = new_lot_id()
-    ids = member_ids(lot_id, 3)
-    assert ids == [request_id(lot_id, i) for i in range(3)]
-    assert ids == [lot_id + "00000000", lot_id + "00000001", lot_id + "00000002"]
-    last = request_id(lot_id, 0xABCDEF12)
-    for rid in [*ids, last]:
-        assert len(rid) == 32 and HEX.match(rid), rid
-        assert lot_of(rid) == lot_id
-    assert last.endswith("abcdef12")
-    # A request accepted before lots (a UUIDv4 id) is its own lot, of one.
+def test_lot_and_request_ids() -> None:
+    lots = {new_lot_id() for _ in range(200)}
+    requests = {new_request_id() for _ in range(200)}
+    assert len(lots) == len(requests) == 200
+    for lot_id in lots:
+        assert len(lot_id) == LOT_ID_LENGTH == 24 and HEX.match(lot_id), lot_id
+    # A request id is a random UUID (a public deployment's result is read with it alone):
+    # it tells nothing of its lot or its siblings.
+    for rid in requests:
+        assert uuid.UUID(rid).version == 4 and uuid.UUID(rid).hex == rid
+    new, ids = queued_lot(3, 3)
+    assert not any(rid.startswith(new.id) for rid in ids)
+    assert len({rid[:24] for rid in ids}) == 2
+    # The aggregate of an id: a lot's (24 digits), or a request's from before lots.
     old = uuid.uuid4().hex
-    assert old[12] == "4"
-    assert lot_of(old) == old
-    assert member_ids(old, 1) == [old]
-    assert member_ids(old, 5) == [old]
     assert isinstance(lot(old), SingleRequest)
-    assert type(lot(lot_id)) is AsyncLot
+    assert type(lot(new.id)) is AsyncLot
     assert lot(old).aggregate_type == "async_request"
-    assert lot(lot_id).aggregate_type == "async_lot"
+    assert lot(new.id).aggregate_type == "async_lot"
 
 
 # -- decisions --------------------------------------------------------------------------
@@ -182,7 +165,7 @@ def test_queueing_n_requests_is_one_event() -> None:
     assert new.exists
     assert new.expires_at == T0 + timedelta(days=3)
     with pytest.raises(NotFound):
-        new.member(request_id(new.id, 5))
+        new.member(new_request_id())
 
 
 def test_start_runs_what_can_run_and_fails_what_used_up_its_attempts() -> None:
@@ -240,7 +223,7 @@ def test_a_result_is_stored_once() -> None:
     assert other.complete([(rid, 2, result())]) == [True]
     assert types(other.pending) == ["AsyncLotCompleted"]
     with pytest.raises(NotFound):
-        other.complete([(request_id(other.id, 1), 1, result())])
+        other.complete([(new_request_id(), 1, result())])
 
 
 def test_replaying_a_lots_events_gives_the_same_requests() -> None:
@@ -346,7 +329,7 @@ def test_a_request_from_before_lots_keeps_its_own_events() -> None:
         AsyncRequestQueued(**fields(3)),
         AsyncRequestStarted(attempt=1, worker="old-worker", at=T0),
     ]
-    single = lot(lot_of(rid))
+    single = lot(rid)
     assert isinstance(single, SingleRequest)
     replay(single, stored("async_request", rid, old))
     assert single.version == 2

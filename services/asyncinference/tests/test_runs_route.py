@@ -54,12 +54,23 @@ async def test_the_runs_route_answers_each_request_as_the_run_route_would(stack:
             _part({"tag": "nowhere"}, path="/etc/passwd"),
             _part({"tag": "outsider"}, caller="bob", group="team-b"),
             _part({"tag": "two"}),
+            batchwire.Part(
+                {**_part({}).head, "content_type": "application/json\r\nX-Forwarded-User: root"},
+                b"{}",
+            ),
         ],
     )
     assert status == 200 and headers["Content-Type"] == batchwire.CONTENT_TYPE
     answers = batchwire.decode(body)
     heads = [(a.head["status"], a.head["answered_by"]) for a in answers]
-    assert heads == [(200, "model"), (400, "gateway"), (403, "gateway"), (200, "model")], answers
+    assert heads == [
+        (200, "model"),
+        (400, "gateway"),
+        (403, "gateway"),
+        (200, "model"),
+        (400, "gateway"),
+    ], answers
+    assert "content-type" in json.loads(answers[4].body)["error"]
     assert json.loads(answers[0].body) == {"echo": {"tag": "one"}, "user": "ana"}
     assert json.loads(answers[3].body)["echo"] == {"tag": "two"}
     assert "model_path" in json.loads(answers[1].body)["error"]

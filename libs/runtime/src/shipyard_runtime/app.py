@@ -183,12 +183,13 @@ class App:
             if self.version:
                 routes[f"/v2/models/{name}/versions/{self.version}{suffix}"] = route
         # Several predictions in one exchange (the async workers' calls, decision 0035).
-        routes[batchwire.PATH] = Route(
+        self._batch_route = Route(
             {"POST": self._serve_batch},
             simple_error,
             "POST",
             content_type=batchwire.CONTENT_TYPE,
         )
+        routes[batchwire.PATH] = self._batch_route
         # Exact paths in one dict: routing a request is a single lookup.
         self._routes = routes
         self.max_batch = 32
@@ -326,12 +327,18 @@ class App:
         waiting: list[tuple[int, Prepared]] = []
         for i, part in enumerate(parts):
             path = part.head.get("path")
-            got = part.head.get("headers")
-            item_headers = {str(k).lower(): str(v) for k, v in got.items()} if got else {}
-            if not isinstance(path, str) or path == batchwire.PATH:
-                answers[i] = (400, simple_error(400, "each part needs the path of a route"))
+            got = part.head.get("headers") or {}
+            if not isinstance(path, str) or not isinstance(got, dict):
+                answers[i] = (
+                    400,
+                    simple_error(400, 'each part needs a "path" and "headers" as an object'),
+                )
                 continue
+            item_headers = {str(k).lower(): str(v) for k, v in got.items()}
             route = self.resolve(path)
+            if route is self._batch_route:
+                answers[i] = (400, simple_error(400, "a batch cannot hold a batch"))
+                continue
             handler = route.methods.get("POST")
             if handler is None and not route.methods:
                 answers[i] = (404, self.unknown_path("POST", path))

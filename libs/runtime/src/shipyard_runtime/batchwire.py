@@ -41,7 +41,7 @@ def decode(data: bytes) -> list[Part]:
         raise ValueError("a batch body starts with a JSON line of its parts; no line found")
     try:
         heads = json.loads(data[:end])["parts"]
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:
         raise ValueError(f'the first line is not {{"parts": [...]}}: {exc}') from exc
     if not isinstance(heads, list):
         raise ValueError('"parts" must be a list')

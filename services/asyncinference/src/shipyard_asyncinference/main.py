@@ -31,6 +31,7 @@ from shipyard_asyncinference.app.batch import (
     Locations,
     ensure_batch_tables,
 )
+from shipyard_asyncinference.app.membership import ensure_membership_table
 from shipyard_asyncinference.projections import (
     SCHEMA,
     AsyncRequestsProjection,
@@ -75,6 +76,7 @@ async def build(
     await svc.open()
     async with svc.pool.acquire() as conn:
         await ensure_blobs_table(conn, SCHEMA)
+        await ensure_membership_table(conn, SCHEMA)
         await ensure_batch_tables(conn)
     await queue.ensure_queue(svc.js, settings.ack_wait_seconds)
     blobs = Blobs(
@@ -123,7 +125,7 @@ async def build(
             svc.js,
             runner,
             concurrency=settings.worker_concurrency,
-            call_budget_seconds=settings.run_timeout_seconds / 10,
+            call_budget_seconds=min(2.0, settings.run_timeout_seconds / 10),
             ack_wait_seconds=settings.ack_wait_seconds,
             retry_delay_seconds=settings.retry_delay_seconds,
         )

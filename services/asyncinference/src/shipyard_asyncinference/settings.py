@@ -58,7 +58,9 @@ class AsyncInferenceSettings(CommonSettings):
     run_timeout_seconds: float = Field(default=300.0, gt=0)
     """How long a worker waits for the gateway's answer to one model call (waking a
     deployment scaled to zero included) before its attempts fail. A call carries as
-    many requests as the model answers in a tenth of it (measured per deployment)."""
+    many requests as the model answers in 2 s (or a tenth of this, if less; measured
+    per deployment); a call that fails as a whole is tried again one request at a
+    time."""
 
     retention_seconds: float = Field(default=3 * 24 * 3600.0, gt=0)
     """How long a request's payload and result are kept after it was submitted (default

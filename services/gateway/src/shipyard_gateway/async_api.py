@@ -30,12 +30,15 @@ Batch jobs (same credentials as a prediction; listing like async requests):
 ``GET /deployments/{d}/batch/{id}`` (progress and per-object failures), ``DELETE`` it or
 ``POST .../{id}/cancel``.
 
-Running: the service's workers call ``POST /deployments/{d}/async/{id}/run`` with the
-internal token; it is forwarded like a synchronous prediction of the original caller
-(``X-Shipyard-Caller``, the deployment's group in ``X-Shipyard-Group``), waking a
-deployment scaled to zero. ``X-Shipyard-Answered-By: model | gateway`` tells the worker
-who answered. Each run is recorded in the metrics with protocol ``async``, as are refused
-submissions (an accepted one is counted once, by its run).
+Running: the service's workers call ``POST /deployments/{d}/async/runs`` with the
+internal token and a lot of requests in the batch wire format (one exchange with one
+model server: its ``/shipyard/batch``), or ``POST /deployments/{d}/async/{id}/run`` for
+one; each request is forwarded like a synchronous prediction of its original caller (the
+caller and the deployment's group: ``X-Shipyard-Caller`` / ``X-Shipyard-Group``, or the
+part's head), waking a deployment scaled to zero. ``X-Shipyard-Answered-By: model |
+gateway`` (a part's ``answered_by``) tells the worker who answered. Each run is recorded
+in the metrics with protocol ``async``, as are refused submissions (an accepted one is
+counted once, by its run).
 
 Wiring (in :func:`shipyard_gateway.main.build`, after ``create_app``)::
 
@@ -739,16 +742,21 @@ class AsyncApi:
                         request,
                     )
                     continue
-                user, group = str(head.get("caller", "")), str(head.get("group", ""))
-                acting = (
-                    Principal(user=user, admin=False, groups=frozenset({group})) if user else None
-                )
+                acting = _acting(str(head.get("caller", "")), str(head.get("group", "")))
                 headers = {
                     "content-type": str(head.get("content_type") or _JSON),
                     "x-request-id": str(head.get("request_id", "")),
                 }
                 if head.get("traceparent"):
                     headers["traceparent"] = str(head["traceparent"])
+                bad = next((k for k, v in headers.items() if not _header_safe(v)), None)
+                if bad is not None:
+                    # They become HTTP headers upstream: no line breaks smuggled in.
+                    answers[i] = _gateway_part(
+                        InvalidArgument(bad, "has characters a header cannot hold", "ASCII"),
+                        request,
+                    )
+                    continue
                 items.append((i, BatchItem(path, part.body, headers, acting)))
             replies = await self.handler.forward_batch(deployment, [item for _, item in items])
             for (i, _), reply in zip(items, replies, strict=True):
@@ -771,6 +779,11 @@ class AsyncApi:
             body=batchwire.encode([a for a in answers if a is not None]),
             headers={"Content-Type": batchwire.CONTENT_TYPE, ANSWERED_BY: "gateway"},
         )
+
+
+def _header_safe(value: str) -> bool:
+    """Whether ``value`` can be an HTTP header's value as is (printable ASCII)."""
+    return value.isascii() and value.isprintable()
 
 
 def _acting(user: str, group: str) -> Principal | None:

@@ -259,7 +259,13 @@ class PredictHandler:
             )
             sent.append((i, request_id, headers))
         if sent:
-            with self.load.track(deployment):
+            limit = route.max_inflight or self.max_inflight
+            if limit and self.load.inflight(deployment) >= limit:
+                raise TooManyRequests(
+                    f"deployment {deployment!r} has {limit} requests in progress at this "
+                    "gateway, its limit; retry shortly"
+                )
+            with self.load.track(deployment, len(sent)):
                 replies = await self._send_batch(deployment, items, parts, sent)
             for (i, _, _), reply in zip(sent, replies, strict=True):
                 out[i] = reply
@@ -303,20 +309,20 @@ class PredictHandler:
             answers = batchwire.decode(whole.body)
             if len(answers) != len(sent):
                 raise ValueError(f"{len(answers)} answers to {len(sent)} requests")
-        except ValueError as exc:
+            return [
+                UpstreamResponse(
+                    status=int(answer.head.get("status", 502)),
+                    body=answer.body,
+                    content_type=str(answer.head.get("content_type") or _JSON),
+                    request_id=rid,
+                    address=whole.address,
+                )
+                for (_, rid, _), answer in zip(sent, answers, strict=True)
+            ]
+        except (ValueError, TypeError) as exc:
             log.warning("batch to %s at %s answered badly: %s", deployment, whole.address, exc)
             bad = Unavailable(f"the model server did not answer the batch as expected ({exc})")
             return [bad] * len(sent)
-        return [
-            UpstreamResponse(
-                status=int(answer.head.get("status", 502)),
-                body=answer.body,
-                content_type=str(answer.head.get("content_type") or _JSON),
-                request_id=rid,
-                address=whole.address,
-            )
-            for (_, rid, _), answer in zip(sent, answers, strict=True)
-        ]
 
     async def authorize(
         self,

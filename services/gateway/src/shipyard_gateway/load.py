@@ -65,18 +65,19 @@ class LoadTracker:
         self._loads: dict[str, _Load] = {}
 
     @contextmanager
-    def track(self, deployment: str) -> Iterator[None]:
-        """Counts one request to ``deployment`` for the ``with`` body."""
+    def track(self, deployment: str, requests: int = 1) -> Iterator[None]:
+        """Counts ``requests`` requests to ``deployment`` (several: a batch of async
+        requests in one exchange) for the ``with`` body."""
         load = self._loads.get(deployment)
         if load is None:
             load = self._loads[deployment] = _Load()
-        load.requests += 1
-        load.inflight += 1
+        load.requests += requests
+        load.inflight += requests
         load.peak = max(load.peak, load.inflight)
         try:
             yield
         finally:
-            load.inflight -= 1
+            load.inflight -= requests
 
     def inflight(self, deployment: str) -> int:
         """Requests to ``deployment`` in flight now."""

@@ -90,7 +90,10 @@ class ProjectionRunner:
     # -- lifecycle -------------------------------------------------------------------
 
     async def ensure_consumer(self) -> None:
-        """Creates the durable consumer (from the first event) if it does not exist."""
+        """Creates the durable consumer (from the first event) if it does not exist, and
+        makes an existing one follow the projection's subjects: a release whose
+        projection follows a new aggregate widens the consumer in place (it keeps its
+        position; the new aggregate's events come after it)."""
         config = ConsumerConfig(
             durable_name=self.durable,
             deliver_policy=DeliverPolicy.ALL,
@@ -101,9 +104,19 @@ class ProjectionRunner:
             filter_subjects=self.projection.subjects(),
         )
         try:
-            await self.js.consumer_info(EVENTS_STREAM, self.durable)
+            info = await self.js.consumer_info(EVENTS_STREAM, self.durable)
         except NotFoundError:
             await self.js.add_consumer(EVENTS_STREAM, config)
+            return
+        have = info.config.filter_subjects or [info.config.filter_subject or ""]
+        if set(have) != set(config.filter_subjects or ()):
+            log.info(
+                "projection %s now follows %s (was %s)",
+                self.projection.name,
+                ", ".join(config.filter_subjects or ()),
+                ", ".join(have),
+            )
+            await self.js.add_consumer(EVENTS_STREAM, config)  # create or update
 
     async def run(self, stop: asyncio.Event) -> None:
         """Applies events until ``stop`` is set; survives database and broker outages."""

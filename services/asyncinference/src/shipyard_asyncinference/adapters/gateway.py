@@ -14,6 +14,7 @@ failure means. Against a gateway from before that route, each request goes alone
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Sequence
@@ -48,6 +49,8 @@ class Outcome:
     error: str = ""
     final: bool = False
     """For a failure: retrying cannot help."""
+    whole: bool = False
+    """The answer of a whole call of several requests (not of this one alone)."""
 
     @property
     def ok(self) -> bool:
@@ -83,6 +86,8 @@ def _outcome(status: int, content_type: str, data: bytes, by: str) -> Outcome:
 
 _SINGLE_SECONDS = 60.0
 """How long to send requests one by one after a gateway without the batch route."""
+_SINGLE_CONCURRENCY = 8
+"""Requests of one call sent at once when they go one by one."""
 
 
 class GatewayRunner:
@@ -106,9 +111,12 @@ class GatewayRunner:
 
     async def run_batch(self, runs: Sequence[tuple[AsyncRequest, bytes]]) -> list[Outcome]:
         """One attempt of each ``(request, payload)``, all of one deployment, in one call;
-        the outcomes in order."""
+        the outcomes in order. A failure of the call as a whole is each request's outcome,
+        marked ``whole``. One request goes alone through the run route (no framing)."""
+        if len(runs) == 1:
+            return [await self.run(*runs[0])]
         if time.monotonic() < self._single_until:
-            return list(await asyncio.gather(*(self.run(agg, body) for agg, body in runs)))
+            return await self._one_by_one(runs)
         deployment = runs[0][0].deployment
         parts = [
             batchwire.Part(
@@ -137,14 +145,16 @@ class GatewayRunner:
                 content_type = response.headers.get("Content-Type", "application/json")
                 by = response.headers.get(ANSWERED_BY)
         except TimeoutError:
-            return [Outcome(504, "", b"", error="no answer from the gateway in time")] * len(runs)
+            timeout = Outcome(504, "", b"", error="no answer from the gateway in time", whole=True)
+            return [timeout] * len(runs)
         except aiohttp.ClientError as exc:
-            return [Outcome(503, "", b"", error=f"cannot reach the gateway: {exc}")] * len(runs)
+            down = Outcome(503, "", b"", error=f"cannot reach the gateway: {exc}", whole=True)
+            return [down] * len(runs)
         if by is None and status in (404, 405):
             # A gateway from before the batch route (a rolling upgrade): one by one for a
             # while, then the batch route again.
             self._single_until = time.monotonic() + _SINGLE_SECONDS
-            return list(await asyncio.gather(*(self.run(agg, body) for agg, body in runs)))
+            return await self._one_by_one(runs)
         if status == 200 and content_type == batchwire.CONTENT_TYPE:
             try:
                 answers = batchwire.decode(data)
@@ -161,10 +171,22 @@ class GatewayRunner:
                     )
                     for a in answers
                 ]
-            return [Outcome(502, "", b"", error="the gateway's batch answer is malformed")] * len(
-                runs
-            )
-        return [_outcome(status, content_type, data, by or "gateway")] * len(runs)
+            bad = Outcome(502, "", b"", error="the gateway's batch answer is malformed", whole=True)
+            return [bad] * len(runs)
+        whole = dataclasses.replace(
+            _outcome(status, content_type, data, by or "gateway"), whole=True
+        )
+        return [whole] * len(runs)
+
+    async def _one_by_one(self, runs: Sequence[tuple[AsyncRequest, bytes]]) -> list[Outcome]:
+        """Each through the run route, a few at a time (as a worker sent them before)."""
+        slots = asyncio.Semaphore(_SINGLE_CONCURRENCY)
+
+        async def one(agg: AsyncRequest, body: bytes) -> Outcome:
+            async with slots:
+                return await self.run(agg, body)
+
+        return list(await asyncio.gather(*(one(agg, body) for agg, body in runs)))
 
     async def run(self, agg: AsyncRequest, body: bytes) -> Outcome:
         """One attempt of ``agg`` with its payload ``body``."""

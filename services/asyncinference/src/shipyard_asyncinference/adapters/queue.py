@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+from collections.abc import Sequence
 
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StorageType, StreamConfig
@@ -30,7 +31,7 @@ ASYNC_STREAM = "ASYNC"
 SUBJECT_PREFIX = "async.requests"
 WORKERS_CONSUMER = "asyncinference_workers"
 DUPLICATE_WINDOW_SECONDS = 600.0
-_LOT_ID = re.compile(r"^(?:[0-9a-f]{24}|[0-9a-f]{32})$")
+_ID = re.compile(r"^(?:[0-9a-f]{24}|[0-9a-f]{32})$")
 
 
 def stream_config() -> StreamConfig:
@@ -95,10 +96,10 @@ async def retire_dispatcher(js: JetStreamContext) -> None:
         await js.delete_consumer(EVENTS_STREAM, _RETIRED_DISPATCHER)
 
 
-def message(lot_id: str, size: int) -> bytes:
-    """The body of a queue message: which lot to look at, and how many requests it has
-    (so their payloads can be read while the lot is loaded; 0: unknown)."""
-    return json.dumps({"lot_id": lot_id, "requests": size}).encode()
+def message(lot_id: str, request_ids: Sequence[str]) -> bytes:
+    """The body of a queue message: which lot to look at, and its requests' ids (so their
+    payloads can be read while the lot is loaded; empty: not known)."""
+    return json.dumps({"lot_id": lot_id, "requests": list(request_ids)}).encode()
 
 
 async def is_queued(js: JetStreamContext, lot_id: str, deployment: str) -> bool:
@@ -112,27 +113,36 @@ async def is_queued(js: JetStreamContext, lot_id: str, deployment: str) -> bool:
 
 
 async def enqueue(
-    js: JetStreamContext, lot_id: str, deployment: str, msg_id: str, size: int = 0
+    js: JetStreamContext,
+    lot_id: str,
+    deployment: str,
+    msg_id: str,
+    request_ids: Sequence[str] = (),
 ) -> None:
     """Puts ``lot_id`` on the queue directly, deduplicated by ``msg_id`` within the
     window (Submit's fast path; the sweeper's re-dispatch of a lost message)."""
     await js.publish(
         subject(deployment, lot_id),
-        message(lot_id, size),
+        message(lot_id, request_ids),
         stream=ASYNC_STREAM,
         headers={"Nats-Msg-Id": msg_id},
     )
 
 
-def lot_of_message(body: bytes) -> tuple[str, int]:
-    """``(lot id, requests)`` of a queue message (a request's from before lots: its own
-    lot of one); ``ValueError`` for a malformed one."""
+def lot_of_message(body: bytes) -> tuple[str, list[str]]:
+    """``(lot id, its request ids if given)`` of a queue message (a request's from before
+    lots: its own lot of one); ``ValueError`` for a malformed one."""
     try:
         data = json.loads(body)
-        value = data["lot_id"] if "lot_id" in data else data["request_id"]
-        size = int(data.get("requests", 1))
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        if "lot_id" in data:
+            value, ids = data["lot_id"], data.get("requests") or []
+        else:
+            value = data["request_id"]
+            ids = [value]
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
         raise ValueError(f"not an async queue message: {exc}") from exc
-    if not isinstance(value, str) or not _LOT_ID.match(value):
+    if not isinstance(value, str) or not _ID.match(value):
         raise ValueError(f"not an async queue message: lot id {str(value)[:40]!r}")
-    return value, min(max(size, 0), MAX_LOT_SIZE)
+    if not isinstance(ids, list) or not all(isinstance(i, str) and _ID.match(i) for i in ids):
+        raise ValueError("not an async queue message: requests must be request ids")
+    return value, ids[:MAX_LOT_SIZE]

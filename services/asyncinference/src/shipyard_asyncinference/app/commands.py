@@ -21,10 +21,11 @@ from typing import Any, TypeVar
 from nats.js import JetStreamContext
 
 from shipyard_asyncinference.adapters import queue
+from shipyard_asyncinference.app.membership import Membership
 from shipyard_asyncinference.app.payloads import PAYLOAD, RESULT, Blobs
 from shipyard_asyncinference.app.views import RequestView, Submission
-from shipyard_asyncinference.domain import EVENTS, INLINE, AsyncLot, AsyncRequest, lot, lot_of
-from shipyard_asyncinference.domain.lots import member_ids, new_lot_id, request_id
+from shipyard_asyncinference.domain import EVENTS, INLINE, AsyncLot, AsyncRequest, lot
+from shipyard_asyncinference.domain.lots import MAX_LOT_SIZE, new_lot_id, new_request_id
 from shipyard_core.aggregate import Repository, retry_on_conflict
 from shipyard_core.auth import Principal
 from shipyard_core.errors import (
@@ -71,6 +72,7 @@ class Started:
 class Result:
     """A model's answer to a started attempt, to store."""
 
+    lot_id: str
     request: AsyncRequest
     attempt: int
     status: int
@@ -108,6 +110,7 @@ class AsyncCommands:
         self.pool = store.pool
         self.repo: Repository[AsyncLot] = Repository(store, lot, EVENTS)
         self.blobs = blobs
+        self.membership = Membership(blobs.schema)
         self.js = js
         self.max_payload_bytes = max_payload_bytes
         self.max_attempts = max_attempts
@@ -116,11 +119,21 @@ class AsyncCommands:
 
     async def load(self, request_id: str) -> AsyncRequest:
         """The request (NotFound when it does not exist)."""
-        found = await self.repo.load(lot_of(check_request_id(request_id)))
-        agg = found.members.get(request_id)
+        agg = (await self._load(check_request_id(request_id)))[1]
         if agg is None:
             raise NotFound(f"async request {request_id!r} does not exist")
         return agg
+
+    async def _load(self, request_id: str) -> tuple[AsyncLot, AsyncRequest | None]:
+        async with self.pool.acquire() as conn:
+            lot_id = (await self.membership.lots_of(conn, [request_id]))[request_id]
+            found = await self.repo.load(lot_id, conn=conn)
+        return found, found.members.get(request_id)
+
+    async def lots_of(self, request_ids: Sequence[str]) -> dict[str, str]:
+        """The lot of each request (see :class:`Membership`)."""
+        async with self.pool.acquire() as conn:
+            return await self.membership.lots_of(conn, request_ids)
 
     # -- callers ---------------------------------------------------------------------
 
@@ -154,17 +167,14 @@ class AsyncCommands:
         caller.require_internal("submit an async request (the gateway does)")
         slots: list[str | ShipyardError] = []
         by_deployment: dict[str, list[tuple[str, Submission]]] = {}
-        lot_ids: dict[str, str] = {}
         for sub in subs:
             try:
                 self._check(sub)
             except ShipyardError as exc:
                 slots.append(exc)
                 continue
-            members = by_deployment.setdefault(sub.deployment, [])
-            lot_id = lot_ids.setdefault(sub.deployment, new_lot_id())
-            rid = request_id(lot_id, len(members))
-            members.append((rid, sub))
+            rid = new_request_id()
+            by_deployment.setdefault(sub.deployment, []).append((rid, sub))
             slots.append(rid)
         accepted = [pair for members in by_deployment.values() for pair in members]
         if not accepted:
@@ -187,25 +197,28 @@ class AsyncCommands:
         now = self.clock()
         lots: list[AsyncLot] = []
         bodies: list[tuple[str, str, bytes]] = []
-        for deployment, members in by_deployment.items():
+        for members in by_deployment.values():
             kept = [(rid, sub) for rid, sub in members if rid in staged]
-            if not kept:
-                continue
-            new = AsyncLot(lot_ids[deployment])
-            new.queue([(rid, self._queued(sub, staged[rid], now)) for rid, sub in kept])
-            lots.append(new)
-            bodies.extend((rid, staged[rid], sub.body) for rid, sub in kept)
+            for start in range(0, len(kept), MAX_LOT_SIZE):
+                part = kept[start : start + MAX_LOT_SIZE]
+                new = AsyncLot(new_lot_id())
+                new.queue([(rid, self._queued(sub, staged[rid], now)) for rid, sub in part])
+                lots.append(new)
+                bodies.extend((rid, staged[rid], sub.body) for rid, sub in part)
         try:
             # One statement: payload rows, events and work items commit together (the
             # work items leave through the outbox: on the queue once committed, whatever
             # crashes; decision 0033), in one round trip (decision 0034).
             await self.repo.save(
                 *lots,
-                rows=self.blobs.inline_rows(PAYLOAD, bodies),
+                rows=[
+                    *self.blobs.inline_rows(PAYLOAD, bodies),
+                    *(self.membership.rows(new.id, list(new.members)) for new in lots),
+                ],
                 messages=[
                     OutboxMessage(
                         queue.subject(new.deployment, new.id),
-                        queue.message(new.id, len(new.members)),
+                        queue.message(new.id, list(new.members)),
                         _message_id(new.id),
                     )
                     for new in lots
@@ -224,7 +237,7 @@ class AsyncCommands:
             sent = await asyncio.gather(
                 *(
                     queue.enqueue(
-                        self.js, new.id, new.deployment, str(_message_id(new.id)), len(new.members)
+                        self.js, new.id, new.deployment, str(_message_id(new.id)), list(new.members)
                     )
                     for new in lots
                 ),
@@ -274,8 +287,7 @@ class AsyncCommands:
     ) -> tuple[AsyncLot, AsyncRequest]:
         found = agg = None
         if _REQUEST_ID.match(request_id):
-            found = await self.repo.load(lot_of(request_id))
-            agg = found.members.get(request_id)
+            found, agg = await self._load(request_id)
         if (
             found is None
             or agg is None
@@ -290,14 +302,16 @@ class AsyncCommands:
 
     # -- workers ---------------------------------------------------------------------
 
-    async def start_many(self, lots: Sequence[tuple[str, int]], worker: str) -> list[list[Started]]:
-        """Starts every lot of ``(lot id, size)`` (size 0: unknown) in one statement:
-        each of its requests not ended gets a new attempt (or fails, its attempts used
-        up); per lot, the requests to run. The inline payloads are read meanwhile, on
-        another connection: a round trip less before the model calls. The lot ids must
-        be distinct."""
-        guessed = [rid for lot_id, size in lots for rid in _member_ids(lot_id, size)]
-        payloads = asyncio.ensure_future(self._inline_payloads(guessed))
+    async def start_many(
+        self, lots: Sequence[tuple[str, Sequence[str]]], worker: str
+    ) -> list[list[Started]]:
+        """Starts every lot of ``(lot id, its request ids)`` (ids may be unknown: empty)
+        in one statement: each of its requests not ended gets a new attempt (or fails,
+        its attempts used up); per lot, the requests to run. The inline payloads of the
+        ids given are read meanwhile, on another connection: a round trip less before
+        the model calls. The lot ids must be distinct."""
+        known = [rid for _, ids in lots for rid in ids]
+        payloads = asyncio.ensure_future(self._inline_payloads(known))
 
         async def attempt() -> list[tuple[AsyncLot, list[tuple[AsyncRequest, int]]]]:
             async with self.pool.acquire() as conn:
@@ -395,7 +409,7 @@ class AsyncCommands:
             else:
                 digest = hashlib.sha256(result.body).hexdigest()
                 usable.append((i, result, location, digest))
-        lot_ids = list(dict.fromkeys(lot_of(r.request.id) for _, r, _, _ in usable))
+        lot_ids = list(dict.fromkeys(r.lot_id for _, r, _, _ in usable))
         kept: set[str] = set()
 
         def decide(current: list[AsyncLot]) -> tuple[list[bool], list[tuple[str, str, bytes]]]:
@@ -403,7 +417,7 @@ class AsyncCommands:
             now = self.clock()
             stored: dict[int, bool] = {}
             for one in current:
-                mine = [u for u in usable if lot_of(u[1].request.id) == one.id]
+                mine = [u for u in usable if u[1].lot_id == one.id]
                 oks = one.complete(
                     [
                         (
@@ -439,6 +453,7 @@ class AsyncCommands:
     async def fail_attempt(
         self,
         lots: dict[str, AsyncLot],
+        lot_id: str,
         request: AsyncRequest,
         attempt: int,
         error: str,
@@ -454,7 +469,7 @@ class AsyncCommands:
             )
             return again, []
 
-        return await self._decide(lots, [lot_of(request.id)], decide, worker)
+        return await self._decide(lots, [lot_id], decide, worker)
 
     async def expire(self, lot_id: str) -> bool:
         """Removes the payloads and results of a lot past its retention; False when it
@@ -479,18 +494,15 @@ class AsyncCommands:
         return await retry_on_conflict(decide)
 
 
-def _member_ids(lot_id: str, size: int) -> list[str]:
-    return member_ids(lot_id, size) if size else []
-
-
 def _message_id(lot_id: str) -> uuid.UUID:
-    """The queue message id of a lot (its first request's id as a UUID)."""
-    return uuid.UUID(member_ids(lot_id, 1)[0])
+    """The queue message id of a lot (its id, padded to a UUID)."""
+    return uuid.UUID(lot_id.ljust(32, "0"))
 
 
 def _lot_metadata(new: AsyncLot) -> dict[str, Any]:
     """A new lot's event metadata: its callers (one, or the gateway's coalescing) and a
-    correlation id (its first request's, for a lot of one: the request's own)."""
+    correlation id (its first request's: for a lot of one, the request's own)."""
     callers = {agg.caller for agg in new.members.values()}
     actor = callers.pop() if len(callers) == 1 else "gateway"
-    return {"actor": actor or "anonymous", "correlation_id": str(_message_id(new.id))}
+    first = next(iter(new.members))
+    return {"actor": actor or "anonymous", "correlation_id": str(uuid.UUID(first))}

@@ -13,7 +13,6 @@ from nats.js import JetStreamContext
 from shipyard_asyncinference.adapters import queue
 from shipyard_asyncinference.app.commands import AsyncCommands
 from shipyard_asyncinference.app.queries import AsyncQueries
-from shipyard_asyncinference.domain import lot_of
 from shipyard_core.aio import pause
 
 log = logging.getLogger(__name__)
@@ -48,7 +47,8 @@ class Sweeper:
         """Expires what is due now; returns how many lots."""
         count = 0
         due = await self.queries.due_for_expiry(datetime.now(UTC))
-        for lot_id in dict.fromkeys(lot_of(request_id) for request_id in due):
+        lots = await self.commands.lots_of(due) if due else {}
+        for lot_id in dict.fromkeys(lots.values()):
             if await self.commands.expire(lot_id):
                 count += 1
         self.expired += count
@@ -66,7 +66,10 @@ class Sweeper:
         candidates = await self.queries.waiting_since(before, self._cursor, page)
         # A short page means the end: the next call starts from the oldest again.
         self._cursor = (candidates[-1][0], candidates[-1][1]) if len(candidates) == page else None
-        lots = {lot_of(request_id): deployment for _since, request_id, deployment in candidates}
+        lot_of = (
+            await self.commands.lots_of([rid for _, rid, _ in candidates]) if candidates else {}
+        )
+        lots = {lot_of[request_id]: deployment for _since, request_id, deployment in candidates}
         for lot_id, deployment in lots.items():
             if await queue.is_queued(self.js, lot_id, deployment):
                 continue

@@ -33,7 +33,7 @@ from nats.js.errors import FetchTimeoutError
 from shipyard_asyncinference.adapters import queue
 from shipyard_asyncinference.adapters.gateway import Outcome
 from shipyard_asyncinference.app.commands import AsyncCommands, Result, Started
-from shipyard_asyncinference.domain import AsyncLot, AsyncRequest, lot_of
+from shipyard_asyncinference.domain import AsyncLot, AsyncRequest
 from shipyard_core.aio import pause
 from shipyard_core.bus import DLQ_STREAM
 from shipyard_core.errors import NotFound
@@ -57,10 +57,10 @@ CALL_MAX_BYTES = 1 << 20
 
 class CallSizes:
     """How many requests a model call of each deployment carries: sized from the time
-    per request its calls took, so that a call takes about ``budget`` seconds at most
-    (a tenth of the run timeout: a slow model's call must not time out because it
-    carries many requests), between 1 and ``most``. A deployment not called yet gets
-    ``first``."""
+    per request its answered calls took, so that a call takes about ``budget`` seconds at
+    most (a slow model's call must neither time out because it carries many requests
+    nor hold a model server process long), between 1 and ``most``; halved after a call
+    that failed as a whole. A deployment not called yet gets ``first``."""
 
     def __init__(self, most: int, budget: float, first: int = 8) -> None:
         self.most = most
@@ -73,9 +73,13 @@ class CallSizes:
         return self._sizes.get(deployment, self.first)
 
     def observe(self, deployment: str, requests: int, seconds: float) -> None:
-        """A call of ``requests`` requests took ``seconds`` (answered or not)."""
+        """A call of ``requests`` requests was answered in ``seconds``."""
         per_request = max(seconds, 1e-6) / max(requests, 1)
         self._sizes[deployment] = max(1, min(self.most, int(self.budget / per_request)))
+
+    def shrink(self, deployment: str, requests: int) -> None:
+        """A call of ``requests`` requests failed as a whole: the next ones carry half."""
+        self._sizes[deployment] = max(1, min(self.size(deployment), requests // 2))
 
 
 class Worker:
@@ -157,11 +161,11 @@ class Worker:
 
     async def _handle(self, msgs: list[Msg]) -> None:
         batch = _Batch(self, len(msgs))
-        sizes: dict[str, int] = {}
+        members: dict[str, list[str]] = {}
         try:
             for msg in msgs:
                 try:
-                    lot_id, size = queue.lot_of_message(msg.data)
+                    lot_id, ids = queue.lot_of_message(msg.data)
                 except ValueError as exc:
                     await self._dead_letter(msg, str(exc))
                     batch.release(1)
@@ -171,12 +175,12 @@ class Worker:
                     batch.release(1)
                     continue
                 batch.open[lot_id] = msg
-                sizes[lot_id] = size
+                members[lot_id] = ids
             if not batch.open:
                 return
             beat = asyncio.ensure_future(self._heartbeat(batch))
             try:
-                await self._process(batch, sizes)
+                await self._process(batch, members)
             except Exception as exc:
                 # Left unacknowledged: redelivered after the ack wait, to this or another
                 # worker, which then decides from the requests' state.
@@ -191,9 +195,9 @@ class Worker:
         finally:
             batch.release(batch.held)
 
-    async def _process(self, batch: _Batch, sizes: dict[str, int]) -> None:
+    async def _process(self, batch: _Batch, members: dict[str, list[str]]) -> None:
         ids = list(batch.open)
-        started = await self.commands.start_many([(i, sizes[i]) for i in ids], self.name)
+        started = await self.commands.start_many([(i, members[i]) for i in ids], self.name)
         lots: dict[str, AsyncLot] = {}
         runs: list[Started] = []
         for lot_id, lot_runs in zip(ids, started, strict=True):
@@ -226,12 +230,15 @@ class Worker:
             deployment = chunk[0].request.deployment
             async with self.calls:
                 began = time.monotonic()
-                try:
-                    got = await self.runner.run_batch([(r.request, b) for r, b in ready])
-                    outcomes = list(got)
-                except Exception as exc:
-                    outcomes = [exc] * len(ready)
-                self.sizes.observe(deployment, len(ready), time.monotonic() - began)
+                outcomes = await self._call(ready)
+                took = time.monotonic() - began
+            if len(ready) > 1 and _failed_whole(outcomes):
+                # The call failed as a whole (a timeout, the model server gone): perhaps
+                # one request's doing. Each alone, so it fails none of its neighbours.
+                self.sizes.shrink(deployment, len(ready))
+                outcomes = list(await asyncio.gather(*(self._alone(run) for run in ready)))
+            else:
+                self.sizes.observe(deployment, len(ready), took)
             for (run, _), outcome in zip(ready, outcomes, strict=True):
                 finished.put_nowait((run, outcome))
 
@@ -247,6 +254,17 @@ class Worker:
         finally:
             for task in calls:
                 task.cancel()
+
+    async def _call(self, ready: Sequence[tuple[Started, bytes]]) -> list[Outcome | BaseException]:
+        try:
+            got = await self.runner.run_batch([(run.request, body) for run, body in ready])
+        except Exception as exc:
+            return [exc] * len(ready)
+        return list(got)
+
+    async def _alone(self, run: tuple[Started, bytes]) -> Outcome | BaseException:
+        async with self.calls:
+            return (await self._call([run]))[0]
 
     def _chunks(self, runs: list[Started]) -> list[list[Started]]:
         """The model calls of ``runs``: per lot, up to :class:`CallSizes` requests and
@@ -287,13 +305,19 @@ class Worker:
             elif outcome.ok:
                 results.append(
                     Result(
-                        run.request, run.attempt, outcome.status, outcome.content_type, outcome.body
+                        lot_id,
+                        run.request,
+                        run.attempt,
+                        outcome.status,
+                        outcome.content_type,
+                        outcome.body,
                     )
                 )
             else:
                 try:
                     again = await self.commands.fail_attempt(
                         lots,
+                        lot_id,
                         run.request,
                         run.attempt,
                         outcome.error,
@@ -313,14 +337,14 @@ class Worker:
         except Exception as exc:
             log.warning("async requests: cannot store %d results: %s", len(results), exc)
             for result in results:
-                await batch.settled(lot_of(result.request.id), leave=True)
+                await batch.settled(result.lot_id, leave=True)
             return
         for result, ok in zip(results, stored, strict=True):
             request_id = result.request.id
             if ok is False:
                 log.info("async request %s: attempt %d lost to another", request_id, result.attempt)
             # None: its result could not be staged: run it again later.
-            await batch.settled(lot_of(request_id), leave=ok is None)
+            await batch.settled(result.lot_id, leave=ok is None)
 
     async def _dead_letter(self, msg: Msg, reason: str) -> None:
         headers = dict(msg.headers or {})
@@ -332,6 +356,15 @@ class Worker:
         )
         log.error("async worker dead-lettered a malformed queue message: %s", reason)
         await msg.ack()
+
+
+def _failed_whole(outcomes: Sequence[Outcome | BaseException]) -> bool:
+    """Whether a call's outcomes are one failure of the whole call that another try
+    could change (not a final refusal such as the deployment being gone)."""
+    first = outcomes[0]
+    if isinstance(first, BaseException):
+        return True
+    return first.whole and not first.ok and not first.final
 
 
 class _Batch:

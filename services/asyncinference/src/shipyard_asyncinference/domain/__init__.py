@@ -13,7 +13,7 @@ from shipyard_asyncinference.domain.aggregates import (
 )
 from shipyard_asyncinference.domain.batch import BATCH_EVENTS, BatchJob
 from shipyard_asyncinference.domain.events import REQUEST_EVENTS
-from shipyard_asyncinference.domain.lots import LOT_EVENTS, AsyncLot, SingleRequest, lot, lot_of
+from shipyard_asyncinference.domain.lots import LOT_EVENTS, AsyncLot, SingleRequest, lot
 from shipyard_core.aggregate import EventRegistry
 
 EVENTS = EventRegistry(*BATCH_EVENTS, *REQUEST_EVENTS, *LOT_EVENTS)
@@ -34,5 +34,4 @@ __all__ = [
     "BatchJob",
     "SingleRequest",
     "lot",
-    "lot_of",
 ]

@@ -6,10 +6,12 @@ messaging, so a burst of requests costs one event per step and one queue message
 one per request (decision 0035). A lot's members decide as before; the lot records what
 they decided as lot events, one per kind of change, listing the requests it concerns.
 
-Ids: a lot id is 24 hex digits, a request id its lot id and 8 hex digits of its index,
-so a request id names its lot without a lookup. Both are parts of a UUIDv8 (version
-digit ``8``), which tells them from the UUIDv4 ids of requests accepted before lots:
-those are :class:`SingleRequest` lots of one, on their own ``async_request`` streams.
+Ids: a lot id is 24 hex digits (a request id, 32: never mistaken for one). A request id is
+random (a UUID4, as before lots): it is the only credential needed to read a public
+deployment's result, so a request's id must not tell its siblings'. The service keeps
+which lot each request belongs to (``asyncinference.request_lots``, written with the
+lot). A request accepted before lots is a :class:`SingleRequest`: a lot of one, on its own
+``async_request`` stream, whose id is the request's.
 """
 
 from __future__ import annotations
@@ -33,35 +35,19 @@ from shipyard_core.aggregate import Aggregate, DomainEvent
 from shipyard_core.errors import NotFound
 
 LOT_ID_LENGTH = 24
-"""Hex digits of a lot id; a request id adds 8 (its index in the lot)."""
-MAX_LOT_SIZE = 4096
-"""The most requests one lot holds (one submission call's)."""
+"""Hex digits of a lot id (a request id has 32)."""
+MAX_LOT_SIZE = 256
+"""The most requests one lot holds (a submission call's for one deployment is split)."""
 
 
 def new_lot_id() -> str:
-    """A fresh lot id: the first 24 hex digits of a random UUID made version 8."""
-    raw = bytearray(uuid.uuid4().bytes)
-    raw[6] = (raw[6] & 0x0F) | 0x80  # version 8 (custom layout, RFC 9562)
-    return raw.hex()[:LOT_ID_LENGTH]
+    """A fresh lot id: 24 random hex digits."""
+    return uuid.uuid4().hex[:LOT_ID_LENGTH]
 
 
-def request_id(lot_id: str, index: int) -> str:
-    """The id of the ``index``-th request of a lot."""
-    return f"{lot_id}{index:08x}"
-
-
-def lot_of(request_id: str) -> str:
-    """The lot a request belongs to (a request from before lots is its own lot)."""
-    if request_id[12:13] == "8":
-        return request_id[:LOT_ID_LENGTH]
-    return request_id
-
-
-def member_ids(lot_id: str, size: int) -> list[str]:
-    """The request ids of a lot of ``size`` requests (a single request: its own id)."""
-    if len(lot_id) != LOT_ID_LENGTH:
-        return [lot_id]
-    return [request_id(lot_id, i) for i in range(size)]
+def new_request_id() -> str:
+    """A fresh request id: 32 hex digits of a random UUID."""
+    return uuid.uuid4().hex
 
 
 # -- the lot's events: per kind of request change, the requests it concerns ----------
