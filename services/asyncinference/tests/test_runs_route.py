@@ -76,6 +76,16 @@ async def test_the_runs_route_answers_each_request_as_the_run_route_would(stack:
     assert "model_path" in json.loads(answers[1].body)["error"]
     # The two allowed ones reached the model server in one exchange.
     assert stack.model.exchanges(batchwire.PATH) == before + 1
+    # A client's odd X-Request-Id (accepted when it submitted) is replaced, not refused.
+    status, _, body = await _runs(
+        stack,
+        "echo",
+        [
+            batchwire.Part({**_part({}).head, "request_id": "café\tid"}, b'{"tag": "odd"}'),
+            _part({"tag": "plain"}),
+        ],
+    )
+    assert [a.head["status"] for a in batchwire.decode(body)] == [200, 200]
 
     # Refusals of the whole are answered as a whole, by the gateway.
     for token, want in (("", 401), ("ana-token", 403)):

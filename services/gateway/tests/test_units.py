@@ -143,6 +143,14 @@ def test_load_tracker_report() -> None:
     assert tracker.take_report() == {}  # idle deployments are dropped
 
 
+def test_an_async_batch_is_load_but_not_against_the_callers_limit() -> None:
+    tracker = LoadTracker()
+    with tracker.track_batch("iris", 40), tracker.track("iris"):
+        assert tracker.inflight("iris") == 1  # what the concurrency limit sees
+        assert tracker.take_report() == {"iris": {"inflight": 41, "peak": 41, "requests": 41}}
+    assert tracker.take_report() == {"iris": {"inflight": 0, "peak": 41, "requests": 0}}
+
+
 @pytest.mark.parametrize(
     ("error", "status"),
     [

@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
@@ -742,21 +743,25 @@ class AsyncApi:
                         request,
                     )
                     continue
-                acting = _acting(str(head.get("caller", "")), str(head.get("group", "")))
+                caller = str(head.get("caller", ""))
                 headers = {
-                    "content-type": str(head.get("content_type") or _JSON),
+                    # An unusable one is replaced, as for a synchronous request.
                     "x-request-id": str(head.get("request_id", "")),
+                    "content-type": str(head.get("content_type") or _JSON),
                 }
                 if head.get("traceparent"):
                     headers["traceparent"] = str(head["traceparent"])
-                bad = next((k for k, v in headers.items() if not _header_safe(v)), None)
+                # These become HTTP headers upstream (X-Forwarded-User for the caller): no
+                # line breaks smuggled in.
+                fields = {"caller": caller, **headers}
+                bad = next((k for k, v in fields.items() if _BREAKS.search(v)), None)
                 if bad is not None:
-                    # They become HTTP headers upstream: no line breaks smuggled in.
                     answers[i] = _gateway_part(
-                        InvalidArgument(bad, "has characters a header cannot hold", "ASCII"),
+                        InvalidArgument(bad, "holds a line break or NUL", "a header's value"),
                         request,
                     )
                     continue
+                acting = _acting(caller, str(head.get("group", "")))
                 items.append((i, BatchItem(path, part.body, headers, acting)))
             replies = await self.handler.forward_batch(deployment, [item for _, item in items])
             for (i, _), reply in zip(items, replies, strict=True):
@@ -781,9 +786,7 @@ class AsyncApi:
         )
 
 
-def _header_safe(value: str) -> bool:
-    """Whether ``value`` can be an HTTP header's value as is (printable ASCII)."""
-    return value.isascii() and value.isprintable()
+_BREAKS = re.compile(r"[\r\n\x00]")
 
 
 def _acting(user: str, group: str) -> Principal | None:

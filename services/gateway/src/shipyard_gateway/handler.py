@@ -259,13 +259,9 @@ class PredictHandler:
             )
             sent.append((i, request_id, headers))
         if sent:
-            limit = route.max_inflight or self.max_inflight
-            if limit and self.load.inflight(deployment) >= limit:
-                raise TooManyRequests(
-                    f"deployment {deployment!r} has {limit} requests in progress at this "
-                    "gateway, its limit; retry shortly"
-                )
-            with self.load.track(deployment, len(sent)):
+            # Load for the autoscaler, not against the callers' concurrency limit (see
+            # LoadTracker.track_batch).
+            with self.load.track_batch(deployment, len(sent)):
                 replies = await self._send_batch(deployment, items, parts, sent)
             for (i, _, _), reply in zip(sent, replies, strict=True):
                 out[i] = reply

@@ -53,8 +53,15 @@ LOAD_SUBJECT = "shipyard.load.gateway"
 @dataclass
 class _Load:
     inflight: int = 0
+    """Callers' requests in flight (what the concurrency limit counts)."""
+    batched: int = 0
+    """Requests of async workers' batch calls in flight (load, not callers)."""
     peak: int = 0
     requests: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.inflight + self.batched
 
 
 class LoadTracker:
@@ -65,22 +72,38 @@ class LoadTracker:
         self._loads: dict[str, _Load] = {}
 
     @contextmanager
-    def track(self, deployment: str, requests: int = 1) -> Iterator[None]:
-        """Counts ``requests`` requests to ``deployment`` (several: a batch of async
-        requests in one exchange) for the ``with`` body."""
+    def track(self, deployment: str) -> Iterator[None]:
+        """Counts one request to ``deployment`` for the ``with`` body."""
+        load = self._loads.get(deployment)
+        if load is None:
+            load = self._loads[deployment] = _Load()
+        load.requests += 1
+        load.inflight += 1
+        load.peak = max(load.peak, load.total)
+        try:
+            yield
+        finally:
+            load.inflight -= 1
+
+    @contextmanager
+    def track_batch(self, deployment: str, requests: int) -> Iterator[None]:
+        """Counts the ``requests`` of an async worker's batch call for the ``with`` body:
+        load the autoscaler sees, but not in :meth:`inflight` (the callers' concurrency
+        limit): a worker's calls are bounded by its own concurrency, and a refusal would
+        cost its requests an attempt."""
         load = self._loads.get(deployment)
         if load is None:
             load = self._loads[deployment] = _Load()
         load.requests += requests
-        load.inflight += requests
-        load.peak = max(load.peak, load.inflight)
+        load.batched += requests
+        load.peak = max(load.peak, load.total)
         try:
             yield
         finally:
-            load.inflight -= requests
+            load.batched -= requests
 
     def inflight(self, deployment: str) -> int:
-        """Requests to ``deployment`` in flight now."""
+        """Callers' requests to ``deployment`` in flight now (not async batch calls)."""
         load = self._loads.get(deployment)
         return load.inflight if load is not None else 0
 
@@ -92,14 +115,14 @@ class LoadTracker:
         for name, load in list(self._loads.items()):
             # peak > 0: a request was in flight during the interval, even if it arrived
             # before it and finished within it (a long prediction is load too).
-            if load.requests or load.inflight or load.peak:
+            if load.requests or load.total or load.peak:
                 report[name] = {
-                    "inflight": load.inflight,
+                    "inflight": load.total,
                     "peak": load.peak,
                     "requests": load.requests,
                 }
-            if load.inflight:
-                load.peak = load.inflight
+            if load.total:
+                load.peak = load.total
                 load.requests = 0
             else:
                 # Idle: forget it (a request makes a fresh entry; the dict stays as small

@@ -91,9 +91,10 @@ class ProjectionRunner:
 
     async def ensure_consumer(self) -> None:
         """Creates the durable consumer (from the first event) if it does not exist, and
-        makes an existing one follow the projection's subjects: a release whose
-        projection follows a new aggregate widens the consumer in place (it keeps its
-        position; the new aggregate's events come after it)."""
+        widens an existing one that follows fewer subjects than the projection: a release
+        whose projection follows a new aggregate updates the consumer in place (it keeps
+        its position and pending acks; the new aggregate's events come after it). It is
+        never narrowed."""
         config = ConsumerConfig(
             durable_name=self.durable,
             deliver_policy=DeliverPolicy.ALL,
@@ -108,13 +109,16 @@ class ProjectionRunner:
         except NotFoundError:
             await self.js.add_consumer(EVENTS_STREAM, config)
             return
-        have = info.config.filter_subjects or [info.config.filter_subject or ""]
-        if set(have) != set(config.filter_subjects or ()):
+        have = set(info.config.filter_subjects or [info.config.filter_subject or ""])
+        want = set(config.filter_subjects or ())
+        # Only ever widened: during a rolling upgrade an older replica starting up must
+        # not narrow it back (the leader would then pull past the new subjects' events).
+        if want > have:
             log.info(
                 "projection %s now follows %s (was %s)",
                 self.projection.name,
-                ", ".join(config.filter_subjects or ()),
-                ", ".join(have),
+                ", ".join(sorted(want)),
+                ", ".join(sorted(have)),
             )
             await self.js.add_consumer(EVENTS_STREAM, config)  # create or update
 

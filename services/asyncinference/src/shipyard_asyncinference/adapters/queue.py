@@ -1,6 +1,6 @@
 """The work queue: JetStream stream ``ASYNC`` (work-queue retention), subjects
 ``async.requests.<deployment>.<lot id>``, one message per lot of requests to run
-(body: its id and how many requests it has).
+(body: its id and its requests' ids, ``{"lot_id", "requests": [...]}``).
 
 The queue only says "look at lot X"; PostgreSQL says what its requests are and where
 they stand. So a message delivered twice, late, or for a lot whose requests ended is
@@ -8,8 +8,8 @@ harmless: the worker loads the lot and does what its requests' states allow. (A 
 of a request accepted before lots names the request: a lot of one.) Submit writes the
 message into its service's outbox in the statement that records the lot, so the relay
 publishes it once the lot exists, whatever crashes; Submit also publishes it at once
-after the commit. Both carry ``Nats-Msg-Id`` = the lot's first request id as a UUID, so
-JetStream keeps one message within its duplicate window (decision 0033).
+after the commit. Both carry ``Nats-Msg-Id`` = the lot id padded to a UUID, so JetStream
+keeps one message within its duplicate window (decisions 0033, 0035).
 """
 
 from __future__ import annotations

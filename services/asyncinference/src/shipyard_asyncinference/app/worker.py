@@ -57,10 +57,10 @@ CALL_MAX_BYTES = 1 << 20
 
 class CallSizes:
     """How many requests a model call of each deployment carries: sized from the time
-    per request its answered calls took, so that a call takes about ``budget`` seconds at
-    most (a slow model's call must neither time out because it carries many requests
-    nor hold a model server process long), between 1 and ``most``; halved after a call
-    that failed as a whole. A deployment not called yet gets ``first``."""
+    per request its last answered call took, so that a call takes about ``budget``
+    seconds at most (a slow model's call must neither time out because it carries many
+    requests nor hold a model server process long), between 1 and ``most``; halved after
+    a call that broke as a whole. A deployment not called yet gets ``first``."""
 
     def __init__(self, most: int, budget: float, first: int = 8) -> None:
         self.most = most
@@ -78,7 +78,8 @@ class CallSizes:
         self._sizes[deployment] = max(1, min(self.most, int(self.budget / per_request)))
 
     def shrink(self, deployment: str, requests: int) -> None:
-        """A call of ``requests`` requests failed as a whole: the next ones carry half."""
+        """A call of ``requests`` requests broke as a whole: the next one carries half
+        (until an answered call measures the time per request again)."""
         self._sizes[deployment] = max(1, min(self.size(deployment), requests // 2))
 
 
@@ -232,12 +233,12 @@ class Worker:
                 began = time.monotonic()
                 outcomes = await self._call(ready)
                 took = time.monotonic() - began
-            if len(ready) > 1 and _failed_whole(outcomes):
-                # The call failed as a whole (a timeout, the model server gone): perhaps
-                # one request's doing. Each alone, so it fails none of its neighbours.
+            if len(ready) > 1 and _broken_whole(outcomes):
+                # The exchange with the model server broke or timed out: perhaps one
+                # request's doing. Each alone, so it fails none of its neighbours.
                 self.sizes.shrink(deployment, len(ready))
                 outcomes = list(await asyncio.gather(*(self._alone(run) for run in ready)))
-            else:
+            elif _answered(outcomes):
                 self.sizes.observe(deployment, len(ready), took)
             for (run, _), outcome in zip(ready, outcomes, strict=True):
                 finished.put_nowait((run, outcome))
@@ -358,13 +359,18 @@ class Worker:
         await msg.ack()
 
 
-def _failed_whole(outcomes: Sequence[Outcome | BaseException]) -> bool:
-    """Whether a call's outcomes are one failure of the whole call that another try
-    could change (not a final refusal such as the deployment being gone)."""
+def _broken_whole(outcomes: Sequence[Outcome | BaseException]) -> bool:
+    """Whether a call failed as a whole in a way one of its requests may have caused: the
+    exchange with the model server timed out (504) or broke (502). Not a refusal of the
+    whole (429, no instance, the deployment gone), which each request alone would get
+    too."""
     first = outcomes[0]
-    if isinstance(first, BaseException):
-        return True
-    return first.whole and not first.ok and not first.final
+    return isinstance(first, Outcome) and first.whole and first.status in (502, 504)
+
+
+def _answered(outcomes: Sequence[Outcome | BaseException]) -> bool:
+    """Whether the model server answered the call (each request its own answer)."""
+    return all(isinstance(o, Outcome) and not o.whole for o in outcomes)
 
 
 class _Batch:
