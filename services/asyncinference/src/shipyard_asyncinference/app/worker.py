@@ -215,19 +215,19 @@ class Worker:
         # meanwhile: a slow call does not hold the others' results back.
         finished: asyncio.Queue[tuple[Started, Outcome | BaseException]] = asyncio.Queue()
 
-        async def call(chunk: list[Started]) -> None:
+        async def call(chunk: list[Started]) -> list[tuple[Started, Outcome | BaseException]]:
             bodies = await asyncio.gather(
                 *(self.commands.payload(run) for run in chunk), return_exceptions=True
             )
+            out: list[tuple[Started, Outcome | BaseException]] = []
             ready: list[tuple[Started, bytes]] = []
             for run, body in zip(chunk, bodies, strict=True):
                 if isinstance(body, BaseException):
-                    finished.put_nowait((run, body))
+                    out.append((run, body))
                 else:
                     ready.append((run, body))
             if not ready:
-                return
-            outcomes: list[Outcome | BaseException]
+                return out
             deployment = chunk[0].request.deployment
             async with self.calls:
                 began = time.monotonic()
@@ -240,10 +240,20 @@ class Worker:
                 outcomes = list(await asyncio.gather(*(self._alone(run) for run in ready)))
             elif _answered(outcomes):
                 self.sizes.observe(deployment, len(ready), took)
-            for (run, _), outcome in zip(ready, outcomes, strict=True):
-                finished.put_nowait((run, outcome))
+            out.extend((run, outcome) for (run, _), outcome in zip(ready, outcomes, strict=True))
+            return out
 
-        calls = [asyncio.ensure_future(call(chunk)) for chunk in self._chunks(runs)]
+        async def settled_call(chunk: list[Started]) -> None:
+            # Whatever happens, each run of the chunk reaches `finished` (else the loop
+            # below would wait for it, and its message stay alive, forever).
+            try:
+                outcomes = await call(chunk)
+            except Exception as exc:
+                outcomes = [(run, exc) for run in chunk]
+            for item in outcomes:
+                finished.put_nowait(item)
+
+        calls = [asyncio.ensure_future(settled_call(chunk)) for chunk in self._chunks(runs)]
         try:
             left = len(runs)
             while left:
