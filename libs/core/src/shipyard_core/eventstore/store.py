@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
 
@@ -195,11 +196,8 @@ class EventStore:
             args += extra
         result: asyncpg.Record | None
         try:
-            if conn is None:
-                async with self.pool.acquire() as c:
-                    result = await c.fetchrow(sql, *args)
-            else:
-                result = await conn.fetchrow(sql, *args)
+            async with self._using(conn) as c:
+                result = await c.fetchrow(sql, *args)
         except asyncpg.UniqueViolationError as exc:
             first = stored[0]
             raise ConcurrencyError(first.stream_id, first.version - 1) from exc
@@ -270,11 +268,8 @@ class EventStore:
             f"SELECT {_COLUMNS} FROM {self.service}.events "
             "WHERE stream_id = $1 AND version > $2 ORDER BY version"
         )
-        if conn is None:
-            async with self.pool.acquire() as c:
-                rows = await c.fetch(sql, stream_id, after_version)
-        else:
-            rows = await conn.fetch(sql, stream_id, after_version)
+        async with self._using(conn) as c:
+            rows = await c.fetch(sql, stream_id, after_version)
         return [self._row_to_event(r) for r in rows]
 
     async def read_streams(
@@ -286,11 +281,8 @@ class EventStore:
             f"SELECT {_COLUMNS} FROM {self.service}.events "
             "WHERE stream_id = ANY($1::text[]) ORDER BY stream_id, version"
         )
-        if conn is None:
-            async with self.pool.acquire() as c:
-                rows = await c.fetch(sql, list(stream_ids))
-        else:
-            rows = await conn.fetch(sql, list(stream_ids))
+        async with self._using(conn) as c:
+            rows = await c.fetch(sql, list(stream_ids))
         out: dict[str, list[StoredEvent]] = {sid: [] for sid in stream_ids}
         for row in rows:
             event = self._row_to_event(row)
@@ -324,12 +316,18 @@ class EventStore:
             f"SELECT {_COLUMNS} FROM {self.service}.events WHERE {' AND '.join(conditions)} "
             "ORDER BY tx_id, position LIMIT $1"
         )
-        if conn is None:
-            async with self.pool.acquire() as c:
-                rows = await c.fetch(sql, *args)
-        else:
-            rows = await conn.fetch(sql, *args)
+        async with self._using(conn) as c:
+            rows = await c.fetch(sql, *args)
         return [self._row_to_event(r) for r in rows]
+
+    @contextlib.asynccontextmanager
+    async def _using(self, conn: Conn | None) -> AsyncIterator[Conn]:
+        """``conn`` when the caller gives one (its transaction), else one of the pool's."""
+        if conn is not None:
+            yield conn
+            return
+        async with self.pool.acquire() as c:
+            yield c
 
     async def count(self) -> int:
         """How many events the store holds."""

@@ -36,6 +36,7 @@ from shipyard_core import kube, validation
 from shipyard_core.errors import InvalidArgument
 from shipyard_core.objectstore import validate_key
 from shipyard_scheduler.adapters.backend import RevisionSpec
+from shipyard_scheduler.domain.events import IMAGE_KINDS
 
 DEFAULT_NAMESPACE = "shipyard-models"
 DEFAULT_SERVICE_IMAGE = "ghcr.io/shipyard/shipyard:latest"
@@ -54,7 +55,6 @@ RUN_AS = 65532
 """The unprivileged uid and gid of a pack's containers (the Shipyard image's user)."""
 OCI_RUN_AS = kube.MODEL_IMAGE_UID
 """The uid and gid an OCI image's model server runs as: the image's own ``USER``."""
-IMAGE_KINDS = ("pack", "oci")
 
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 MANAGED_BY = "shipyard"

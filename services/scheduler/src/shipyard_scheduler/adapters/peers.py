@@ -8,7 +8,7 @@ the scheduler)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import grpc
 
@@ -22,7 +22,7 @@ from shipyard_core.errors import (
     Unavailable,
 )
 from shipyard_core.grpckit import TracingClientInterceptor, bearer_metadata, error_from_rpc
-from shipyard_scheduler.domain.events import ImageKind
+from shipyard_scheduler.domain.events import IMAGE_KINDS, ImageKind
 
 
 @dataclass(frozen=True)
@@ -108,7 +108,7 @@ class Peers:
                 "build it with `shipyard image build` or pick one from `shipyard image list`",
             ) from None
         kind = img.kind or "pack"  # an imagebuild from before the field made packs only
-        if kind not in ("pack", "oci"):
+        if kind not in IMAGE_KINDS:
             raise FailedPrecondition(
                 f"image {img.name}:{img.version} is of kind {kind!r}, which this scheduler "
                 "does not know (it runs kinds pack and oci); upgrade the scheduler"
@@ -124,7 +124,7 @@ class Peers:
             pack_key=img.pack_url if kind == "pack" else "",
             workers=max(img.workers, 1),
             python=img.python,
-            kind="oci" if kind == "oci" else "pack",
+            kind=cast(ImageKind, kind),
             image_ref=img.image_ref,
         )
 

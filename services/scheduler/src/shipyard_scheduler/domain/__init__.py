@@ -2,6 +2,7 @@
 
 from shipyard_scheduler.domain.aggregates import Deployment, Instance, InstanceState, Status
 from shipyard_scheduler.domain.events import (
+    IMAGE_KINDS,
     SCHEDULER_EVENTS,
     SCHEDULER_UPCASTERS,
     ImageKind,
@@ -9,6 +10,7 @@ from shipyard_scheduler.domain.events import (
 )
 
 __all__ = [
+    "IMAGE_KINDS",
     "SCHEDULER_EVENTS",
     "SCHEDULER_UPCASTERS",
     "Deployment",

@@ -10,7 +10,7 @@ asked for; scaling is not a revision (as in Kubernetes), so autoscaling never ma
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict
 
@@ -18,6 +18,8 @@ from shipyard_core.aggregate import DomainEvent, EventRegistry
 from shipyard_core.eventstore import Upcasters
 
 ImageKind = Literal["pack", "oci"]
+IMAGE_KINDS: tuple[ImageKind, ...] = get_args(ImageKind)
+"""Every image kind this scheduler runs."""
 """What a revision runs: an environment pack from the object store (``pack``) or an OCI
 image from a registry (``oci``, built on a cluster; only the kubernetes backend runs it)."""
 
