@@ -232,10 +232,10 @@ async def save_sources(
     )
 
 
-async def build_owner(conn: Conn, build_id: str) -> tuple[str, str] | None:
-    """``(group, image name)`` of a build with stored lines; None when none are stored."""
-    row = await conn.fetchrow(
-        f"SELECT group_name, image FROM {SOURCES} WHERE source = $1 AND kind = 'build'",
-        build_id,
+async def build_owner(conn: Conn, build_id: str) -> str | None:
+    """The group of a build with stored lines (empty: lines from before builds named
+    one); None when none are stored."""
+    group = await conn.fetchval(
+        f"SELECT group_name FROM {SOURCES} WHERE source = $1 AND kind = 'build'", build_id
     )
-    return None if row is None else (row["group_name"], row["image"])
+    return None if group is None else str(group)

@@ -128,7 +128,7 @@ class LogQueries:
             async with self.pool.acquire() as conn:
                 owner = await build_owner(conn, query.build)
             # A build whose batches named no group (the format before it) is the admins'.
-            if owner is None or not owner[0] or not caller.can_see(owner[0]):
+            if not owner or not caller.can_see(owner):
                 raise build_not_found(query.build)
         return None
 
