@@ -258,6 +258,17 @@ def _metadata(spec: RevisionSpec, settings: PodSettings) -> dict[str, Any]:
     }
 
 
+_MOUNT_PATHS = {
+    "env": ENV_DIR,  # where a pack is unpacked (an emptyDir the init container fills)
+    "tmp": "/tmp",  # noqa: S108 - the pod's emptyDir: the root filesystem is read-only
+}
+
+
+def _mounts(*volumes: str) -> list[dict[str, str]]:
+    """Fresh ``volumeMounts`` of the pod's emptyDirs (``env``, ``tmp``)."""
+    return [{"name": name, "mountPath": _MOUNT_PATHS[name]} for name in volumes]
+
+
 def _restricted() -> dict[str, Any]:
     """A container security context the Pod Security "restricted" profile admits."""
     return {
@@ -293,10 +304,7 @@ def _init_container(spec: RevisionSpec, settings: PodSettings, digest: str) -> d
         "securityContext": _restricted(),
         # fetchpack's one-line error becomes the termination message observe() reports.
         "terminationMessagePolicy": "FallbackToLogsOnError",
-        "volumeMounts": [
-            {"name": "env", "mountPath": ENV_DIR},
-            {"name": "tmp", "mountPath": "/tmp"},  # noqa: S108 - an emptyDir of the pod's own
-        ],
+        "volumeMounts": _mounts("env", "tmp"),
     }
     if settings.store_secret:
         # Optional: a missing secret makes the download fail with boto3's error in the
@@ -311,14 +319,11 @@ def _model_container(spec: RevisionSpec, settings: PodSettings) -> dict[str, Any
     ``/model``)."""
     if spec.image_kind == "oci":
         image, python, model_dir = spec.image_ref, kube.MODEL_IMAGE_PYTHON, kube.MODEL_IMAGE_DIR
-        mounts = [{"name": "tmp", "mountPath": "/tmp"}]  # noqa: S108 - the pod's emptyDir
+        mounts = _mounts("tmp")
     else:
         image, python = settings.runtime_image, f"{ENV_DIR}/bin/python"
         model_dir = f"{ENV_DIR}/model"
-        mounts = [
-            {"name": "env", "mountPath": ENV_DIR},
-            {"name": "tmp", "mountPath": "/tmp"},  # noqa: S108 - an emptyDir of the pod's own
-        ]
+        mounts = _mounts("env", "tmp")
     # The model server drains (readiness 503, finishes requests in progress) within this
     # after SIGTERM; the kubelet kills it at the end of the grace period, which also
     # covers the preStop drain delay.
@@ -419,17 +424,13 @@ def deployment_manifest(spec: RevisionSpec, settings: PodSettings) -> dict[str, 
             "seccompProfile": {"type": "RuntimeDefault"},
         },
     }
-    if oci:
-        # The image holds the model and its environment: nothing to fetch.
-        pod["containers"] = [_model_container(spec, settings)]
-        pod["volumes"] = [tmp]
-    else:
+    pod["containers"] = [_model_container(spec, settings)]
+    pod["volumes"] = [tmp]
+    if not oci:  # (an OCI image holds the model and its environment: nothing to fetch)
         pod["initContainers"] = [_init_container(spec, settings, digest)]
-        pod["containers"] = [_model_container(spec, settings)]
-        pod["volumes"] = [
-            {"name": "env", "emptyDir": {"sizeLimit": settings.env_size_limit}},
-            tmp,
-        ]
+        pod["volumes"].insert(
+            0, {"name": "env", "emptyDir": {"sizeLimit": settings.env_size_limit}}
+        )
     if settings.pull_secret:
         # Also the login to the registry an OCI image was pushed to.
         pod["imagePullSecrets"] = [{"name": settings.pull_secret}]
