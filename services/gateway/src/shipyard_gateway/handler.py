@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Protocol
@@ -37,7 +37,7 @@ from shipyard_core.auth import Principal
 from shipyard_core.errors import NotFound, ShipyardError, Unavailable
 from shipyard_core.telemetry import extract_context, inject_headers, tracer
 from shipyard_gateway.access import AccessControl
-from shipyard_gateway.errors import DeploymentStopped, TooManyRequests
+from shipyard_gateway.errors import BadGateway, DeploymentStopped, TooManyRequests, UpstreamTimeout
 from shipyard_gateway.load import LoadTracker
 from shipyard_gateway.routing import Route, RoutingTable
 from shipyard_gateway.upstream import ConnectFailed, UpstreamClient
@@ -137,6 +137,7 @@ class PredictHandler:
         unreachable_seconds: float = 5.0,
         max_inflight: int = 256,
         trace_all: bool = True,
+        on_upstream_error: Callable[[str, str], None] | None = None,
     ) -> None:
         self.table = table
         self.access = access
@@ -148,6 +149,9 @@ class PredictHandler:
         self.max_inflight = max_inflight
         """The concurrency limit of a deployment whose route sets none (0: unlimited)."""
         self.trace_all = trace_all
+        self.on_upstream_error = on_upstream_error
+        """Told ``(deployment, kind)`` of every failed exchange with a model server:
+        ``connect`` (refused; sent elsewhere), ``timeout``, ``broken``."""
         """Record a span for every request; else only for requests that carry a
         ``traceparent`` (see ``GatewaySettings.trace_all_requests``)."""
         # One Activate call per deployment per wake-up, shared by every request waiting
@@ -398,7 +402,14 @@ class PredictHandler:
             try:
                 with self.table.track(address):
                     reply = await self.upstream.request(method, address, path, body, headers)
+            except UpstreamTimeout:
+                self._count(deployment, "timeout")
+                raise
+            except BadGateway:
+                self._count(deployment, "broken")
+                raise
             except ConnectFailed as exc:
+                self._count(deployment, "connect")
                 # Not sent, so safe to send elsewhere.
                 log.warning(
                     "request %s to %s: %s; trying another instance",
@@ -416,6 +427,10 @@ class PredictHandler:
                 request_id=request_id,
                 address=address,
             )
+
+    def _count(self, deployment: str, kind: str) -> None:
+        if self.on_upstream_error is not None:
+            self.on_upstream_error(deployment, kind)
 
     def _activation(self, deployment: str, budget: float) -> asyncio.Task[bool]:
         """The wake-up of ``deployment`` in progress, or a new one (one Activate call,

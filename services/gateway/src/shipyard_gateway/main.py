@@ -45,7 +45,7 @@ from shipyard_gateway.handler import PredictHandler
 from shipyard_gateway.http import create_app
 from shipyard_gateway.keys import ClientKeyVerifier
 from shipyard_gateway.load import LoadReporter, LoadTracker
-from shipyard_gateway.metrics import CountingUpstreamClient, MetricsPublisher, MetricsRecorder
+from shipyard_gateway.metrics import MetricsPublisher, MetricsRecorder
 from shipyard_gateway.nats_link import NatsLink
 from shipyard_gateway.oip_grpc import SERVICE_PREFIX, InferenceServicer
 from shipyard_gateway.prometheus import (
@@ -58,6 +58,7 @@ from shipyard_gateway.prometheus import (
 from shipyard_gateway.routing import RouteWatcher, RoutingTable
 from shipyard_gateway.scheduler import SchedulerClient
 from shipyard_gateway.settings import GatewaySettings
+from shipyard_gateway.upstream import UpstreamClient
 
 __all__ = ["GatewayHost", "build", "main", "serve"]
 
@@ -229,9 +230,7 @@ async def build(
     recorder = MetricsRecorder(known=table.__contains__)
     load = LoadTracker()
     exposition = GatewayMetrics(recorder, table, load, version=version, gateway_id=gateway_id)
-    upstream = CountingUpstreamClient(
-        recorder,
-        exposition.deployment_of,
+    upstream = UpstreamClient(
         timeout_seconds=settings.upstream_timeout_seconds,
         connect_timeout_seconds=settings.connect_timeout_seconds,
         connections_per_host=settings.upstream_connections_per_host,
@@ -262,6 +261,7 @@ async def build(
         unreachable_seconds=settings.unreachable_seconds,
         max_inflight=settings.max_inflight_per_deployment,
         trace_all=settings.trace_all_requests or bool(settings.otlp_endpoint),
+        on_upstream_error=recorder.record_upstream_error,
     )
     app = create_app(
         handler,

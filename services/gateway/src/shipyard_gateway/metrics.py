@@ -63,8 +63,9 @@ and :meth:`MetricsRecorder.take` cuts an interval as the difference from the tot
 previous cut. A scrape reads the totals as they are: nothing is added to a request's path
 for it. Totals of a deployment that left the routing table are forgotten at the first cut
 without traffic for it (its series end, as Prometheus expects of a removed target).
-Upstream failures (:class:`CountingUpstreamClient`) are counted on the failure path only
-and are not part of the ``METRICS`` message.
+Upstream failures (``PredictHandler``'s ``on_upstream_error``, which knows the
+deployment) are counted on the failure path only and are not part of the ``METRICS``
+message.
 """
 
 from __future__ import annotations
@@ -77,20 +78,17 @@ import logging
 import re
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from shipyard_core.aio import pause
 from shipyard_core.bus import ensure_streams
-from shipyard_gateway.errors import BadGateway, UpstreamTimeout
 from shipyard_gateway.nats_link import NatsLink
-from shipyard_gateway.upstream import ConnectFailed, UpstreamClient, UpstreamReply
 
 __all__ = [
     "LATENCY_BOUNDS_MS",
     "UPSTREAM_ERROR_KINDS",
-    "CountingUpstreamClient",
     "DeploymentCounts",
     "MetricsPublisher",
     "MetricsRecorder",
@@ -276,46 +274,6 @@ class MetricsRecorder:
         unrouted = self.unrouted
         self._unrouted_taken = self.unrouted_total
         return deployments, unrouted
-
-
-class CountingUpstreamClient(UpstreamClient):
-    """The model server client, counting its failures in a :class:`MetricsRecorder` by
-    deployment (looked up from the failed address, on the failure path only) and kind."""
-
-    def __init__(
-        self,
-        recorder: MetricsRecorder,
-        deployment_of: Callable[[str], str],
-        *,
-        timeout_seconds: float,
-        connect_timeout_seconds: float,
-        connections_per_host: int,
-    ) -> None:
-        super().__init__(
-            timeout_seconds=timeout_seconds,
-            connect_timeout_seconds=connect_timeout_seconds,
-            connections_per_host=connections_per_host,
-        )
-        self.recorder = recorder
-        self.deployment_of = deployment_of
-        """The deployment an instance address belongs to (``""``: none)."""
-
-    async def request(
-        self, method: str, address: str, path: str, body: bytes, headers: Mapping[str, str]
-    ) -> UpstreamReply:
-        """:meth:`UpstreamClient.request`, counting ConnectFailed, UpstreamTimeout and
-        BadGateway."""
-        try:
-            return await super().request(method, address, path, body, headers)
-        except ConnectFailed:
-            self.recorder.record_upstream_error(self.deployment_of(address), "connect")
-            raise
-        except UpstreamTimeout:
-            self.recorder.record_upstream_error(self.deployment_of(address), "timeout")
-            raise
-        except BadGateway:
-            self.recorder.record_upstream_error(self.deployment_of(address), "broken")
-            raise
 
 
 @dataclass

@@ -208,14 +208,6 @@ class GatewayMetrics:
         self._process = psutil.Process(os.getpid())
         self._started = self._process.create_time()
 
-    def deployment_of(self, address: str) -> str:
-        """The deployment whose instance listens on ``address`` (``""``: none now). A scan
-        of the table, for the failure path only."""
-        for name, route in self.table.routes().items():
-            if address in route.addresses:
-                return name
-        return ""
-
     def deployments(self, visible: Visible | None = None) -> list[str]:
         """Every deployment with series: those in the routing table and those counted
         (sorted; only the ``visible`` ones)."""
@@ -262,12 +254,6 @@ class GatewayMetrics:
             for kind in UPSTREAM_ERROR_KINDS:
                 value = errors.get((name, kind), 0)
                 out.append(f'{UPSTREAM_ERRORS}{{{labels[name]},kind="{kind}"}} {value}\n')
-        if visible is None:
-            # Failures at an address no deployment had any more (removed meanwhile).
-            for kind in UPSTREAM_ERROR_KINDS:
-                value = errors.get(("", kind), 0)
-                if value:
-                    out.append(f'{UPSTREAM_ERRORS}{{deployment="",kind="{kind}"}} {value}\n')
 
         family(UNROUTED)
         out.append(f"{UNROUTED} {self.recorder.unrouted_total}\n")
