@@ -25,8 +25,9 @@ import pytest
 
 from shipyard.scheduler.v1 import scheduler_pb2 as spb
 from shipyard.scheduler.v1 import scheduler_pb2_grpc
-from shipyard_asyncinference.domain import EVENTS, SingleRequest, lot
-from shipyard_asyncinference.domain.lots import request_events
+from shipyard_asyncinference.adapters import queue
+from shipyard_asyncinference.domain import SingleRequest, lot
+from shipyard_asyncinference.domain.lots import REQUEST_EVENT_OF
 from shipyard_asyncinference.main import AsyncInference, build
 from shipyard_asyncinference.settings import AsyncInferenceSettings
 from shipyard_core.auth import InternalTokenAuthenticator, Principal
@@ -173,8 +174,8 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServiceServicer):
 
     def push(self, update: spb.RouteUpdate) -> None:
         """Sends ``update`` on every open stream."""
-        for queue in self.streams:
-            queue.put_nowait(update)
+        for stream in self.streams:
+            stream.put_nowait(update)
 
     async def Activate(self, request: spb.ActivateRequest, context: Any) -> spb.ActivateResponse:
         self.activations.append(request.deployment)
@@ -297,24 +298,30 @@ class Stack:
         """The lot a request belongs to (a request from before lots: itself)."""
         return (await self.service.commands.lots_of([request_id]))[request_id]
 
+    async def wait_queued(self, request_id: str, deployment: str = "echo") -> None:
+        """Waits until the queue message of the request's lot is in the ``ASYNC`` stream."""
+        lot_id = await self.lot_of(request_id)
+        js = self.service.service.js
+        await wait_for(
+            lambda: queue.is_queued(js, lot_id, deployment),
+            timeout=10,
+            message=f"the queue message of {request_id}",
+        )
+
     async def event_types(self, request_id: str) -> list[str]:
         """The types of a request's changes, in order: the request events its lot's
         events stand for (``AsyncRequestStarted`` for its item of an ``AsyncLotStarted``)."""
         lot_id = await self.lot_of(request_id)
         found = lot(lot_id)
         stored = await self.service.service.store.read_stream(f"{found.aggregate_type}:{lot_id}")
-        types = []
-        for event in stored:
-            decoded = EVENTS.decode(event)
-            if isinstance(found, SingleRequest):
-                types.append(event.event_type)
-                continue
-            types.extend(
-                type(change).__mro__[1].__name__
-                for rid, change in request_events(decoded)
-                if rid == request_id
-            )
-        return types
+        if isinstance(found, SingleRequest):
+            return [event.event_type for event in stored]
+        return [
+            REQUEST_EVENT_OF[event.event_type]
+            for event in stored
+            for item in event.payload["requests"]
+            if item["request_id"] == request_id
+        ]
 
 
 @pytest.fixture(scope="module")

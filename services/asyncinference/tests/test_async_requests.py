@@ -293,12 +293,7 @@ async def test_a_request_whose_queue_message_was_lost_is_sent_again(stack: Stack
         older = await stack.submit({"tag": "kept"})
         lost = await stack.submit({"tag": "lost"})
         for request_id in (older, lost):
-            lot_id = await stack.lot_of(request_id)
-            await wait_for(
-                lambda lot_id=lot_id: queue.is_queued(js, lot_id, "echo"),  # type: ignore[misc]
-                timeout=10,
-                message="the relay to publish the queue messages",
-            )
+            await stack.wait_queued(request_id)
         kept = sweeper.redispatch_after
         sweeper.redispatch_after = timedelta(0)
         try:
@@ -367,12 +362,7 @@ async def test_a_burst_is_stored_started_and_completed_in_batches(stack: Stack) 
         }
         assert stack.api.submissions.calls - calls_before < len(answers)  # they went together
         for request_id in ids.values():
-            lot_id = await stack.lot_of(request_id)
-            await wait_for(
-                lambda lot_id=lot_id: queue.is_queued(js, lot_id, "echo"),  # type: ignore[misc]
-                timeout=10,
-                message="the queue messages",
-            )
+            await stack.wait_queued(request_id)
         # A second message for one lot (a relay's copy outside the duplicate window).
         twice = ids["burst-3"]
         await queue.enqueue(js, await stack.lot_of(twice), "echo", str(uuid.uuid4()))
@@ -419,14 +409,8 @@ async def test_a_slow_request_does_not_hold_back_the_others_of_its_batch(stack: 
     async with _batching_worker(stack, hold=release) as start_worker:
         slow = await stack.submit({"tag": "held"})
         fast = await stack.submit({"tag": "quick"})
-        js = stack.service.service.js
         for request_id in (slow, fast):
-            lot_id = await stack.lot_of(request_id)
-            await wait_for(
-                lambda lot_id=lot_id: queue.is_queued(js, lot_id, "echo"),  # type: ignore[misc]
-                timeout=10,
-                message="the queue messages",
-            )
+            await stack.wait_queued(request_id)
         start_worker()  # both come in one fetch; the worker holds "held" before its call
         done = await stack.wait_status(fast, "completed", "failed")
         assert done["status"] == "completed", done

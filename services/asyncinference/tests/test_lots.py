@@ -158,12 +158,12 @@ def test_queueing_n_requests_is_one_event() -> None:
     assert [item.deployment for item in event.requests] == ["echo"] * 5
     # The members exist, queued, in submission order; the lot knows its deployment.
     assert list(new.members) == ids
-    assert [agg.id for agg in new.requests] == ids
+    assert [agg.id for agg in new.members.values()] == ids
     assert all(new.member(rid).status == "queued" for rid in ids)
     assert all(new.member(rid).exists and not new.member(rid).pending for rid in ids)
     assert new.deployment == "echo"
     assert new.exists
-    assert new.expires_at == T0 + timedelta(days=3)
+    assert all(agg.expires_at == T0 + timedelta(days=3) for agg in new.members.values())
     with pytest.raises(NotFound):
         new.member(new_request_id())
 
@@ -293,7 +293,7 @@ def test_expiry_fails_unfinished_requests_first_and_expires_all() -> None:
     assert "retention period" in new.member(unfinished).error
     assert new.member(unfinished).status == "failed"
     assert new.member(done).status == "completed"
-    assert all(agg.expired for agg in new.requests)
+    assert all(agg.expired for agg in new.members.values())
     assert new.expired
     new.pending.clear()
     new.expire(T0 + timedelta(days=4))

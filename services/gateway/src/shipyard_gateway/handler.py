@@ -244,7 +244,7 @@ class PredictHandler:
             raise not_found(deployment)
         if route.stopped:
             raise DeploymentStopped(deployment)
-        out: list[UpstreamResponse | ShipyardError | None] = [None] * len(items)
+        out: dict[int, UpstreamResponse | ShipyardError] = {}
         parts: list[batchwire.Part] = []
         sent: list[tuple[int, str, dict[str, str]]] = []
         for i, item in enumerate(items):
@@ -269,7 +269,7 @@ class PredictHandler:
                 replies = await self._send_batch(deployment, items, parts, sent)
             for (i, _, _), reply in zip(sent, replies, strict=True):
                 out[i] = reply
-        return [o if o is not None else Unavailable("not answered") for o in out]
+        return [out[i] for i in range(len(items))]  # every item refused or sent
 
     async def _send_batch(
         self,

@@ -71,12 +71,16 @@ class LoadTracker:
     def __init__(self) -> None:
         self._loads: dict[str, _Load] = {}
 
-    @contextmanager
-    def track(self, deployment: str) -> Iterator[None]:
-        """Counts one request to ``deployment`` for the ``with`` body."""
+    def _load(self, deployment: str) -> _Load:
         load = self._loads.get(deployment)
         if load is None:
             load = self._loads[deployment] = _Load()
+        return load
+
+    @contextmanager
+    def track(self, deployment: str) -> Iterator[None]:
+        """Counts one request to ``deployment`` for the ``with`` body."""
+        load = self._load(deployment)
         load.requests += 1
         load.inflight += 1
         load.peak = max(load.peak, load.total)
@@ -91,9 +95,7 @@ class LoadTracker:
         load the autoscaler sees, but not in :meth:`inflight` (the callers' concurrency
         limit): a worker's calls are bounded by its own concurrency, and a refusal would
         cost its requests an attempt."""
-        load = self._loads.get(deployment)
-        if load is None:
-            load = self._loads[deployment] = _Load()
+        load = self._load(deployment)
         load.requests += requests
         load.batched += requests
         load.peak = max(load.peak, load.total)

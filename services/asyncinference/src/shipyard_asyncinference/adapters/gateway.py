@@ -131,25 +131,13 @@ class GatewayRunner:
             )
             for agg, body in runs
         ]
-        headers = {
-            "Authorization": f"Bearer {self.internal_token}",
-            "Content-Type": batchwire.CONTENT_TYPE,
-        }
         url = f"{self.gateway_url}/deployments/{quote(deployment, safe='')}/async/runs"
-        try:
-            async with self._client().post(
-                url, data=batchwire.encode(parts), headers=headers
-            ) as response:
-                data = await response.read()
-                status = response.status
-                content_type = response.headers.get("Content-Type", "application/json")
-                by = response.headers.get(ANSWERED_BY)
-        except TimeoutError:
-            timeout = Outcome(504, "", b"", error="no answer from the gateway in time", whole=True)
-            return [timeout] * len(runs)
-        except aiohttp.ClientError as exc:
-            down = Outcome(503, "", b"", error=f"cannot reach the gateway: {exc}", whole=True)
-            return [down] * len(runs)
+        got = await self._post(
+            url, batchwire.encode(parts), {"Content-Type": batchwire.CONTENT_TYPE}
+        )
+        if isinstance(got, Outcome):
+            return [dataclasses.replace(got, whole=True)] * len(runs)
+        status, content_type, data, by = got
         if by is None and status in (404, 405):
             # A gateway from before the batch route (a rolling upgrade): one by one for a
             # while, then the batch route again.
@@ -216,26 +204,38 @@ class GatewayRunner:
         """One prediction of ``deployment`` as ``caller`` (``ref`` names it in the URL:
         an async request id, or ``batch-<job>``)."""
         headers = {
-            "Authorization": f"Bearer {self.internal_token}",
             "Content-Type": content_type,
             MODEL_PATH_HEADER: model_path,
             CALLER_HEADER: caller,
             GROUP_HEADER: group,
             "X-Request-Id": request_id,
         }
+        got = await self._post(self.url(deployment, ref), body, headers)
+        if isinstance(got, Outcome):
+            return got
+        status, content_type, data, by = got
+        return _outcome(status, content_type, data, by or "gateway")
+
+    async def _post(
+        self, url: str, body: bytes, headers: dict[str, str]
+    ) -> tuple[int, str, bytes, str | None] | Outcome:
+        """The gateway's answer, ``(status, content type, body, X-Shipyard-Answered-By)``,
+        or the failed attempt's outcome when it gave none (no answer in time, not
+        reachable)."""
+        headers = {"Authorization": f"Bearer {self.internal_token}", **headers}
         try:
-            async with self._client().post(
-                self.url(deployment, ref), data=body, headers=headers
-            ) as response:
+            async with self._client().post(url, data=body, headers=headers) as response:
                 data = await response.read()
-                status = response.status
-                content_type = response.headers.get("Content-Type", "application/json")
-                by = response.headers.get(ANSWERED_BY, "gateway")
+                return (
+                    response.status,
+                    response.headers.get("Content-Type", "application/json"),
+                    data,
+                    response.headers.get(ANSWERED_BY),
+                )
         except TimeoutError:
             return Outcome(504, "", b"", error="no answer from the gateway in time")
         except aiohttp.ClientError as exc:
             return Outcome(503, "", b"", error=f"cannot reach the gateway: {exc}")
-        return _outcome(status, content_type, data, by)
 
     async def close(self) -> None:
         """Closes the connection pool."""

@@ -285,20 +285,17 @@ class AsyncCommands:
     async def _visible(
         self, caller: Principal, deployment: str, request_id: str
     ) -> tuple[AsyncLot, AsyncRequest]:
-        found = agg = None
         if _REQUEST_ID.match(request_id):
             found, agg = await self._load(request_id)
-        if (
-            found is None
-            or agg is None
-            or agg.deployment != deployment
-            or not (caller.internal or caller.can_see(agg.group))
-        ):
-            raise NotFound(
-                f"async request {request_id[:64]!r} of deployment {deployment[:64]!r} "
-                "does not exist"
-            )
-        return found, agg
+            if (
+                agg is not None
+                and agg.deployment == deployment
+                and (caller.internal or caller.can_see(agg.group))
+            ):
+                return found, agg
+        raise NotFound(
+            f"async request {request_id[:64]!r} of deployment {deployment[:64]!r} does not exist"
+        )
 
     # -- workers ---------------------------------------------------------------------
 

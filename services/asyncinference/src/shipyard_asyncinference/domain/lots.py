@@ -149,6 +149,10 @@ _LOT_EVENT: dict[type[DomainEvent], tuple[type[DomainEvent], type[DomainEvent]]]
 
 LOT_EVENTS: tuple[type[DomainEvent], ...] = tuple(lot for _, lot in _LOT_EVENT.values())
 """Every event type of a lot stream."""
+REQUEST_EVENT_OF: dict[str, str] = {
+    lot.event_type(): request.event_type() for request, (_, lot) in _LOT_EVENT.items()
+}
+"""The request event a lot event's items stand for, by stored type name."""
 
 
 def request_events(event: DomainEvent) -> Iterator[tuple[str, DomainEvent]]:
@@ -166,7 +170,11 @@ class AsyncLot(Aggregate):
     def __init__(self, aggregate_id: str) -> None:
         super().__init__(aggregate_id)
         self.members: dict[str, AsyncRequest] = {}
-        self.deployment = ""
+
+    @property
+    def deployment(self) -> str:
+        """The deployment of the lot's requests."""
+        return next((agg.deployment for agg in self.members.values()), "")
 
     def member(self, request_id: str) -> AsyncRequest:
         """One request of the lot (NotFound when it has no such request)."""
@@ -174,11 +182,6 @@ class AsyncLot(Aggregate):
         if agg is None:
             raise NotFound(f"async request {request_id[:64]!r} does not exist")
         return agg
-
-    @property
-    def requests(self) -> list[AsyncRequest]:
-        """The lot's requests, in the order they were submitted."""
-        return list(self.members.values())
 
     # -- decisions (the members decide; the lot records) -----------------------------
 
@@ -190,8 +193,6 @@ class AsyncLot(Aggregate):
             agg.queue(**fields)
             self.members[rid] = agg
             added.append(agg)
-        if added:
-            self.deployment = added[0].deployment
         self._record(added)
         return added
 
@@ -259,23 +260,19 @@ class AsyncLot(Aggregate):
         """Whether every request's payload and result were removed."""
         return all(agg.expired for agg in self.members.values())
 
-    @property
-    def expires_at(self) -> datetime | None:
-        """When the lot's payloads and results are removed."""
-        return next((agg.expires_at for agg in self.members.values()), None)
-
     # -- state -----------------------------------------------------------------------
 
     def apply(self, event: DomainEvent) -> None:
         """Changes the members' state from one lot event."""
         for rid, change in request_events(event):
-            agg = self.members.get(rid)
-            if agg is None:
-                agg = self.members[rid] = AsyncRequest(rid)
-            agg.apply(change)
-            agg.version += 1
-        if not self.deployment and self.members:
-            self.deployment = next(iter(self.members.values())).deployment
+            self._apply_to(rid, change)
+
+    def _apply_to(self, request_id: str, change: DomainEvent) -> None:
+        agg = self.members.get(request_id)
+        if agg is None:
+            agg = self.members[request_id] = AsyncRequest(request_id)
+        agg.apply(change)
+        agg.version += 1
 
 
 class SingleRequest(AsyncLot):
@@ -286,12 +283,7 @@ class SingleRequest(AsyncLot):
 
     def apply(self, event: DomainEvent) -> None:
         """Changes the one request's state."""
-        agg = self.members.get(self.id)
-        if agg is None:
-            agg = self.members[self.id] = AsyncRequest(self.id)
-        agg.apply(event)
-        agg.version += 1
-        self.deployment = agg.deployment
+        self._apply_to(self.id, event)
 
     def _record(self, touched: Iterable[AsyncRequest]) -> None:
         for agg in touched:

@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from shipyard_asyncinference.domain.lots import REQUEST_EVENT_OF
 from shipyard_core.eventstore import StoredEvent
 from shipyard_core.projections import Projection, Statement
 
@@ -73,9 +74,9 @@ class AsyncRequestsProjection(Projection):
                 "AS u(id, status, content_type, result_bytes, at) WHERE t.request_id = u.id",
                 _columns(items, ("request_id", "status", "content_type", "result_bytes", "at")),
             )
-        elif kind in _LOT_OF_ONES:
+        elif kind in REQUEST_EVENT_OF:
             for item in items:  # rare: a row at a time
-                yield from self._request(_LOT_OF_ONES[kind], item["request_id"], item)
+                yield from self._request(REQUEST_EVENT_OF[kind], item["request_id"], item)
         else:
             yield from self._request(kind, event.aggregate_id, event.payload)
 
@@ -135,15 +136,6 @@ class AsyncRequestsProjection(Projection):
             yield Statement(
                 "UPDATE {async_requests} SET expired = true WHERE request_id = $1", (rid,)
             )
-
-
-_LOT_OF_ONES = {
-    "AsyncLotAttemptsFailed": "AsyncRequestAttemptFailed",
-    "AsyncLotRequestsFailed": "AsyncRequestFailed",
-    "AsyncLotRequestsCancelled": "AsyncRequestCancelled",
-    "AsyncLotExpired": "AsyncRequestExpired",
-}
-"""Lot events applied request by request, and the request event each item stands for."""
 
 
 def _columns(items: Sequence[dict[str, Any]], *groups: Sequence[str]) -> tuple[Any, ...]:
