@@ -389,7 +389,8 @@ async def test_a_burst_is_stored_started_and_completed_in_batches(stack: Stack) 
         # The model server was called in batches (its batch route; a lone request, such
         # as the poison one's retries, through its own route): fewer exchanges than
         # predictions.
-        batches = stack.model.exchanges(batchwire.PATH) - exchanges[0]
+        # (Access-log lines are written after the answer, hence the wait.)
+        batches = await wait_for(lambda: stack.model.exchanges(batchwire.PATH) - exchanges[0])
         alone = stack.model.exchanges("/predict") - exchanges[1]
         assert batches > 0 and batches + alone < len(stack.model.calls()) - predictions
         # Lots: fewer events and transactions than requests for each step.
