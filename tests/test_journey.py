@@ -9,56 +9,18 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import psutil
 import pytest
 
-from shipyard_core.embedded import free_port
 from shipyard_platform import down, up
 from shipyard_testing import wait_for_sync
 
-SHIPYARD = str(Path(sys.executable).with_name("shipyard"))
-
-
-@pytest.fixture(scope="module")
-def home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """A running platform on free ports, for the whole module."""
-    saved = dict(os.environ)
-    os.environ.update(
-        {
-            "SHIPYARD_NATS_PORT": str(free_port()),
-            "SHIPYARD_PG_PORT": str(free_port()),
-            "SHIPYARD_KEYS_PORT": str(free_port()),
-            "SHIPYARD_QUOTA_PORT": str(free_port()),
-            "SHIPYARD_IMAGEBUILD_PORT": str(free_port()),
-            "SHIPYARD_SCHEDULER_PORT": str(free_port()),
-            "SHIPYARD_LOGGING_PORT": str(free_port()),
-            # The gateway reports request metrics every second instead of every 10.
-            "SHIPYARD_METRICS_INTERVAL_SECONDS": "1",
-            "SHIPYARD_GATEWAY_PORT": str(free_port()),
-            "SHIPYARD_GATEWAY_HTTP_PORT": str(free_port()),
-            "SHIPYARD_UP_TIMEOUT": "90",
-        }
-    )
-    for name in ("SHIPYARD_NATS_URL", "SHIPYARD_DATABASE_URL", "SHIPYARD_TOKEN", "SHIPYARD_HOME"):
-        os.environ.pop(name, None)
-    # Not under pytest's tmp root, which is private to root (PostgreSQL runs as its own user).
-    path = Path(tempfile.mkdtemp(prefix="shipyard-journey-"))
-    try:
-        up(path)
-        yield path
-    finally:
-        down(path)
-        shutil.rmtree(path, ignore_errors=True)
-        os.environ.clear()
-        os.environ.update(saved)
+from .conftest import SHIPYARD, admin_token, sy
 
 
 def _alive(pid: int) -> bool:
@@ -67,29 +29,6 @@ def _alive(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
-
-
-def admin_token(home: Path) -> str:
-    return str(json.loads((home / "config.json").read_text())["token"])
-
-
-def sy(home: Path, *args: str, token: str | None = None, ok: bool = True) -> Any:
-    """Runs the CLI; returns parsed --json output (or the failure's stderr line)."""
-    env = {k: v for k, v in os.environ.items() if k != "SHIPYARD_TOKEN"}
-    cmd = [SHIPYARD, "--home", str(home)]
-    if token is not None:
-        cmd += ["--token", token]
-    proc = subprocess.run(
-        [*cmd, *args, "--json"], capture_output=True, text=True, env=env, timeout=60
-    )
-    if ok:
-        assert proc.returncode == 0, f"{args}: {proc.stderr}"
-        return json.loads(proc.stdout) if proc.stdout.strip() else None
-    assert proc.returncode != 0, f"{args} should have failed: {proc.stdout}"
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
-    assert "Traceback" not in proc.stderr
-    return lines[0]
 
 
 def sy_lines(home: Path, *args: str, token: str) -> list[str]:

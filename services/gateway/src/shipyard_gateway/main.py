@@ -40,6 +40,7 @@ from shipyard_core.logs import configure_logging
 from shipyard_core.telemetry import configure_tracing
 from shipyard_gateway.access import AccessControl
 from shipyard_gateway.async_api import AsyncApi, mount_async_api
+from shipyard_gateway.console import mount_console
 from shipyard_gateway.facade import mount_facade
 from shipyard_gateway.handler import PredictHandler
 from shipyard_gateway.http import create_app
@@ -280,6 +281,8 @@ async def build(
     )
     # The control-plane REST facade (/api/v1, with its OpenAPI document) on the same port.
     mount_facade(app, settings)
+    # The web console (static files that call the facade and the data plane) at /console/.
+    mount_console(app)
     async_api = mount_async_api(
         app,
         handler,

@@ -1,0 +1,966 @@
+// Shipyard web console. Plain JavaScript, no dependencies, no build step.
+//
+// It talks to the gateway it was served by, with the signed-in user's token: the REST
+// facade (/api/v1) for the control plane, the data plane's routes for the API test. Data
+// from the API is only ever put into the page as text (textContent / text nodes), never
+// as markup; the page's Content-Security-Policy would refuse an injected script anyway.
+"use strict";
+(() => {
+  const API = "/api/v1";
+  const TOKEN_KEY = "shipyard.token";
+  const state = { token: sessionStorage.getItem(TOKEN_KEY) || "", me: null };
+  const filters = { search: "", status: "", group: "", mine: false, include_deleted: false };
+  // Each render gets a generation; a slow answer for a page the user left is dropped,
+  // and the left page's timers are cleared.
+  let generation = 0;
+  const timers = new Set();
+
+  // --- DOM --------------------------------------------------------------------------
+
+  /** An element with attributes (on* are listeners) and children (strings become text). */
+  function h(tag, attrs = {}, ...children) {
+    const el = document.createElement(tag);
+    for (const [key, value] of Object.entries(attrs || {})) {
+      if (value === undefined || value === null || value === false) continue;
+      if (key === "class") el.className = value;
+      else if (key.startsWith("on")) el.addEventListener(key.slice(2), value);
+      else if (key === "value") el.value = value;
+      else if (key === "checked") el.checked = Boolean(value);
+      else el.setAttribute(key, value === true ? "" : String(value));
+    }
+    append(el, children);
+    return el;
+  }
+
+  function append(el, children) {
+    for (const child of children.flat(Infinity)) {
+      if (child === undefined || child === null || child === false) continue;
+      el.append(child instanceof Node ? child : String(child));
+    }
+    return el;
+  }
+
+  function svg(tag, attrs = {}) {
+    const el = document.createElementNS("http://www.w3.org/2000/svg", tag);
+    for (const [key, value] of Object.entries(attrs)) el.setAttribute(key, String(value));
+    return el;
+  }
+
+  const main = () => document.getElementById("main");
+
+  function show(...children) {
+    const el = main();
+    el.replaceChildren();
+    append(el, children);
+  }
+
+  function flash(message, kind = "error") {
+    const el = document.getElementById("flash");
+    el.textContent = message;
+    el.className = "flash" + (kind === "error" ? "" : " " + kind);
+    el.hidden = !message;
+  }
+
+  const badge = (word) => h("span", { class: "badge " + word, "data-status": word }, word);
+  const when = (ts) => (ts ? ts.replace("T", " ").replace(/\.\d+/, "").replace("Z", " UTC") : "—");
+  const dash = (value) => (value === undefined || value === null || value === "" ? "—" : value);
+  const fields = (rows) =>
+    h("dl", { class: "fields" }, rows.filter(Boolean).map(([k, v]) => [h("dt", {}, k), h("dd", {}, v)]));
+  const enc = encodeURIComponent;
+
+  function table(headings, rows, empty = "Nothing here yet.") {
+    if (!rows.length) return h("p", { class: "muted" }, empty);
+    return h(
+      "table",
+      {},
+      h("thead", {}, h("tr", {}, headings.map((x) => h("th", {}, x)))),
+      h("tbody", {}, rows.map((cells) => h("tr", {}, cells.map((c) => h("td", {}, c))))),
+    );
+  }
+
+  function size(bytes) {
+    if (!bytes) return "—";
+    const units = ["B", "KiB", "MiB", "GiB"];
+    let value = bytes;
+    let unit = 0;
+    while (value >= 1024 && unit < units.length - 1) {
+      value /= 1024;
+      unit += 1;
+    }
+    return `${value.toFixed(unit ? 1 : 0)} ${units[unit]}`;
+  }
+
+  /** Copies text to the clipboard (or, where the browser refuses, selects it for Ctrl+C). */
+  async function copy(text, button) {
+    let done = false;
+    try {
+      await navigator.clipboard.writeText(text);
+      done = true;
+    } catch (_) {
+      const area = h("textarea", { class: "offscreen" }, text);
+      document.body.append(area);
+      area.select();
+      done = document.execCommand("copy");
+      area.remove();
+    }
+    if (button) {
+      const label = button.textContent;
+      button.textContent = done ? "Copied" : "Copy failed: select and press Ctrl+C";
+      setTimeout(() => (button.textContent = label), 1500);
+    }
+  }
+
+  function download(name, text) {
+    const url = URL.createObjectURL(new Blob([text], { type: "text/plain" }));
+    const link = h("a", { href: url, download: name });
+    document.body.append(link);
+    link.click();
+    link.remove();
+    setTimeout(() => URL.revokeObjectURL(url), 1000);
+  }
+
+  // --- HTTP -------------------------------------------------------------------------
+
+  class ApiError extends Error {
+    constructor(status, message, field) {
+      super(message);
+      this.status = status;
+      this.field = field;
+    }
+  }
+
+  /** A facade call; an error answer becomes an ApiError carrying the service's message. */
+  async function api(path, { method = "GET", body, query } = {}) {
+    const url = new URL(API + path, location.origin);
+    for (const [key, value] of Object.entries(query || {})) {
+      if (value !== "" && value !== undefined && value !== null && value !== false) {
+        url.searchParams.set(key, String(value));
+      }
+    }
+    const headers = { Authorization: "Bearer " + state.token };
+    if (body !== undefined) headers["Content-Type"] = "application/json";
+    const answer = await fetch(url, {
+      method,
+      headers,
+      body: body === undefined ? undefined : JSON.stringify(body),
+    });
+    const text = await answer.text();
+    let data = null;
+    try {
+      data = text ? JSON.parse(text) : null;
+    } catch (_) {
+      data = text;
+    }
+    if (!answer.ok) {
+      const error = data && data.error;
+      const message = error && error.message ? error.message : `${answer.status} ${answer.statusText}`;
+      if (answer.status === 401 && path === "/me") throw new ApiError(401, message);
+      if (answer.status === 401) {
+        signOut(`Signed out: ${message}`);
+      }
+      throw new ApiError(answer.status, message, error && error.field);
+    }
+    return data;
+  }
+
+  /** A data-plane call (the API test): the whole answer, whatever its status. */
+  async function call(method, path, { body, headers = {} } = {}) {
+    const started = performance.now();
+    const answer = await fetch(new URL(path, location.origin), {
+      method,
+      headers: { Authorization: "Bearer " + state.token, ...headers },
+      body,
+    });
+    const text = await answer.text();
+    return { status: answer.status, headers: answer.headers, text, ms: performance.now() - started };
+  }
+
+  function pretty(text) {
+    try {
+      return JSON.stringify(JSON.parse(text), null, 2);
+    } catch (_) {
+      return text;
+    }
+  }
+
+  // --- session ----------------------------------------------------------------------
+
+  function signOut(message = "") {
+    state.token = "";
+    state.me = null;
+    sessionStorage.removeItem(TOKEN_KEY);
+    location.hash = "#/login";
+    route();
+    if (message) flash(message);
+  }
+
+  function header() {
+    const who = document.getElementById("who");
+    const nav = document.getElementById("nav");
+    who.replaceChildren();
+    nav.hidden = !state.me;
+    if (!state.me) return;
+    const groups = state.me.admin ? "admin" : (state.me.groups || []).join(", ") || "no group";
+    append(who, [
+      h("span", { id: "whoami" }, `${state.me.user} · ${groups}`),
+      h("button", { onclick: () => signOut(), id: "sign-out" }, "Sign out"),
+    ]);
+    const section = location.hash.split("/")[1] || "deployments";
+    for (const link of nav.querySelectorAll("a")) {
+      link.classList.toggle("active", link.dataset.nav === section);
+    }
+  }
+
+  function login() {
+    const input = h("input", {
+      type: "password",
+      id: "token",
+      placeholder: "your token",
+      autocomplete: "off",
+      size: 48,
+    });
+    const form = h(
+      "form",
+      {
+        class: "card",
+        onsubmit: async (event) => {
+          event.preventDefault();
+          const token = input.value.trim();
+          if (!token) return flash("Paste your token first.");
+          state.token = token;
+          try {
+            state.me = await api("/me");
+          } catch (err) {
+            state.token = "";
+            return flash(`That token was refused: ${err.message}`);
+          }
+          sessionStorage.setItem(TOKEN_KEY, token);
+          flash("");
+          location.hash = "#/deployments";
+        },
+      },
+      h("p", {}, "Sign in with your Shipyard token. ", h("code", {}, "shipyard users create"),
+        " shows a user's token once; the admin's is in ", h("code", {}, "~/.shipyard/config.json"),
+        ". The token is kept in this tab only."),
+      h("div", { class: "row" }, input, h("button", { class: "primary", type: "submit" }, "Sign in")),
+    );
+    show(h("h1", {}, "Sign in"), form);
+    input.focus();
+  }
+
+  // --- router -----------------------------------------------------------------------
+
+  async function route() {
+    generation += 1;
+    for (const timer of timers) clearInterval(timer);
+    timers.clear();
+    const mine = generation;
+    const path = location.hash.replace(/^#\/?/, "").split("?")[0];
+    const parts = path.split("/").filter(Boolean).map(decodeURIComponent);
+    if (!state.token || parts[0] === "login") {
+      state.me = null;
+      header();
+      return login();
+    }
+    if (!state.me) {
+      try {
+        state.me = await api("/me");
+      } catch (err) {
+        if (err.status === 401) signOut(`Signed out: ${err.message}`);
+        else flash(err.message);
+        return;
+      }
+    }
+    header();
+    flash("");
+    try {
+      if (parts[0] === "images" && parts.length >= 4) {
+        await imageCard(mine, parts[1], parts[2], parts[3], parts[4] || "info");
+      } else if (parts[0] === "images") {
+        await imageList(mine);
+      } else if (parts[0] === "deployments" && parts[1]) {
+        await deploymentCard(mine, parts[1], parts[2] || "instances");
+      } else {
+        await deploymentList(mine);
+      }
+    } catch (err) {
+      if (mine !== generation) return;
+      if (err instanceof ApiError && err.status === 401) return;
+      flash(err.message || String(err));
+    }
+  }
+
+  const current = (mine) => mine === generation;
+
+  function every(ms, fn) {
+    const timer = setInterval(fn, ms);
+    timers.add(timer);
+    return timer;
+  }
+
+  // --- deployments ------------------------------------------------------------------
+
+  const STATUSES = ["deploying", "deployed", "failed", "stopped", "deleted"];
+
+  async function deploymentList(mine) {
+    const groups = await api("/groups").then((r) => r.groups.map((g) => g.name)).catch(() => []);
+    const body = h("div", { id: "deployments" }, h("p", { class: "muted" }, "Loading…"));
+    const refresh = async () => {
+      const query = { ...filters, mine: filters.mine || undefined };
+      let answer;
+      try {
+        answer = await api("/deployments", { query });
+      } catch (err) {
+        if (current(mine)) flash(err.message);
+        return;
+      }
+      if (!current(mine)) return;
+      flash("");
+      body.replaceChildren(
+        table(
+          ["Name", "Group", "Status", "Image", "Replicas", "Endpoint", "Updated"],
+          answer.deployments.map((d) => [
+            h("a", { href: `#/deployments/${enc(d.name)}`, "data-deployment": d.name }, d.name),
+            d.group,
+            badge(d.status),
+            imageLink(d.group, d.image),
+            `${d.ready_replicas}/${d.replicas}`,
+            h("code", {}, d.endpoint),
+            when(d.updated_at),
+          ]),
+          "No deployment matches. Create one with `shipyard deploy create`.",
+        ),
+      );
+    };
+    let typing;
+    const search = h("input", {
+      type: "search",
+      id: "search",
+      placeholder: "Search by name",
+      value: filters.search,
+      oninput: () => {
+        filters.search = search.value;
+        clearTimeout(typing);
+        typing = setTimeout(refresh, 200);
+      },
+    });
+    const select = (id, label, options, key) =>
+      h(
+        "select",
+        { id, onchange: (e) => ((filters[key] = e.target.value), refresh()) },
+        h("option", { value: "" }, label),
+        options.map((o) => h("option", { value: o, selected: filters[key] === o || undefined }, o)),
+      );
+    const check = (id, label, key) =>
+      h("label", {}, h("input", {
+        type: "checkbox",
+        id,
+        checked: filters[key],
+        onchange: (e) => ((filters[key] = e.target.checked), refresh()),
+      }), " ", label);
+    show(
+      h("h1", {}, "Deployments"),
+      h(
+        "div",
+        { class: "toolbar" },
+        search,
+        select("status", "Any status", STATUSES, "status"),
+        select("group", "Any group", groups, "group"),
+        check("mine", "Deployed by me", "mine"),
+        check("include-deleted", "Include deleted", "include_deleted"),
+        h("button", { onclick: refresh }, "Refresh"),
+      ),
+      body,
+    );
+    await refresh();
+    every(5000, refresh);
+  }
+
+  function imageLink(group, image) {
+    if (!image || !image.name) return "—";
+    const label = `${image.name}:${image.version}`;
+    return h("a", { href: `#/images/${enc(group)}/${enc(image.name)}/${image.version}` }, label);
+  }
+
+  const TABS = [
+    ["instances", "Instances"],
+    ["history", "History"],
+    ["logs", "Logs"],
+    ["monitoring", "Monitoring"],
+    ["api", "API test"],
+    ["keys", "Keys"],
+    ["readme", "Readme"],
+  ];
+
+  async function deploymentCard(mine, name, tab) {
+    const d = await api(`/deployments/${enc(name)}`);
+    if (!current(mine)) return;
+    const base = `#/deployments/${enc(name)}`;
+    const action = (label, verb, enabled) =>
+      enabled &&
+      h("button", {
+        id: `action-${verb}`,
+        onclick: async (event) => {
+          event.target.disabled = true;
+          try {
+            await api(`/deployments/${enc(name)}:${verb}`, { method: "POST", body: {} });
+            flash(`${label}: done.`, "info");
+          } catch (err) {
+            flash(err.message);
+          }
+          route();
+        },
+      }, label);
+    const range = d.scaling.min_replicas === d.scaling.max_replicas
+      ? `${d.scaling.min_replicas}`
+      : `${d.scaling.min_replicas}–${d.scaling.max_replicas} (autoscaled)`;
+    // The scheduler gives the full URL when it knows the gateway's, else the path.
+    const url = /^https?:/.test(d.endpoint) ? d.endpoint : location.origin + d.endpoint;
+    const metadata = Object.entries(d.metadata || {});
+    const panel = h("div", { id: "panel" });
+    show(
+      h("h1", {}, h("span", { id: "title" }, d.name), badge(d.status),
+        action("Stop", "stop", ["deployed", "deploying", "failed"].includes(d.status)),
+        action("Start", "start", d.status === "stopped")),
+      h("div", { class: "card" }, fields([
+        ["Status", h("span", {}, d.status, d.message ? ` — ${d.message}` : "")],
+        ["Group", d.group],
+        ["Image", imageLink(d.group, d.image)],
+        ["Configuration", `${d.instance_type}, ${range} replicas`],
+        ["Instances", `${d.ready_replicas} ready of ${d.replicas}`],
+        ["Access", d.access === "public" ? "public (no key)" : "private (client key or a member's token)"],
+        ["URL", h("span", { class: "row" }, h("code", { id: "endpoint" }, url),
+          h("button", { onclick: (e) => copy(url, e.target) }, "Copy"))],
+        ["Revision", `${d.revision} (serving ${d.active_revision || "none yet"})`],
+        ["Created", `${when(d.created_at)} by ${d.created_by}`],
+        ["Updated", `${when(d.updated_at)} by ${d.updated_by}`],
+        ["Description", h("span", { id: "description" }, dash(d.description))],
+        metadata.length && ["Metadata", metadata.map(([k, v]) => h("div", {}, h("code", {}, k), " = ", v))],
+      ])),
+      h("div", { class: "tabs" }, TABS.map(([key, label]) =>
+        h("a", { href: `${base}/${key}`, class: key === tab ? "active" : "", "data-tab": key }, label))),
+      panel,
+    );
+    const panels = { instances, history, logs, monitoring, apiTest, keys, readme: deploymentReadme };
+    const render = panels[tab === "api" ? "apiTest" : tab] || instances;
+    await render(mine, d, panel);
+  }
+
+  async function instances(mine, d, panel) {
+    const refresh = async () => {
+      const answer = await api(`/deployments/${enc(d.name)}/instances`);
+      if (!current(mine)) return;
+      panel.replaceChildren(
+        h("p", { class: "muted" }, "The last 200 instances, newest first."),
+        table(
+          ["Instance", "Revision", "Status", "Restarts", "Created", "Ready", "Ended", "Message", ""],
+          answer.instances.map((i) => [
+            h("code", {}, i.instance_id),
+            i.revision,
+            badge(i.status),
+            i.restarts,
+            when(i.created_at),
+            when(i.ready_at),
+            when(i.ended_at),
+            h("span", { class: "mono" }, dash(i.message)),
+            h("a", { href: `#/deployments/${enc(d.name)}/logs?instance=${enc(i.instance_id)}` }, "logs"),
+          ]),
+          "No instance yet.",
+        ),
+      );
+    };
+    await refresh();
+    every(5000, () => refresh().catch(() => {}));
+  }
+
+  async function history(mine, d, panel) {
+    const answer = await api(`/deployments/${enc(d.name)}/history`);
+    if (!current(mine)) return;
+    panel.replaceChildren(table(
+      ["Revision", "Action", "By", "At", "Image", "Replicas", "Instance type", "Stopped", "Message"],
+      answer.entries.map((e) => [
+        e.revision,
+        e.action,
+        e.actor,
+        when(e.at),
+        imageLink(e.group, e.image),
+        e.scaling ? `${e.scaling.min_replicas}–${e.scaling.max_replicas}` : "—",
+        e.instance_type,
+        e.stopped ? "yes" : "no",
+        dash(e.message || e.description),
+      ]),
+    ));
+  }
+
+  async function logs(mine, d, panel) {
+    const wanted = new URLSearchParams(location.hash.split("?")[1] || "").get("instance") || "";
+    const sources = await api(`/deployments/${enc(d.name)}/log-sources`);
+    if (!current(mine)) return;
+    const instance = h("select", { id: "log-instance" }, h("option", { value: "" }, "Every instance"),
+      sources.sources.map((s) => h("option", { value: s.instance, selected: s.instance === wanted || undefined },
+        `${s.instance} (revision ${s.revision}, ${s.lines} lines)`)));
+    const grep = h("input", { type: "search", id: "log-grep", placeholder: "Only lines containing…" });
+    const limit = h("select", { id: "log-limit" }, ["200", "2000", "10000"].map((n) =>
+      h("option", { value: n, selected: n === "2000" || undefined }, `last ${n}`)));
+    const out = h("pre", { class: "block", id: "log-lines" }, "Loading…");
+    let text = "";
+    const refresh = async () => {
+      const answer = await api(`/deployments/${enc(d.name)}/logs`, {
+        query: { instance: instance.value, grep: grep.value, limit: limit.value },
+      });
+      if (!current(mine)) return;
+      text = answer.lines.map((l) => `${when(l.at)}  ${l.instance}  ${l.text}`).join("\n");
+      out.textContent = text || "No lines.";
+      // What is shown, for whoever waits for a filter to apply.
+      out.dataset.shown = `${instance.value}|${grep.value}`;
+    };
+    for (const input of [instance, limit]) input.addEventListener("change", refresh);
+    grep.addEventListener("change", refresh);
+    grep.addEventListener("search", refresh);
+    panel.replaceChildren(
+      h("div", { class: "toolbar" }, instance, grep, limit,
+        h("button", { onclick: refresh }, "Refresh"),
+        h("button", { id: "copy-logs", onclick: (e) => copy(text, e.target) }, "Copy"),
+        h("button", { onclick: () => download(`${d.name}-${instance.value || "all"}.log`, text) }, "Download")),
+      out,
+    );
+    await refresh();
+  }
+
+  const WINDOWS = [["1h", 60], ["6h", 360], ["24h", 1440], ["3d", 4320]];
+
+  async function monitoring(mine, d, panel) {
+    const span = h("select", { id: "metrics-window" }, WINDOWS.map(([label, minutes]) =>
+      h("option", { value: minutes }, `last ${label}`)));
+    const body = h("div", {});
+    const refresh = async () => {
+      const since = new Date(Date.now() - Number(span.value) * 60000).toISOString();
+      const m = await api(`/deployments/${enc(d.name)}/metrics`, { query: { since } });
+      if (!current(mine)) return;
+      const t = m.total;
+      const pct = (x) => `${(100 * x).toFixed(1)}%`;
+      const tile = (label, value, id) =>
+        h("div", { class: "tile" }, h("div", { class: "label" }, label), h("div", { class: "value", id }, value));
+      body.replaceChildren(
+        h("div", { class: "tiles" },
+          tile("Requests", String(t.requests), "m-requests"),
+          tile("QPS", t.qps.toFixed(2), "m-qps"),
+          tile("Success rate", t.requests ? pct(t.success_rate) : "—", "m-success"),
+          tile("4xx", t.requests ? pct(t.rate_4xx) : "—", "m-4xx"),
+          tile("5xx", t.requests ? pct(t.rate_5xx) : "—", "m-5xx"),
+          tile("Latency p50", `${t.latency_p50_ms.toFixed(1)} ms`, "m-p50"),
+          tile("Latency p95", `${t.latency_p95_ms.toFixed(1)} ms`, "m-p95"),
+          tile("Latency p99", `${t.latency_p99_ms.toFixed(1)} ms`, "m-p99")),
+        h("p", { class: "muted" }, `One point per ${m.step_minutes} min, UTC. Kept 3 days.`),
+        h("div", { class: "charts" },
+          chart("Requests per second", m.series, [["qps", "#2457c5", (p) => p.qps]]),
+          chart("Success rate (%)", m.series, [["success", "#157f3b", (p) => (p.requests ? 100 * p.success_rate : NaN)]]),
+          chart("Errors (%)", m.series, [
+            ["4xx", "#a15c00", (p) => (p.requests ? 100 * p.rate_4xx : NaN)],
+            ["5xx", "#b42318", (p) => (p.requests ? 100 * p.rate_5xx : NaN)],
+          ]),
+          chart("Latency (ms)", m.series, [
+            ["p50", "#2457c5", (p) => (p.requests ? p.latency_p50_ms : NaN)],
+            ["p95", "#7a3ec8", (p) => (p.requests ? p.latency_p95_ms : NaN)],
+            ["p99", "#b42318", (p) => (p.requests ? p.latency_p99_ms : NaN)],
+          ])),
+      );
+    };
+    span.addEventListener("change", refresh);
+    panel.replaceChildren(h("div", { class: "toolbar" }, span, h("button", { onclick: refresh }, "Refresh")), body);
+    await refresh();
+    every(10000, () => refresh().catch(() => {}));
+  }
+
+  /** A line chart of `series` (points over time); a NaN value leaves a gap. */
+  function chart(title, series, lines) {
+    const W = 340;
+    const H = 130;
+    const left = 34;
+    const bottom = H - 16;
+    const values = lines.flatMap(([, , get]) => series.map(get)).filter(Number.isFinite);
+    const top = values.length ? Math.max(...values) : 0;
+    const max = top > 0 ? top * 1.1 : 1;
+    const x = (i) => left + (series.length > 1 ? (i * (W - left - 6)) / (series.length - 1) : 0);
+    const y = (v) => bottom - (v / max) * (bottom - 8);
+    const root = svg("svg", { viewBox: `0 0 ${W} ${H}`, role: "img", "aria-label": title });
+    root.append(svg("line", { class: "axis", x1: left, y1: bottom, x2: W - 4, y2: bottom }));
+    root.append(svg("line", { class: "axis", x1: left, y1: 8, x2: left, y2: bottom }));
+    const label = (text, ly) => {
+      const t = svg("text", { x: left - 4, y: ly, "text-anchor": "end" });
+      t.textContent = text;
+      return t;
+    };
+    root.append(label(top > 0 ? String(+top.toPrecision(3)) : "0", 14), label("0", bottom));
+    let drawn = 0;
+    for (const [name, color, get] of lines) {
+      // Consecutive finite points form one polyline; gaps split it.
+      let run = [];
+      const flush = () => {
+        if (run.length) root.append(svg("polyline", { points: run.join(" "), stroke: color, "data-line": name }));
+        run = [];
+      };
+      series.forEach((point, i) => {
+        const v = get(point);
+        if (Number.isFinite(v)) {
+          run.push(`${x(i).toFixed(1)},${y(v).toFixed(1)}`);
+          drawn += 1;
+        } else flush();
+      });
+      flush();
+    }
+    return h("div", { class: "chart", "data-chart": title, "data-points": drawn },
+      h("div", { class: "title" }, title), root,
+      h("div", { class: "legend" }, lines.map(([name, color]) =>
+        h("span", {}, h("i", { style: `background:${color}` }), name))));
+  }
+
+  const PROTOCOLS = {
+    raw: ["Raw JSON", "POST", (d) => `/deployments/${enc(d)}/predict`, "{}"],
+    v1: ["KServe v1", "POST", (d) => `/v1/models/${enc(d)}:predict`, '{"instances": []}'],
+    v2: ["Open Inference v2", "POST", (d) => `/v2/models/${enc(d)}/infer`,
+      '{"inputs": [{"name": "input-0", "shape": [1, 1], "datatype": "FP64", "data": [0]}]}'],
+    seldon: ["Seldon", "POST", (d) => `/deployment/${enc(d)}/api/v1.0/predictions`, '{"data": {"ndarray": []}}'],
+    metadata: ["Model metadata", "GET", (d) => `/v2/models/${enc(d)}`, ""],
+  };
+
+  /** The curl command for a request; the token stays a variable, never the secret. */
+  function curl(method, url, body, isAsync) {
+    const quote = (s) => `'${s.replace(/'/g, "'\\''")}'`;
+    const parts = [`curl -X ${method} ${quote(url)}`, `-H "Authorization: Bearer $SHIPYARD_TOKEN"`];
+    if (method !== "GET") parts.push("-H 'Content-Type: application/json'");
+    if (isAsync) parts.push("-H 'X-Async-Request: true'");
+    if (method !== "GET") parts.push(`-d ${quote(body)}`);
+    return parts.join(" \\\n  ");
+  }
+
+  async function apiTest(mine, d, panel) {
+    const saved = (p) => sessionStorage.getItem(`shipyard.body.${d.name}.${p}`);
+    const protocol = h("select", { id: "api-protocol" }, Object.entries(PROTOCOLS).map(([key, [label, method, path]]) =>
+      h("option", { value: key }, `${label}: ${method} ${decodeURIComponent(path(d.name))}`)));
+    const body = h("textarea", { id: "api-body", spellcheck: "false" });
+    const asyncBox = h("input", { type: "checkbox", id: "api-async" });
+    const curlText = h("pre", { class: "block", id: "api-curl" });
+    const result = h("div", { id: "api-result" });
+    const selected = () => PROTOCOLS[protocol.value];
+    const update = () => {
+      const [, method, path] = selected();
+      body.disabled = asyncBox.disabled = method === "GET";
+      curlText.textContent = curl(method, location.origin + path(d.name), body.value, asyncBox.checked && !asyncBox.disabled);
+    };
+    const load = () => {
+      const [, , , example] = selected();
+      body.value = saved(protocol.value) ?? example;
+      update();
+    };
+    protocol.addEventListener("change", load);
+    body.addEventListener("input", () => {
+      sessionStorage.setItem(`shipyard.body.${d.name}.${protocol.value}`, body.value);
+      update();
+    });
+    asyncBox.addEventListener("change", update);
+    const send = async () => {
+      const [, method, path] = selected();
+      const asyncOn = asyncBox.checked && method !== "GET";
+      result.replaceChildren(h("p", { class: "muted" }, "Sending…"));
+      let answer;
+      try {
+        answer = await call(method, path(d.name), {
+          body: method === "GET" ? undefined : body.value,
+          headers: method === "GET" ? {} : {
+            "Content-Type": "application/json",
+            ...(asyncOn ? { "X-Async-Request": "true" } : {}),
+          },
+        });
+      } catch (err) {
+        result.replaceChildren(h("p", { class: "flash" }, `The request did not get through: ${err.message}`));
+        return;
+      }
+      if (!current(mine)) return;
+      const out = (id, answer) => [
+        h("p", {}, h("strong", { id: `${id}-status` }, `HTTP ${answer.status}`), ` · ${answer.ms.toFixed(0)} ms`),
+        h("pre", { class: "block", id: `${id}-body` }, pretty(answer.text)),
+      ];
+      result.replaceChildren(...out("api-answer", answer));
+      if (answer.status === 202 && asyncOn) await follow(mine, d, answer, result, out);
+    };
+    panel.replaceChildren(
+      h("div", { class: "card" },
+        h("div", { class: "toolbar" }, protocol,
+          h("label", {}, asyncBox, " Async (", h("code", {}, "X-Async-Request: true"), ")")),
+        body,
+        h("div", { class: "toolbar", style: "margin-top:10px" },
+          h("button", { class: "primary", id: "api-send", onclick: send }, "Send"),
+          h("button", { id: "api-copy-curl", onclick: (e) => copy(curlText.textContent, e.target) }, "Copy as cURL"))),
+      h("h2", {}, "As cURL"),
+      curlText,
+      h("h2", {}, "Answer"),
+      result,
+    );
+    load();
+  }
+
+  /** Polls an async request until it ends, then shows its result. */
+  async function follow(mine, d, accepted, result, out) {
+    let id;
+    try {
+      id = JSON.parse(accepted.text).request_id;
+    } catch (_) {
+      return;
+    }
+    const status = h("p", { id: "api-async-status" }, "Request ", h("code", {}, id), " ", badge("queued"));
+    result.append(status);
+    const deadline = Date.now() + 5 * 60 * 1000;
+    while (current(mine) && Date.now() < deadline) {
+      const answer = await call("GET", `/deployments/${enc(d.name)}/async/${enc(id)}`);
+      let doc = {};
+      try {
+        doc = JSON.parse(answer.text);
+      } catch (_) {
+        /* shown below as text */
+      }
+      status.replaceChildren("Request ", h("code", {}, id), " ", badge(doc.status || `HTTP ${answer.status}`));
+      if (doc.status === "completed" && doc.result_url) {
+        result.append(...out("api-async-result", await call("GET", doc.result_url)));
+        return;
+      }
+      if (answer.status >= 400 || ["failed", "cancelled"].includes(doc.status)) {
+        result.append(h("pre", { class: "block" }, pretty(answer.text)));
+        return;
+      }
+      await new Promise((resolve) => setTimeout(resolve, 500));
+    }
+  }
+
+  async function keys(mine, d, panel) {
+    const answer = await api(`/deployments/${enc(d.name)}/keys`);
+    if (!current(mine)) return;
+    const name = h("input", { type: "text", id: "key-client", placeholder: "client name, e.g. shop" });
+    const create = async () => {
+      try {
+        const created = await api(`/deployments/${enc(d.name)}/keys`, { method: "POST", body: { client: name.value.trim() } });
+        await keys(mine, d, panel);
+        panel.prepend(h("div", { class: "secret", id: "key-secret" },
+          h("p", {}, h("strong", {}, `Key for ${created.key.client}. `),
+            "Copy it now: it is shown once and stored hashed."),
+          h("div", { class: "row" }, h("code", { id: "key-secret-value" }, created.secret),
+            h("button", { onclick: (e) => copy(created.secret, e.target) }, "Copy")),
+          h("p", { class: "muted" }, "Use it as ", h("code", {}, `curl -u ${created.key.client}:<secret>`),
+            " or ", h("code", {}, "Authorization: Bearer <secret>"), ".")));
+      } catch (err) {
+        flash(err.message);
+      }
+    };
+    const revoke = (client) => async () => {
+      try {
+        await api(`/deployments/${enc(d.name)}/keys/${enc(client)}`, { method: "DELETE" });
+        await keys(mine, d, panel);
+      } catch (err) {
+        flash(err.message);
+      }
+    };
+    panel.replaceChildren(
+      h("div", { class: "toolbar" }, name, h("button", { class: "primary", id: "key-create", onclick: create }, "Create key")),
+      table(["Client", "Key id", "Created", "Last used", ""], answer.keys.map((k) => [
+        k.client, h("code", {}, k.key_id), `${when(k.created_at)} by ${k.created_by}`, when(k.last_used_at),
+        h("button", { class: "danger", onclick: revoke(k.client) }, "Revoke"),
+      ]), "No client keys. Members of the group can call with their own token."),
+    );
+  }
+
+  async function readmePanel(mine, panel, path, what) {
+    const answer = await api(path).catch((err) => {
+      if (err.status === 404) return { markdown: "" };
+      throw err;
+    });
+    if (!current(mine)) return;
+    const view = () => panel.replaceChildren(
+      h("div", { class: "toolbar" }, h("button", { id: "readme-edit", onclick: edit }, "Edit"),
+        answer.updated_by ? h("span", { class: "muted" }, `Updated ${when(answer.updated_at)} by ${answer.updated_by}`) : ""),
+      h("div", { class: "card", id: "readme" },
+        answer.markdown ? markdown(answer.markdown) : h("p", { class: "muted" }, `This ${what} has no readme yet.`)),
+    );
+    const edit = () => {
+      const area = h("textarea", { id: "readme-text", style: "min-height:280px" }, answer.markdown);
+      panel.replaceChildren(area, h("div", { class: "toolbar", style: "margin-top:10px" },
+        h("button", { class: "primary", id: "readme-save", onclick: async () => {
+          try {
+            Object.assign(answer, await api(path, { method: "PUT", body: { markdown: area.value } }));
+            view();
+          } catch (err) {
+            flash(err.message);
+          }
+        } }, "Save"),
+        h("button", { onclick: view }, "Cancel")));
+    };
+    view();
+  }
+
+  const deploymentReadme = (mine, d, panel) =>
+    readmePanel(mine, panel, `/deployments/${enc(d.name)}/readme`, "deployment");
+
+  // --- images -----------------------------------------------------------------------
+
+  async function imageList(mine) {
+    const answer = await api("/images");
+    if (!current(mine)) return;
+    show(h("h1", {}, "Images"), table(
+      ["Image", "Group", "Python", "Size", "Kind", "Created"],
+      answer.images.map((i) => [
+        imageLink(i.group, i), i.group, i.python, size(i.size_bytes), i.kind, `${when(i.created_at)} by ${i.created_by}`,
+      ]),
+      "No image yet. Build one with `shipyard image build ./model-folder --name NAME`.",
+    ));
+  }
+
+  const IMAGE_TABS = [["info", "Info"], ["usage", "Usage"], ["build-logs", "Build logs"], ["readme", "Readme"]];
+
+  async function imageCard(mine, group, name, version, tab) {
+    const query = { group };
+    const path = `/images/${enc(name)}/${enc(version)}`;
+    const image = await api(path, { query });
+    if (!current(mine)) return;
+    const base = `#/images/${enc(group)}/${enc(name)}/${enc(version)}`;
+    const panel = h("div", { id: "panel" });
+    show(
+      h("h1", {}, h("span", { id: "title" }, `${image.name}:${image.version}`)),
+      h("div", { class: "tabs" }, IMAGE_TABS.map(([key, label]) =>
+        h("a", { href: `${base}/${key}`, class: key === tab ? "active" : "", "data-tab": key }, label))),
+      panel,
+    );
+    if (tab === "usage") {
+      const usage = await api(`${path}/usage`, { query });
+      if (!current(mine)) return;
+      panel.replaceChildren(usage.deployments.length
+        ? h("ul", { id: "usage" }, usage.deployments.map((n) => h("li", {}, h("a", { href: `#/deployments/${enc(n)}` }, n))))
+        : h("p", { class: "muted", id: "usage" }, "No deployment uses this image."));
+    } else if (tab === "build-logs") {
+      if (!image.build_id) return panel.replaceChildren(h("p", { class: "muted" }, "No build is recorded for this image."));
+      const answer = await api(`/builds/${enc(image.build_id)}/logs`);
+      if (!current(mine)) return;
+      const text = answer.lines.map((l) => `${when(l.at)}  ${l.line}`).join("\n");
+      panel.replaceChildren(
+        h("div", { class: "toolbar" }, h("button", { onclick: (e) => copy(text, e.target) }, "Copy"),
+          h("button", { onclick: () => download(`build-${image.build_id}.log`, text) }, "Download")),
+        h("pre", { class: "block", id: "build-log" }, text || "No lines."));
+    } else if (tab === "readme") {
+      await readmePanel(mine, panel, `${path}/readme?group=${enc(group)}`, "image");
+    } else {
+      panel.replaceChildren(
+        h("div", { class: "card" }, fields([
+          ["Group", image.group],
+          ["Kind", image.kind === "oci" ? `OCI image ${image.image_ref}` : "environment pack"],
+          ["Digest", h("code", {}, image.digest)],
+          ["Size", size(image.size_bytes)],
+          ["Python", image.python],
+          ["Serving script", `${image.script}, ${image.workers || 1} worker(s) per instance`],
+          ["Source", h("code", {}, dash(image.source))],
+          ["Build", h("code", {}, dash(image.build_id))],
+          ["Created", `${when(image.created_at)} by ${image.created_by}`],
+        ])),
+        h("h2", {}, "Packages"),
+        table(["Package", "Version"], (image.packages || []).map((p) => [p.name, p.version])),
+      );
+    }
+  }
+
+  // --- Markdown (a safe subset of GitHub's: it builds elements, never markup) ---------
+
+  const INLINE = new RegExp([
+    /(`+)([^`]|[^`][\s\S]*?[^`])\1(?!`)/.source, // 1, 2: code
+    /\*\*([^*]+)\*\*|__([^_]+)__/.source, // 3, 4: strong
+    /\*([^*\s][^*]*)\*|\b_([^_\s][^_]*)_\b/.source, // 5, 6: emphasis
+    /~~([^~]+)~~/.source, // 7: strikethrough
+    /!?\[([^\]]+)\]\(([^)\s]+)(?:\s+"[^"]*")?\)/.source, // 8, 9: link (an image becomes a link)
+    /(https?:\/\/[^\s<]*[^\s<.,:;"')\]])/.source, // 10: bare URL
+  ].join("|"), "g");
+
+  function inline(text) {
+    const out = [];
+    let last = 0;
+    for (const m of text.matchAll(INLINE)) {
+      if (m.index > last) out.push(text.slice(last, m.index));
+      if (m[1]) out.push(h("code", {}, m[2]));
+      else if (m[3] || m[4]) out.push(h("strong", {}, inline(m[3] || m[4])));
+      else if (m[5] || m[6]) out.push(h("em", {}, inline(m[5] || m[6])));
+      else if (m[7]) out.push(h("del", {}, inline(m[7])));
+      else if (m[8]) out.push(link(m[9], inline(m[8])));
+      else out.push(link(m[10], [m[10]]));
+      last = m.index + m[0].length;
+    }
+    if (last < text.length) out.push(text.slice(last));
+    return out;
+  }
+
+  function link(url, children) {
+    // Only web, mail and relative links; javascript: and data: URLs stay text.
+    const safe = /^(https?:|mailto:)/i.test(url) || !/^[a-z][a-z0-9+.-]*:/i.test(url);
+    return safe ? h("a", { href: url, rel: "noopener noreferrer", target: "_blank" }, children) : h("span", {}, children);
+  }
+
+  const LIST_ITEM = /^\s*([-*+]|\d+[.)])\s+/;
+  const TABLE_RULE = /^\s*\|?\s*:?-{3,}:?\s*(\|\s*:?-{3,}:?\s*)*\|?\s*$/;
+  const BLOCK_START = /^(#{1,6}\s|```|~~~|\s*>)/;
+
+  function markdown(source) {
+    const root = h("div", { class: "readme" });
+    const lines = source.replace(/\r\n?/g, "\n").split("\n");
+    const cells = (row) => row.trim().replace(/^\|/, "").replace(/\|$/, "").split("|").map((c) => c.trim());
+    let i = 0;
+    while (i < lines.length) {
+      const line = lines[i];
+      let m;
+      if (!line.trim()) {
+        i += 1;
+      } else if ((m = line.match(/^(```|~~~)/))) {
+        const code = [];
+        i += 1;
+        while (i < lines.length && !lines[i].startsWith(m[1])) code.push(lines[i++]);
+        i += 1;
+        root.append(h("pre", {}, h("code", {}, code.join("\n"))));
+      } else if ((m = line.match(/^(#{1,6})\s+(.*?)\s*#*\s*$/))) {
+        root.append(h(`h${m[1].length}`, {}, inline(m[2])));
+        i += 1;
+      } else if (/^\s*([-*_])(\s*\1){2,}\s*$/.test(line)) {
+        root.append(h("hr"));
+        i += 1;
+      } else if (/^\s*>/.test(line)) {
+        const quoted = [];
+        while (i < lines.length && /^\s*>/.test(lines[i])) quoted.push(lines[i++].replace(/^\s*>\s?/, ""));
+        root.append(h("blockquote", {}, [...markdown(quoted.join("\n")).childNodes]));
+      } else if (LIST_ITEM.test(line)) {
+        const list = h(/^\s*\d/.test(line) ? "ol" : "ul");
+        while (i < lines.length && LIST_ITEM.test(lines[i])) {
+          let item = lines[i++].replace(LIST_ITEM, "");
+          const task = item.match(/^\[( |x|X)\]\s+/);
+          const li = h("li");
+          if (task) {
+            li.append(h("input", { type: "checkbox", disabled: true, checked: task[1] !== " " }), " ");
+            item = item.slice(task[0].length);
+          }
+          list.append(append(li, inline(item)));
+        }
+        root.append(list);
+      } else if (line.includes("|") && i + 1 < lines.length && TABLE_RULE.test(lines[i + 1])) {
+        const head = cells(line);
+        i += 2;
+        const rows = [];
+        while (i < lines.length && lines[i].includes("|") && lines[i].trim()) rows.push(cells(lines[i++]));
+        root.append(h("table", {},
+          h("thead", {}, h("tr", {}, head.map((c) => h("th", {}, inline(c))))),
+          h("tbody", {}, rows.map((r) => h("tr", {}, r.map((c) => h("td", {}, inline(c))))))));
+      } else {
+        const para = [line];
+        i += 1;
+        while (i < lines.length && lines[i].trim() && !BLOCK_START.test(lines[i]) && !LIST_ITEM.test(lines[i])) {
+          para.push(lines[i++]);
+        }
+        root.append(h("p", {}, inline(para.join(" "))));
+      }
+    }
+    return root;
+  }
+
+  window.addEventListener("hashchange", route);
+  route();
+})();
