@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from shipyard.client.config import DEFAULT_PORTS
 from shipyard_core.embedded import free_port
 from shipyard_platform import down, up
 
@@ -24,18 +25,16 @@ SHIPYARD = str(Path(sys.executable).with_name("shipyard"))
 def home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A running platform on free ports, for the whole module."""
     saved = dict(os.environ)
+    # Every port free, the services' from the one table of them: a port left at its
+    # default would reach whatever else on this machine listens there.
+    ports = {f"SHIPYARD_{name.upper()}_PORT": str(free_port()) for name in DEFAULT_PORTS}
     os.environ.update(
         {
+            **ports,
             "SHIPYARD_NATS_PORT": str(free_port()),
             "SHIPYARD_PG_PORT": str(free_port()),
-            "SHIPYARD_KEYS_PORT": str(free_port()),
-            "SHIPYARD_QUOTA_PORT": str(free_port()),
-            "SHIPYARD_IMAGEBUILD_PORT": str(free_port()),
-            "SHIPYARD_SCHEDULER_PORT": str(free_port()),
-            "SHIPYARD_LOGGING_PORT": str(free_port()),
             # The gateway reports request metrics every second instead of every 10.
             "SHIPYARD_METRICS_INTERVAL_SECONDS": "1",
-            "SHIPYARD_GATEWAY_PORT": str(free_port()),
             "SHIPYARD_GATEWAY_HTTP_PORT": str(free_port()),
             "SHIPYARD_UP_TIMEOUT": "90",
         }

@@ -8,7 +8,8 @@
 (() => {
   const API = "/api/v1";
   const TOKEN_KEY = "shipyard.token";
-  const state = { token: sessionStorage.getItem(TOKEN_KEY) || "", me: null };
+  // notice: what the next page says on arrival (a navigation clears the flash).
+  const state = { token: sessionStorage.getItem(TOKEN_KEY) || "", me: null, notice: "" };
   const filters = { search: "", status: "", group: "", mine: false, include_deleted: false };
   // Each render gets a generation; a slow answer for a page the user left is dropped,
   // and the left page's timers are cleared.
@@ -25,6 +26,8 @@
       if (key === "class") el.className = value;
       else if (key.startsWith("on")) el.addEventListener(key.slice(2), value);
       else if (key === "value") el.value = value;
+      // Through the CSSOM: a style attribute is inline style, which the page's policy refuses.
+      else if (key === "style") Object.assign(el.style, value);
       else if (key === "checked") el.checked = Boolean(value);
       else el.setAttribute(key, value === true ? "" : String(value));
     }
@@ -272,12 +275,15 @@
       }
     }
     header();
-    flash("");
+    flash(state.notice, "info");
+    state.notice = "";
     try {
       if (parts[0] === "images" && parts.length >= 4) {
         await imageCard(mine, parts[1], parts[2], parts[3], parts[4] || "info");
       } else if (parts[0] === "images") {
         await imageList(mine);
+      } else if (parts[0] === "new") {
+        await newDeployment(mine);
       } else if (parts[0] === "deployments" && parts[1]) {
         await deploymentCard(mine, parts[1], parts[2] || "instances");
       } else {
@@ -292,6 +298,16 @@
 
   const current = (mine) => mine === generation;
 
+  /** Wraps a refresh so that only the newest call's answer is shown: answers to earlier
+   * calls (an older filter, a timer's) may arrive after it. */
+  function newestOnly(refresh) {
+    let asked = 0;
+    return () => {
+      const mark = ++asked;
+      return refresh(() => mark === asked);
+    };
+  }
+
   function every(ms, fn) {
     const timer = setInterval(fn, ms);
     timers.add(timer);
@@ -305,7 +321,7 @@
   async function deploymentList(mine) {
     const groups = await api("/groups").then((r) => r.groups.map((g) => g.name)).catch(() => []);
     const body = h("div", { id: "deployments" }, h("p", { class: "muted" }, "Loading…"));
-    const refresh = async () => {
+    const refresh = newestOnly(async (newest) => {
       const query = { ...filters, mine: filters.mine || undefined };
       let answer;
       try {
@@ -314,8 +330,7 @@
         if (current(mine)) flash(err.message);
         return;
       }
-      if (!current(mine)) return;
-      flash("");
+      if (!current(mine) || !newest()) return;
       body.replaceChildren(
         table(
           ["Name", "Group", "Status", "Image", "Replicas", "Endpoint", "Updated"],
@@ -328,10 +343,10 @@
             h("code", {}, d.endpoint),
             when(d.updated_at),
           ]),
-          "No deployment matches. Create one with `shipyard deploy create`.",
+          "No deployment matches. Create one with New deployment, or `shipyard deploy create`.",
         ),
       );
-    };
+    });
     let typing;
     const search = h("input", {
       type: "search",
@@ -359,7 +374,7 @@
         onchange: (e) => ((filters[key] = e.target.checked), refresh()),
       }), " ", label);
     show(
-      h("h1", {}, "Deployments"),
+      h("h1", {}, "Deployments", h("a", { href: "#/new", class: "button primary", id: "new-deployment" }, "New deployment")),
       h(
         "div",
         { class: "toolbar" },
@@ -390,6 +405,7 @@
     ["api", "API test"],
     ["keys", "Keys"],
     ["readme", "Readme"],
+    ["settings", "Settings"],
   ];
 
   async function deploymentCard(mine, name, tab) {
@@ -403,8 +419,8 @@
         onclick: async (event) => {
           event.target.disabled = true;
           try {
-            await api(`/deployments/${enc(name)}:${verb}`, { method: "POST", body: {} });
-            flash(`${label}: done.`, "info");
+            await api(`/deployments/${enc(name)}:${verb}`, { method: "POST" });
+            state.notice = `${label}: done.`;
           } catch (err) {
             flash(err.message);
           }
@@ -441,7 +457,7 @@
         h("a", { href: `${base}/${key}`, class: key === tab ? "active" : "", "data-tab": key }, label))),
       panel,
     );
-    const panels = { instances, history, logs, monitoring, apiTest, keys, readme: deploymentReadme };
+    const panels = { instances, history, logs, monitoring, apiTest, keys, readme: deploymentReadme, settings };
     const render = panels[tab === "api" ? "apiTest" : tab] || instances;
     await render(mine, d, panel);
   }
@@ -504,16 +520,15 @@
       h("option", { value: n, selected: n === "2000" || undefined }, `last ${n}`)));
     const out = h("pre", { class: "block", id: "log-lines" }, "Loading…");
     let text = "";
-    const refresh = async () => {
-      const answer = await api(`/deployments/${enc(d.name)}/logs`, {
-        query: { instance: instance.value, grep: grep.value, limit: limit.value },
-      });
-      if (!current(mine)) return;
+    const refresh = newestOnly(async (newest) => {
+      const query = { instance: instance.value, grep: grep.value, limit: limit.value };
+      const answer = await api(`/deployments/${enc(d.name)}/logs`, { query });
+      if (!current(mine) || !newest()) return;
       text = answer.lines.map((l) => `${when(l.at)}  ${l.instance}  ${l.text}`).join("\n");
       out.textContent = text || "No lines.";
       // What is shown, for whoever waits for a filter to apply.
-      out.dataset.shown = `${instance.value}|${grep.value}`;
-    };
+      out.dataset.shown = `${query.instance}|${query.grep}`;
+    });
     for (const input of [instance, limit]) input.addEventListener("change", refresh);
     grep.addEventListener("change", refresh);
     grep.addEventListener("search", refresh);
@@ -533,10 +548,10 @@
     const span = h("select", { id: "metrics-window" }, WINDOWS.map(([label, minutes]) =>
       h("option", { value: minutes }, `last ${label}`)));
     const body = h("div", {});
-    const refresh = async () => {
+    const refresh = newestOnly(async (newest) => {
       const since = new Date(Date.now() - Number(span.value) * 60000).toISOString();
       const m = await api(`/deployments/${enc(d.name)}/metrics`, { query: { since } });
-      if (!current(mine)) return;
+      if (!current(mine) || !newest()) return;
       const t = m.total;
       const pct = (x) => `${(100 * x).toFixed(1)}%`;
       const tile = (label, value, id) =>
@@ -565,7 +580,7 @@
             ["p99", "#b42318", (p) => (p.requests ? p.latency_p99_ms : NaN)],
           ])),
       );
-    };
+    });
     span.addEventListener("change", refresh);
     panel.replaceChildren(h("div", { class: "toolbar" }, span, h("button", { onclick: refresh }, "Refresh")), body);
     await refresh();
@@ -591,13 +606,19 @@
       t.textContent = text;
       return t;
     };
-    root.append(label(top > 0 ? String(+top.toPrecision(3)) : "0", 14), label("0", bottom));
+    root.append(label(top > 0 ? String(+top.toPrecision(3)) : "0", y(top) + 3), label("0", bottom));
     let drawn = 0;
     for (const [name, color, get] of lines) {
       // Consecutive finite points form one polyline; gaps split it.
       let run = [];
       const flush = () => {
-        if (run.length) root.append(svg("polyline", { points: run.join(" "), stroke: color, "data-line": name }));
+        if (run.length > 1) {
+          root.append(svg("polyline", { points: run.join(" "), stroke: color, "data-line": name }));
+        } else if (run.length === 1) {
+          // A lone point (a minute with requests between quiet ones) is a dot.
+          const [cx, cy] = run[0].split(",");
+          root.append(svg("circle", { cx, cy, r: 2.5, fill: color, "data-line": name }));
+        }
         run = [];
       };
       series.forEach((point, i) => {
@@ -612,7 +633,7 @@
     return h("div", { class: "chart", "data-chart": title, "data-points": drawn },
       h("div", { class: "title" }, title), root,
       h("div", { class: "legend" }, lines.map(([name, color]) =>
-        h("span", {}, h("i", { style: `background:${color}` }), name))));
+        h("span", {}, h("i", { style: { background: color } }), name))));
   }
 
   const PROTOCOLS = {
@@ -689,7 +710,7 @@
         h("div", { class: "toolbar" }, protocol,
           h("label", {}, asyncBox, " Async (", h("code", {}, "X-Async-Request: true"), ")")),
         body,
-        h("div", { class: "toolbar", style: "margin-top:10px" },
+        h("div", { class: "toolbar spaced" },
           h("button", { class: "primary", id: "api-send", onclick: send }, "Send"),
           h("button", { id: "api-copy-curl", onclick: (e) => copy(curlText.textContent, e.target) }, "Copy as cURL"))),
       h("h2", {}, "As cURL"),
@@ -781,8 +802,8 @@
         answer.markdown ? markdown(answer.markdown) : h("p", { class: "muted" }, `This ${what} has no readme yet.`)),
     );
     const edit = () => {
-      const area = h("textarea", { id: "readme-text", style: "min-height:280px" }, answer.markdown);
-      panel.replaceChildren(area, h("div", { class: "toolbar", style: "margin-top:10px" },
+      const area = h("textarea", { id: "readme-text", class: "tall" }, answer.markdown);
+      panel.replaceChildren(area, h("div", { class: "toolbar spaced" },
         h("button", { class: "primary", id: "readme-save", onclick: async () => {
           try {
             Object.assign(answer, await api(path, { method: "PUT", body: { markdown: area.value } }));
@@ -798,6 +819,187 @@
 
   const deploymentReadme = (mine, d, panel) =>
     readmePanel(mine, panel, `/deployments/${enc(d.name)}/readme`, "deployment");
+
+  // --- forms: create, update, scale, delete ------------------------------------------
+
+  /** A labelled row of a form, with a hint under it. */
+  const row = (label, input, hint) =>
+    h("label", { class: "form-row" }, h("span", { class: "label" }, label), input,
+      hint ? h("span", { class: "hint" }, hint) : "");
+
+  const options = (values, chosen) =>
+    values.map(([value, label]) => h("option", { value, selected: value === chosen || undefined }, label));
+
+  /** Lines of `key=value` as an object; a line without `=` is refused with its number. */
+  function parseMetadata(text) {
+    const metadata = {};
+    text.split("\n").forEach((line, i) => {
+      if (!line.trim()) return;
+      const at = line.indexOf("=");
+      if (at < 1) throw new ApiError(400, `metadata line ${i + 1}: write key=value`, "metadata");
+      metadata[line.slice(0, at).trim()] = line.slice(at + 1).trim();
+    });
+    return metadata;
+  }
+
+  /** Runs a form's action; an error is shown with the field it names, the form kept. */
+  async function submitting(button, action) {
+    button.disabled = true;
+    flash("");
+    try {
+      await action();
+    } catch (err) {
+      flash(err.field ? `${err.message} (field: ${err.field})` : err.message);
+    } finally {
+      button.disabled = false;
+    }
+  }
+
+  async function catalog(group) {
+    const [images, types] = await Promise.all([
+      api("/images", { query: { group } }).catch(() => ({ images: [] })),
+      api("/instance-types").catch(() => ({ instance_types: [] })),
+    ]);
+    return {
+      images: images.images.map((i) => [`${i.name}:${i.version}`, `${i.name}:${i.version}`]),
+      types: types.instance_types.map((t) =>
+        [t.name, `${t.name} (${t.cpu} CPU, ${t.memory_gib} GiB${t.gpu ? `, ${t.gpu} GPU` : ""})`]),
+    };
+  }
+
+  async function newDeployment(mine) {
+    const groups = state.me.admin
+      ? (await api("/groups")).groups.map((g) => g.name)
+      : state.me.groups || [];
+    const group = h("select", { id: "new-group" }, options(groups.map((g) => [g, g])));
+    const image = h("select", { id: "new-image" });
+    const type = h("select", { id: "new-type" });
+    const fill = async () => {
+      const { images, types } = await catalog(group.value);
+      if (!current(mine)) return;
+      image.replaceChildren(...options(images));
+      type.replaceChildren(...options(types));
+    };
+    group.addEventListener("change", fill);
+    const name = h("input", { type: "text", id: "new-name", placeholder: "iris-prod", autocomplete: "off" });
+    const min = h("input", { type: "number", id: "new-min", value: "1", min: "0" });
+    const max = h("input", { type: "number", id: "new-max", value: "1", min: "1" });
+    const access = h("select", { id: "new-access" }, options([["private", "private: a client key or a member's token"], ["public", "public: no key"]]));
+    const description = h("input", { type: "text", id: "new-description" });
+    const metadata = h("textarea", { id: "new-metadata", placeholder: "team=shop\nowner=ana" });
+    const create = h("button", { class: "primary", id: "new-create", type: "submit" }, "Create");
+    const form = h("form", {
+      class: "card form",
+      onsubmit: (event) => {
+        event.preventDefault();
+        submitting(create, async () => {
+          const body = {
+            name: name.value.trim(),
+            group: group.value,
+            spec: {
+              image: image.value,
+              instance_type: type.value,
+              scaling: { min_replicas: Number(min.value), max_replicas: Number(max.value) },
+              access: access.value,
+              description: description.value,
+              metadata: parseMetadata(metadata.value),
+            },
+          };
+          const made = await api("/deployments", { method: "POST", body });
+          location.hash = `#/deployments/${enc(made.name)}`;
+        });
+      },
+    },
+    row("Name", name, "Lowercase letters, digits and dashes; it is in the URL and cannot change."),
+    row("Group", group, "Its quota pays for the instances."),
+    row("Image", image, "Build one with: shipyard image build ./folder --name NAME"),
+    row("Instance type", type),
+    row("Replicas", h("span", { class: "row" }, "from ", min, " to ", max),
+      "Equal: a fixed count. A range: autoscaled; from 0: it sleeps when idle."),
+    row("Access", access),
+    row("Description", description),
+    row("Metadata", metadata, "One key=value per line."),
+    h("div", { class: "toolbar spaced" }, create, h("a", { href: "#/deployments" }, "Cancel")));
+    show(h("h1", {}, "New deployment"), form);
+    await fill();
+    name.focus();
+  }
+
+  async function settings(mine, d, panel) {
+    const { images, types } = await catalog(d.group);
+    if (!current(mine)) return;
+    const reload = () => route();
+    const image = h("select", { id: "edit-image" }, options(images, `${d.image.name}:${d.image.version}`));
+    const type = h("select", { id: "edit-type" }, options(types, d.instance_type));
+    const access = h("select", { id: "edit-access" }, options([["private", "private"], ["public", "public"]], d.access));
+    const description = h("input", { type: "text", id: "edit-description", value: d.description, size: 60 });
+    const message = h("input", { type: "text", id: "edit-message", placeholder: "why (kept in the history)", size: 60 });
+    const update = h("button", { class: "primary", id: "edit-save", type: "submit" }, "Update");
+    const min = h("input", { type: "number", id: "scale-min", value: String(d.scaling.min_replicas), min: "0" });
+    const max = h("input", { type: "number", id: "scale-max", value: String(d.scaling.max_replicas), min: "1" });
+    const scale = h("button", { id: "scale-save", type: "submit" }, "Scale");
+    const remove = h("button", { class: "danger", id: "delete", type: "button" }, "Delete…");
+    remove.addEventListener("click", () => {
+      // Two clicks, the second on a button that says what it does: no browser dialog.
+      if (remove.dataset.armed !== "yes") {
+        remove.dataset.armed = "yes";
+        remove.textContent = `Delete ${d.name} for good`;
+        return;
+      }
+      submitting(remove, async () => {
+        await api(`/deployments/${enc(d.name)}`, { method: "DELETE" });
+        state.notice = `${d.name} is deleted; its history and metrics stay readable.`;
+        location.hash = "#/deployments";
+      });
+    });
+    panel.replaceChildren(
+      h("h2", {}, "Update"),
+      h("form", {
+        class: "card form",
+        onsubmit: (event) => {
+          event.preventDefault();
+          submitting(update, async () => {
+            const body = { message: message.value };
+            if (image.value && image.value !== `${d.image.name}:${d.image.version}`) body.image = image.value;
+            if (type.value && type.value !== d.instance_type) body.instance_type = type.value;
+            if (access.value !== d.access) body.access = access.value;
+            if (description.value !== d.description) {
+              body.description = description.value;
+              body.set_description = true;
+            }
+            await api(`/deployments/${enc(d.name)}`, { method: "PATCH", body });
+            state.notice = "Updated: the new revision rolls out without downtime.";
+            reload();
+          });
+        },
+      },
+      row("Image", image), row("Instance type", type), row("Access", access),
+      row("Description", description), row("Message", message),
+      h("div", { class: "toolbar spaced" }, update)),
+      h("h2", {}, "Scale"),
+      h("form", {
+        class: "card form",
+        onsubmit: (event) => {
+          event.preventDefault();
+          submitting(scale, async () => {
+            await api(`/deployments/${enc(d.name)}:scale`, {
+              method: "POST",
+              body: { min_replicas: Number(min.value), max_replicas: Number(max.value) },
+            });
+            state.notice = "Scaled.";
+            reload();
+          });
+        },
+      },
+      row("Replicas", h("span", { class: "row" }, "from ", min, " to ", max),
+        "Equal: a fixed count. A range: autoscaled; from 0: it sleeps when idle."),
+      h("div", { class: "toolbar spaced" }, scale)),
+      h("h2", {}, "Delete"),
+      h("div", { class: "card" },
+        h("p", {}, "Stops every instance and frees the quota. The history, instances, metrics and readme stay readable."),
+        remove),
+    );
+  }
 
   // --- images -----------------------------------------------------------------------
 
