@@ -34,11 +34,16 @@ async def bootstrap_admin(name: str) -> dict[str, object]:
 
 
 def serve() -> None:
-    server = grpc.server(ThreadPoolExecutor(max_workers=4))
+    # As the services' kit binds: without SO_REUSEPORT, so a taken port is an error.
+    server = grpc.server(ThreadPoolExecutor(max_workers=4), options=[("grpc.so_reuseport", 0)])
     servicer = health.HealthServicer()
     servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
-    server.add_insecure_port(f"127.0.0.1:{os.environ['SHIPYARD_GRPC_PORT']}")
+    try:
+        server.add_insecure_port(f"127.0.0.1:{os.environ['SHIPYARD_GRPC_PORT']}")
+    except RuntimeError:
+        print("cannot bind the gRPC server (port in use?)", flush=True)
+        sys.exit(1)
     server.start()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

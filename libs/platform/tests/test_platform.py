@@ -15,6 +15,7 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -207,6 +208,29 @@ def test_failing_service_fails_up_with_its_log(home: Path) -> None:
     assert state["phase"] == "failed"
     # Nothing is left running after a failed up.
     wait_for_sync(lambda: not any(s.pid for s in status(home)), message="all stopped")
+
+
+def test_a_port_another_program_serves_fails_up(
+    home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Another installation's service already answers gRPC health on the port. Counting
+    # that answer as ours made `up` succeed while our service crash-looped, and callers
+    # reached the other installation.
+    service = fake()
+    squatter = subprocess.Popen(
+        [sys.executable, str(FAKE_SERVICE)],
+        env={**os.environ, "SHIPYARD_GRPC_PORT": str(service.port)},
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert squatter.stdout is not None
+        assert squatter.stdout.readline() == b"fake service serving\n"
+        monkeypatch.setenv("SHIPYARD_UP_TIMEOUT", "8")
+        with pytest.raises(PlatformError, match=f"not listening on port {service.port}"):
+            up(home, services=[service])
+    finally:
+        squatter.terminate()
+        squatter.wait(10)
 
 
 def test_external_nats_and_postgres_are_used_not_started(

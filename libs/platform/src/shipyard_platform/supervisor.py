@@ -66,6 +66,28 @@ STARTUP_CRASHES = 3  # crashes before being healthy once: fail ``up`` instead of
 _PORT_TAKEN = ("Address already in use", "port in use?")
 
 
+def service_health(name: str, pid: int | None, port: int) -> tuple[bool, str]:
+    """A service's health: its process ``pid`` holds its port, and gRPC health there says
+    SERVING. (An answer on the port alone proves nothing: another installation's service
+    there answers SERVING too, while this one exits with its port taken.)"""
+    if pid is None:
+        return False, "not running"
+    try:
+        sockets = psutil.Process(pid).net_connections(kind="tcp")
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+        return False, "not running"
+    except psutil.AccessDenied:
+        sockets = None  # another user's process: its sockets are not ours to read
+    if sockets is not None and not any(
+        s.status == psutil.CONN_LISTEN and s.laddr and s.laddr.port == port for s in sockets
+    ):
+        return False, (
+            f"not listening on port {port} (held by another program? "
+            f"set SHIPYARD_{name.upper()}_PORT)"
+        )
+    return grpc_health(f"127.0.0.1:{port}")
+
+
 def port_was_taken(log: str) -> bool:
     """Whether the end of a component's log says its last start could not bind its port
     (only what follows the last ``--- starting`` line counts: the log spans runs)."""
@@ -416,6 +438,9 @@ class _ServiceComponent(_Component):
     def exit_code(self) -> int | None:
         return self._proc.returncode if self._proc is not None else None
 
+    def health(self) -> tuple[bool, str]:
+        return service_health(self.name, self.pid, self.spec.port)
+
     def signal_stop(self) -> None:
         """Sends SIGTERM without waiting (services stop in parallel)."""
         if self._proc is not None and self._proc.poll() is None:
@@ -432,9 +457,6 @@ class _ServiceComponent(_Component):
             with contextlib.suppress(OSError):
                 os.killpg(self._proc.pid, signal.SIGKILL)
             self._proc.wait()
-
-    def health(self) -> tuple[bool, str]:
-        return grpc_health(self.address)
 
 
 def _kill_leftover_nats(data_dir: Path) -> None:
@@ -972,7 +994,7 @@ def _component_status(entry: dict[str, Any], phase: str) -> ComponentStatus:
     elif name == "postgres":
         healthy, detail = postgres_health(str(address))
     else:
-        healthy, detail = grpc_health(str(address))
+        healthy, detail = service_health(name, pid, int(str(address).rsplit(":", 1)[1]))
     if external:
         detail = f"external, {detail}"
     return ComponentStatus(name, pid, healthy, detail, address, restarts)
