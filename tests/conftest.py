@@ -74,3 +74,17 @@ def sy(home: Path, *args: str, token: str | None = None, ok: bool = True) -> Any
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
     assert "Traceback" not in proc.stderr
     return lines[0]
+
+
+def two_teams(home: Path, teams: tuple[str, str], users: tuple[str, str]) -> tuple[str, str]:
+    """What an admin sets up first: the instance type ``cpu.small``, two groups with one
+    member each, and a quota for the first group. Returns the two members' tokens."""
+    sy(home, "instance-types", "set", "cpu.small", "--cpu", "0.5", "--memory", "1")
+    for team in teams:
+        sy(home, "groups", "create", team)
+    tokens = [
+        sy(home, "users", "create", user, "--group", team)["token"]
+        for user, team in zip(users, teams, strict=True)
+    ]
+    sy(home, "quota", "set", teams[0], "--cpu", "2", "--memory", "4", "--instances", "4")
+    return tokens[0], tokens[1]

@@ -21,7 +21,7 @@ from playwright.async_api import Browser, Page, async_playwright, expect
 
 from shipyard_testing import wait_for_sync
 
-from .conftest import sy
+from .conftest import sy, two_teams
 
 IRIS = str(Path(__file__).resolve().parent.parent / "examples" / "iris")
 ROW = "[[5.1, 3.5, 1.4, 0.2]]"
@@ -129,12 +129,7 @@ async def test_a_user_works_with_their_deployment_in_the_console(
 ) -> None:
     expect.set_options(timeout=20_000)
     base = gateway_url(home)
-    sy(home, "instance-types", "set", "cpu.small", "--cpu", "0.5", "--memory", "1")
-    for team in ("web-a", "web-b"):
-        sy(home, "groups", "create", team)
-    cleo = sy(home, "users", "create", "cleo", "--group", "web-a")["token"]
-    dan = sy(home, "users", "create", "dan", "--group", "web-b")["token"]
-    sy(home, "quota", "set", "web-a", "--cpu", "2", "--memory", "4", "--instances", "4")
+    cleo, dan = two_teams(home, ("web-a", "web-b"), ("cleo", "dan"))
     built = sy(home, "image", "build", IRIS, "--name", "iris", token=cleo)
     assert built["build"]["state"] == "succeeded", built
     created = sy(

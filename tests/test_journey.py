@@ -20,7 +20,7 @@ import pytest
 from shipyard_platform import down, up
 from shipyard_testing import wait_for_sync
 
-from .conftest import SHIPYARD, admin_token, sy
+from .conftest import SHIPYARD, admin_token, sy, two_teams
 
 
 def _alive(pid: int) -> bool:
@@ -51,12 +51,7 @@ def test_first_session(home: Path) -> None:
     assert sy(home, "users", "whoami")["admin"] is True
 
     # An admin sets up the catalog, two teams, their members and quotas.
-    sy(home, "instance-types", "set", "cpu.small", "--cpu", "0.5", "--memory", "1")
-    for team in ("team-a", "team-b"):
-        sy(home, "groups", "create", team)
-    ana = sy(home, "users", "create", "ana", "--group", "team-a")["token"]
-    bob = sy(home, "users", "create", "bob", "--group", "team-b")["token"]
-    sy(home, "quota", "set", "team-a", "--cpu", "2", "--memory", "4", "--instances", "4")
+    ana, bob = two_teams(home, ("team-a", "team-b"), ("ana", "bob"))
     sy(home, "quota", "set", "team-b", "--cpu", "1", "--memory", "1", "--instances", "1")
 
     # Ana sees her group, and nothing of team-b; she cannot change quotas.

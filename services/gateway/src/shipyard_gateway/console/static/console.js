@@ -239,7 +239,9 @@
           }
           sessionStorage.setItem(TOKEN_KEY, token);
           flash("");
-          location.hash = "#/deployments";
+          // On to the page that was asked for (a link someone sent), else the list.
+          if (!location.hash || location.hash.startsWith("#/login")) location.hash = "#/deployments";
+          else route();
         },
       },
       h("p", {}, "Sign in with your Shipyard token. ", h("code", {}, "shipyard users create"),
@@ -409,7 +411,7 @@
   ];
 
   async function deploymentCard(mine, name, tab) {
-    const d = await api(`/deployments/${enc(name)}`);
+    let d = await api(`/deployments/${enc(name)}`);
     if (!current(mine)) return;
     const base = `#/deployments/${enc(name)}`;
     const action = (label, verb, enabled) =>
@@ -420,25 +422,26 @@
           event.target.disabled = true;
           try {
             await api(`/deployments/${enc(name)}:${verb}`, { method: "POST" });
-            state.notice = `${label}: done.`;
           } catch (err) {
-            flash(err.message);
+            event.target.disabled = false;
+            return flash(err.message);
           }
+          state.notice = `${label}: done.`;
           route();
         },
       }, label);
-    const range = d.scaling.min_replicas === d.scaling.max_replicas
-      ? `${d.scaling.min_replicas}`
-      : `${d.scaling.min_replicas}–${d.scaling.max_replicas} (autoscaled)`;
-    // The scheduler gives the full URL when it knows the gateway's, else the path.
-    const url = /^https?:/.test(d.endpoint) ? d.endpoint : location.origin + d.endpoint;
-    const metadata = Object.entries(d.metadata || {});
-    const panel = h("div", { id: "panel" });
-    show(
+    const headline = () =>
       h("h1", {}, h("span", { id: "title" }, d.name), badge(d.status),
         action("Stop", "stop", ["deployed", "deploying", "failed"].includes(d.status)),
-        action("Start", "start", d.status === "stopped")),
-      h("div", { class: "card" }, fields([
+        action("Start", "start", d.status === "stopped"));
+    const card = () => {
+      const range = d.scaling.min_replicas === d.scaling.max_replicas
+        ? `${d.scaling.min_replicas}`
+        : `${d.scaling.min_replicas}–${d.scaling.max_replicas} (autoscaled)`;
+      // The scheduler gives the full URL when it knows the gateway's, else the path.
+      const url = /^https?:/.test(d.endpoint) ? d.endpoint : location.origin + d.endpoint;
+      const metadata = Object.entries(d.metadata || {});
+      return h("div", { class: "card" }, fields([
         ["Status", h("span", {}, d.status, d.message ? ` — ${d.message}` : "")],
         ["Group", d.group],
         ["Image", imageLink(d.group, d.image)],
@@ -452,11 +455,29 @@
         ["Updated", `${when(d.updated_at)} by ${d.updated_by}`],
         ["Description", h("span", { id: "description" }, dash(d.description))],
         metadata.length && ["Metadata", metadata.map(([k, v]) => h("div", {}, h("code", {}, k), " = ", v))],
-      ])),
+      ]));
+    };
+    let top = headline();
+    let facts = card();
+    const panel = h("div", { id: "panel" });
+    show(
+      top,
+      facts,
       h("div", { class: "tabs" }, TABS.map(([key, label]) =>
         h("a", { href: `${base}/${key}`, class: key === tab ? "active" : "", "data-tab": key }, label))),
       panel,
     );
+    // The headline and the card follow the deployment (deploying → deployed, replicas);
+    // the tab below keeps what the user typed.
+    every(5000, async () => {
+      const fresh = await api(`/deployments/${enc(name)}`).catch(() => null);
+      if (!fresh || !current(mine) || JSON.stringify(fresh) === JSON.stringify(d)) return;
+      d = fresh;
+      const [newTop, newFacts] = [headline(), card()];
+      top.replaceWith(newTop);
+      facts.replaceWith(newFacts);
+      [top, facts] = [newTop, newFacts];
+    });
     const panels = { instances, history, logs, monitoring, apiTest, keys, readme: deploymentReadme, settings };
     const render = panels[tab === "api" ? "apiTest" : tab] || instances;
     await render(mine, d, panel);
@@ -733,7 +754,13 @@
     result.append(status);
     const deadline = Date.now() + 5 * 60 * 1000;
     while (current(mine) && Date.now() < deadline) {
-      const answer = await call("GET", `/deployments/${enc(d.name)}/async/${enc(id)}`);
+      let answer;
+      try {
+        answer = await call("GET", `/deployments/${enc(d.name)}/async/${enc(id)}`);
+      } catch (err) {
+        result.append(h("p", { class: "flash" }, `Following ${id} stopped: ${err.message}`));
+        return;
+      }
       let doc = {};
       try {
         doc = JSON.parse(answer.text);
