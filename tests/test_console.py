@@ -21,7 +21,7 @@ from playwright.async_api import Browser, Page, async_playwright, expect
 
 from shipyard_testing import wait_for_sync
 
-from .conftest import sy, two_teams
+from .conftest import admin_token, sy, two_teams
 
 IRIS = str(Path(__file__).resolve().parent.parent / "examples" / "iris")
 ROW = "[[5.1, 3.5, 1.4, 0.2]]"
@@ -245,6 +245,26 @@ async def test_a_user_works_with_their_deployment_in_the_console(
     await expect(page.locator("#api-async-status [data-status]")).to_have_text("completed")
     await expect(page.locator("#api-async-result-body")).to_contain_text("setosa")
 
+    # The Async tab lists that request, with its result.
+    await page.click("[data-tab=async]")
+    done = page.locator("#async-list tbody tr", has=page.locator("[data-status=completed]"))
+    await done.first.locator("text=Result").click()
+    await expect(page.locator("#async-result")).to_contain_text("setosa")
+
+    # A batch job over files, started and followed in the Batch tab.
+    inputs = home / "batch" / "in"
+    inputs.mkdir(parents=True)
+    for n in range(3):
+        (inputs / f"row-{n}.json").write_text(ROW)
+    await page.click("[data-tab=batch]")
+    await page.fill("#batch-input", f"file://{inputs}/")
+    await page.fill("#batch-output", f"file://{home}/batch/out/")
+    await page.click("#batch-start")
+    job = page.locator("#batch-list tbody tr").first
+    await expect(job.locator("[data-status]")).to_have_text("completed")
+    await expect(job).to_contain_text("3 done, 0 failed of 3")
+    assert "setosa" in (home / "batch" / "out" / "row-0.json.out").read_text()
+
     # A client key: its secret is shown once and works as `curl -u client:secret`.
     await page.click("[data-tab=keys]")
     await page.fill("#key-client", "shop")
@@ -326,6 +346,14 @@ async def test_a_user_works_with_their_deployment_in_the_console(
     await expect(page.locator("#deployments")).not_to_contain_text("iris-form")
     await expect(page.locator("#deployments")).to_contain_text("iris-web")
 
+    # Her group's quota and what uses it; setting quotas is for admins.
+    await page.click("[data-nav=quotas]")
+    await expect(page.locator("main tbody").first).to_contain_text("web-a")
+    await expect(page.locator("main tbody").first).to_contain_text("iris-web")
+    await expect(page.locator("main")).to_contain_text("cpu.small")
+    assert await page.locator("[data-quota]").count() == 0
+    assert "web-b" not in (await page.locator("main").text_content() or "")
+
     assert await page.title() == "Shipyard console"
     assert errors == []
 
@@ -336,6 +364,19 @@ async def test_a_user_works_with_their_deployment_in_the_console(
     await page.goto(f"{base}/console/#/deployments/iris-web")
     await expect(page.locator("#flash")).to_contain_text("does not exist")
     assert await page.locator("#description").count() == 0
+
+    # An admin sets a group's quota in the console.
+    await page.click("#sign-out")
+    await sign_in(page, base, admin_token(home))
+    await page.click("[data-nav=quotas]")
+    form = page.locator("[data-quota=web-b]")
+    await form.locator("[data-limit=cpu]").fill("1.5")
+    await form.locator("[data-limit=instances]").fill("2")
+    await form.locator("button[type=submit]").click()
+    await expect(page.locator("#flash")).to_contain_text("Quota of web-b saved")
+    limits = sy(home, "quota", "show", "web-b")["limits"]
+    assert (limits["cpu"], limits["instances"]) == (1.5, 2), limits
+    assert errors == []
     await context.close()
 
 

@@ -284,6 +284,8 @@
         await imageCard(mine, parts[1], parts[2], parts[3], parts[4] || "info");
       } else if (parts[0] === "images") {
         await imageList(mine);
+      } else if (parts[0] === "quotas") {
+        await quotas(mine);
       } else if (parts[0] === "new") {
         await newDeployment(mine);
       } else if (parts[0] === "deployments" && parts[1]) {
@@ -405,6 +407,8 @@
     ["logs", "Logs"],
     ["monitoring", "Monitoring"],
     ["api", "API test"],
+    ["async", "Async"],
+    ["batch", "Batch"],
     ["keys", "Keys"],
     ["readme", "Readme"],
     ["settings", "Settings"],
@@ -478,7 +482,10 @@
       facts.replaceWith(newFacts);
       [top, facts] = [newTop, newFacts];
     });
-    const panels = { instances, history, logs, monitoring, apiTest, keys, readme: deploymentReadme, settings };
+    const panels = {
+      instances, history, logs, monitoring, apiTest, async: asyncRequests, batch: batchJobs, keys,
+      readme: deploymentReadme, settings,
+    };
     const render = panels[tab === "api" ? "apiTest" : tab] || instances;
     await render(mine, d, panel);
   }
@@ -1025,6 +1032,192 @@
       h("div", { class: "card" },
         h("p", {}, "Stops every instance and frees the quota. The history, instances, metrics and readme stay readable."),
         remove),
+    );
+  }
+
+  // --- async requests and batch jobs (the data plane's routes) -------------------------
+
+  /** A data-plane JSON call; an error answer becomes an ApiError with its message. */
+  async function plane(method, path, body) {
+    const answer = await call(method, path, body === undefined ? {} : {
+      body: JSON.stringify(body),
+      headers: { "Content-Type": "application/json" },
+    });
+    let data = null;
+    try {
+      data = answer.text ? JSON.parse(answer.text) : null;
+    } catch (_) {
+      data = null;
+    }
+    if (answer.status >= 400) {
+      const error = data && (data.error && data.error.message ? data.error.message : data.error);
+      throw new ApiError(answer.status, typeof error === "string" ? error : `HTTP ${answer.status}`);
+    }
+    return data;
+  }
+
+  const ASYNC_STATUSES = ["queued", "running", "completed", "failed", "cancelled"];
+
+  async function asyncRequests(mine, d, panel) {
+    const status = h("select", { id: "async-status" }, h("option", { value: "" }, "Any status"),
+      ASYNC_STATUSES.map((x) => h("option", { value: x }, x)));
+    const list = h("div", { id: "async-list" });
+    const shown = h("div", { id: "async-shown" });
+    const base = `/deployments/${enc(d.name)}/async`;
+    const refresh = newestOnly(async (newest) => {
+      const query = status.value ? `?status=${enc(status.value)}` : "";
+      const answer = await plane("GET", base + query);
+      if (!current(mine) || !newest()) return;
+      list.replaceChildren(table(
+        ["Request", "Status", "Attempts", "Caller", "Created", "Finished", ""],
+        answer.requests.map((r) => [
+          h("code", {}, r.request_id),
+          badge(r.status),
+          r.attempts,
+          dash(r.caller),
+          when(r.created_at),
+          when(r.finished_at),
+          h("span", { class: "row" },
+            r.result_url ? h("button", { onclick: () => result(r) }, "Result") : "",
+            r.error ? h("span", { class: "mono" }, r.error) : "",
+            ["queued", "running"].includes(r.status)
+              ? h("button", { class: "danger", "data-cancel": r.request_id, onclick: () => cancel(r) }, "Cancel")
+              : ""),
+        ]),
+        "No async request. Send one with the API test's Async box, or X-Async-Request: true.",
+      ));
+    });
+    const result = async (r) => {
+      const answer = await call("GET", r.result_url);
+      shown.replaceChildren(h("h2", {}, `Result of ${r.request_id}`),
+        h("pre", { class: "block", id: "async-result" }, pretty(answer.text)));
+    };
+    const cancel = async (r) => {
+      try {
+        await plane("POST", `${base}/${enc(r.request_id)}/cancel`);
+      } catch (err) {
+        flash(err.message);
+      }
+      await refresh();
+    };
+    status.addEventListener("change", refresh);
+    panel.replaceChildren(
+      h("div", { class: "toolbar" }, status, h("button", { onclick: refresh }, "Refresh"),
+        h("span", { class: "muted" }, "Requests and results are kept 3 days.")),
+      list, shown);
+    await refresh();
+    every(5000, () => refresh().catch(() => {}));
+  }
+
+  async function batchJobs(mine, d, panel) {
+    const base = `/deployments/${enc(d.name)}/batch`;
+    const input = h("input", { type: "text", id: "batch-input", size: 40, placeholder: "s3://bucket/in/ or file:///…/in/" });
+    const output = h("input", { type: "text", id: "batch-output", size: 40, placeholder: "s3://bucket/out/" });
+    const start = h("button", { class: "primary", id: "batch-start", type: "submit" }, "Start");
+    const list = h("div", { id: "batch-list" });
+    const refresh = newestOnly(async (newest) => {
+      const answer = await plane("GET", base);
+      if (!current(mine) || !newest()) return;
+      list.replaceChildren(table(
+        ["Job", "Status", "Progress", "Input", "Output", "Created", ""],
+        answer.jobs.map((j) => [
+          h("code", {}, j.job_id),
+          badge(j.status),
+          `${j.done} done, ${j.failed} failed of ${j.total}`,
+          h("code", {}, j.input),
+          h("code", {}, j.output),
+          when(j.created_at),
+          h("span", { class: "row" }, j.error ? h("span", { class: "mono" }, j.error) : "",
+            ["pending", "running"].includes(j.status)
+              ? h("button", { class: "danger", onclick: async () => {
+                try {
+                  await plane("POST", `${base}/${enc(j.job_id)}/cancel`);
+                } catch (err) {
+                  flash(err.message);
+                }
+                await refresh();
+              } }, "Cancel")
+              : ""),
+        ]),
+        "No batch job yet.",
+      ));
+    });
+    panel.replaceChildren(
+      h("form", {
+        class: "card form",
+        onsubmit: (event) => {
+          event.preventDefault();
+          submitting(start, async () => {
+            await plane("POST", base, { input: input.value.trim(), output: output.value.trim() });
+            await refresh();
+          });
+        },
+      },
+      h("p", { class: "muted" }, "Runs the deployment on every object under the input prefix (JSON, JSON Lines or CSV) and writes <output>/<relative path>.out for each."),
+      row("Input", input), row("Output", output), h("div", { class: "toolbar spaced" }, start)),
+      list,
+    );
+    await refresh();
+    every(5000, () => refresh().catch(() => {}));
+  }
+
+  // --- quotas -------------------------------------------------------------------------
+
+  const RESOURCES = [["cpu", "CPU"], ["memory_gib", "Memory (GiB)"], ["gpu", "GPU"], ["instances", "Instances"]];
+
+  async function quotas(mine) {
+    const [usage, types, listed] = await Promise.all([
+      api("/quotas"),
+      api("/instance-types"),
+      state.me.admin ? api("/groups") : { groups: [] },
+    ]);
+    if (!current(mine)) return;
+    // A group without a quota has no usage row: an admin still sees it, to give it one.
+    const zero = { cpu: 0, memory_gib: 0, gpu: 0, instances: 0 };
+    const groups = [...usage.groups];
+    for (const { name } of listed.groups) {
+      if (!groups.some((g) => g.group === name)) groups.push({ group: name, limits: zero, used: zero, reservations: [] });
+    }
+    const meter = (used, limit) => {
+      const share = limit > 0 ? Math.min(1, used / limit) : 0;
+      const bar = h("span", { class: "meter" }, h("i", { style: { width: `${(100 * share).toFixed(0)}%` } }));
+      return h("span", { class: "row" }, bar, `${+used.toFixed(2)} of ${+limit.toFixed(2)}`);
+    };
+    const edit = (g) => {
+      const inputs = Object.fromEntries(RESOURCES.map(([key]) =>
+        [key, h("input", { type: "number", min: "0", step: "any", value: String(g.limits[key]), "data-limit": key })]));
+      const save = h("button", { class: "primary", type: "submit" }, "Save");
+      return h("form", {
+        class: "row",
+        "data-quota": g.group,
+        onsubmit: (event) => {
+          event.preventDefault();
+          submitting(save, async () => {
+            const limits = Object.fromEntries(RESOURCES.map(([key]) => [key, Number(inputs[key].value)]));
+            await api(`/quotas/${enc(g.group)}`, { method: "PUT", body: limits });
+            state.notice = `Quota of ${g.group} saved.`;
+            route();
+          });
+        },
+      }, RESOURCES.map(([key, label]) => h("label", {}, `${label} `, inputs[key])), save);
+    };
+    show(
+      h("h1", {}, "Quotas"),
+      table(
+        ["Group", ...RESOURCES.map(([, label]) => label), "Deployments"],
+        groups.map((g) => [
+          h("strong", {}, g.group),
+          ...RESOURCES.map(([key]) => meter(g.used[key], g.limits[key])),
+          dash((g.reservations || []).map((r) => r.deployment).join(", ")),
+        ]),
+        "No group has a quota yet.",
+      ),
+      state.me.admin && h("h2", {}, "Set a quota"),
+      state.me.admin && h("div", { class: "card" }, groups.map((g) => h("div", {}, h("p", {}, h("strong", {}, g.group)), edit(g)))),
+      h("h2", {}, "Instance types"),
+      table(["Name", "CPU", "Memory (GiB)", "GPU", "Description"],
+        types.instance_types.map((t) => [t.name, t.cpu, t.memory_gib, t.gpu, dash(t.description)]),
+        "The catalog is empty: an admin adds types with `shipyard instance-types set`."),
     );
   }
 
