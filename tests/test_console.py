@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 from playwright.async_api import Browser, Page, async_playwright, expect
 
+from shipyard_gateway.console import SECURITY_HEADERS
+from shipyard_gateway.http import DATA_PLANE_HEADERS
 from shipyard_testing import wait_for_sync
 
 from .conftest import admin_token, sy, two_teams
@@ -39,7 +41,10 @@ Send **four** measurements; see `predict()`.
 
 <script>document.title='pwned'</script>
 [click me](javascript:document.title='pwned') and [docs](https://example.org/iris)
+[hidden](\x01javascript:document.title='pwned') [data](data:text/html,pwned)
 """
+# A line that makes a backtracking heading pattern take minutes: it must render at once.
+SLOW_HEADING = "# a" + " " * 20_000 + "x\n"
 # As the machine's probe starts Chromium: without the background-networking flags its
 # connections to Google's hosts are refused by a closed network, many at a time.
 CHROMIUM_ARGS = [
@@ -158,7 +163,7 @@ async def test_a_user_works_with_their_deployment_in_the_console(
     # The console is at /, with a policy that runs only its own script.
     status, headers, page_html = http(f"{base}/")
     assert status == 200 and b'<main id="main">' in page_html
-    assert "script-src 'self'" in headers["Content-Security-Policy"], headers
+    assert headers["Content-Security-Policy"] == SECURITY_HEADERS["Content-Security-Policy"]
     assert http(f"{base}/console/missing.js")[0] == 404
 
     context = await browser.new_context(permissions=["clipboard-read", "clipboard-write"])
@@ -287,10 +292,10 @@ async def test_a_user_works_with_their_deployment_in_the_console(
     # with a script and a javascript: link shown as text.
     await page.click("[data-tab=readme]")
     await page.click("#readme-edit")
-    await page.fill("#readme-text", README)
+    await page.fill("#readme-text", README + SLOW_HEADING)
     await page.click("#readme-save")
     readme = page.locator("#readme")
-    await expect(readme.locator("h1")).to_have_text("Iris for the shop")
+    await expect(readme.locator("h1").first).to_have_text("Iris for the shop")
     await expect(readme.locator("strong")).to_have_text("four")
     await expect(readme.locator("td").first).to_have_text("sepal")
     assert await readme.locator("input[type=checkbox]:checked").count() == 1
@@ -298,7 +303,8 @@ async def test_a_user_works_with_their_deployment_in_the_console(
     assert await readme.locator("a").evaluate_all("links => links.map(a => a.href)") == [
         "https://example.org/iris"
     ]
-    assert sy(home, "deploy", "readme", "iris-web", token=cleo)["markdown"] == README
+    await expect(readme.locator("h1").last).to_contain_text("x", timeout=5_000)
+    assert sy(home, "deploy", "readme", "iris-web", token=cleo)["markdown"] == README + SLOW_HEADING
 
     # The image card: its packages, who uses it, and its build log.
     await page.click("[data-nav=images]")
@@ -319,7 +325,7 @@ async def test_a_user_works_with_their_deployment_in_the_console(
     await page.fill("#new-min", "0")
     await page.fill("#new-metadata", "team=shop")
     await page.click("#new-create")
-    await expect(page.locator("#flash")).to_contain_text("name")
+    await expect(page.locator("#flash")).to_contain_text("is not a valid deployment name")
     await expect(page.locator("#new-name")).to_have_value("Not A Name")  # the form is kept
     await page.fill("#new-name", "iris-form")
     await page.fill("#new-description", "made in the console")
@@ -360,6 +366,7 @@ async def test_a_user_works_with_their_deployment_in_the_console(
     # Another group's user sees none of it, even by its address.
     await page.click("#sign-out")
     await sign_in(page, base, dan)
+    await expect(page.locator("#search")).to_have_value("")  # cleo's filter went with her
     await expect(page.locator("#deployments")).to_contain_text("No deployment matches")
     await page.goto(f"{base}/console/#/deployments/iris-web")
     await expect(page.locator("#flash")).to_contain_text("does not exist")
@@ -385,6 +392,12 @@ def test_the_console_serves_only_its_own_files(home: Path) -> None:
     for path in ("/console/../settings.py", "/console/console.py", "/console/__init__.py"):
         status, _, body = http(f"{base}{path}")
         assert status == 404 and b"import" not in body, (path, status)
-    status, headers, _ = http(f"{base}/console/console.js")
-    assert status == 200 and headers["Content-Type"].startswith("text/javascript")
-    assert headers["X-Content-Type-Options"] == "nosniff"
+    for path in ("/console/", "/console/console.js", "/console/console.css"):
+        status, headers, _ = http(f"{base}{path}")
+        assert status == 200, path
+        assert {k: headers[k] for k in SECURITY_HEADERS} == SECURITY_HEADERS, (path, headers)
+    assert http(f"{base}/console/console.js")[1]["Content-Type"].startswith("text/javascript")
+    # What a model answers is never a page on the console's origin.
+    for path in ("/v2/health/live", "/deployments/nowhere/predict"):
+        headers = http(f"{base}{path}")[1]
+        assert {k: headers[k] for k in DATA_PLANE_HEADERS} == DATA_PLANE_HEADERS, (path, headers)

@@ -81,7 +81,7 @@ from shipyard_gateway.protocols import (
 )
 from shipyard_gateway.routing import RoutingTable
 
-__all__ = ["PREDICT_ROUTE", "SERVER_NAME", "create_app", "error_response"]
+__all__ = ["DATA_PLANE_HEADERS", "PREDICT_ROUTE", "SERVER_NAME", "create_app", "error_response"]
 
 log = logging.getLogger(__name__)
 
@@ -367,6 +367,19 @@ def _with_versions(body: bytes, revision: int) -> Any:
     return document
 
 
+DATA_PLANE_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "Content-Security-Policy": "default-src 'none'; sandbox",
+}
+"""On every answer that sets no policy of its own (all but the console's files): a model's
+answer, whatever type it claims, never runs as a page on the console's origin."""
+
+
+async def _never_a_page(request: web.Request, response: web.StreamResponse) -> None:
+    for name, value in DATA_PLANE_HEADERS.items():
+        response.headers.setdefault(name, value)
+
+
 def create_app(
     handler: PredictHandler,
     table: RoutingTable,
@@ -379,6 +392,7 @@ def create_app(
     """The gateway's aiohttp application (serve it with an ``AppRunner``)."""
     # client_max_size also bounds chunked bodies, which carry no Content-Length.
     app = web.Application(client_max_size=max_body_bytes, middlewares=[_errors])
+    app.on_response_prepare.append(_never_a_page)
     api = _Api(
         handler,
         table,

@@ -107,9 +107,10 @@
       area.remove();
     }
     if (button) {
-      const label = button.textContent;
+      // The label before any click (a second click within the pause would see "Copied").
+      button.dataset.label ??= button.textContent;
       button.textContent = done ? "Copied" : "Copy failed: select and press Ctrl+C";
-      setTimeout(() => (button.textContent = label), 1500);
+      setTimeout(() => (button.textContent = button.dataset.label), 1500);
     }
   }
 
@@ -133,8 +134,15 @@
   }
 
   /** A facade call; an error answer becomes an ApiError carrying the service's message. */
+  /** A URL on this origin; the token is never sent anywhere else. */
+  function here(path) {
+    const url = new URL(path, location.origin);
+    if (url.origin !== location.origin) throw new ApiError(400, `not this gateway's address: ${path}`);
+    return url;
+  }
+
   async function api(path, { method = "GET", body, query } = {}) {
-    const url = new URL(API + path, location.origin);
+    const url = here(API + path);
     for (const [key, value] of Object.entries(query || {})) {
       if (value !== "" && value !== undefined && value !== null && value !== false) {
         url.searchParams.set(key, String(value));
@@ -169,7 +177,7 @@
   /** A data-plane call (the API test): the whole answer, whatever its status. */
   async function call(method, path, { body, headers = {} } = {}) {
     const started = performance.now();
-    const answer = await fetch(new URL(path, location.origin), {
+    const answer = await fetch(here(path), {
       method,
       headers: { Authorization: "Bearer " + state.token, ...headers },
       body,
@@ -191,7 +199,9 @@
   function signOut(message = "") {
     state.token = "";
     state.me = null;
-    sessionStorage.removeItem(TOKEN_KEY);
+    // The next user of this tab starts clean: no token, filters or saved request bodies.
+    sessionStorage.clear();
+    Object.assign(filters, { search: "", status: "", group: "", mine: false, include_deleted: false });
     location.hash = "#/login";
     route();
     if (message) flash(message);
@@ -261,7 +271,13 @@
     timers.clear();
     const mine = generation;
     const path = location.hash.replace(/^#\/?/, "").split("?")[0];
-    const parts = path.split("/").filter(Boolean).map(decodeURIComponent);
+    const parts = path.split("/").filter(Boolean).map((part) => {
+      try {
+        return decodeURIComponent(part);
+      } catch (_) {
+        return part; // a stray "%": the name as typed, which the API then refuses or finds
+      }
+    });
     if (!state.token || parts[0] === "login") {
       state.me = null;
       header();
@@ -297,6 +313,9 @@
       if (mine !== generation) return;
       if (err instanceof ApiError && err.status === 401) return;
       flash(err.message || String(err));
+      // Not the previous page under an error about this one.
+      show(h("p", { class: "muted", id: "failed" }, "This page could not be shown. ",
+        h("a", { href: "#/deployments" }, "Back to the deployments")));
     }
   }
 
@@ -304,18 +323,23 @@
 
   /** Wraps a refresh so that only the newest call's answer is shown: answers to earlier
    * calls (an older filter, a timer's) may arrive after it. */
-  function newestOnly(refresh) {
+  function newestOnly(mine, refresh) {
     let asked = 0;
     return () => {
       const mark = ++asked;
-      return refresh(() => mark === asked);
+      const newest = () => mark === asked && current(mine);
+      // A failed refresh says why, on its own page only; it never rejects.
+      return refresh(newest).catch((err) => {
+        if (newest() && !(err instanceof ApiError && err.status === 401)) flash(err.message);
+      });
     };
   }
 
-  function every(ms, fn) {
-    const timer = setInterval(fn, ms);
-    timers.add(timer);
-    return timer;
+  /** Runs fn every ms while page ``mine`` is shown (a page left during its first load
+   * starts no timer in the next page's set). */
+  function every(mine, ms, fn) {
+    if (!current(mine)) return;
+    timers.add(setInterval(fn, ms));
   }
 
   // --- deployments ------------------------------------------------------------------
@@ -325,16 +349,11 @@
   async function deploymentList(mine) {
     const groups = await api("/groups").then((r) => r.groups.map((g) => g.name)).catch(() => []);
     const body = h("div", { id: "deployments" }, h("p", { class: "muted" }, "Loading…"));
-    const refresh = newestOnly(async (newest) => {
+    if (!current(mine)) return;
+    const refresh = newestOnly(mine, async (newest) => {
       const query = { ...filters, mine: filters.mine || undefined };
-      let answer;
-      try {
-        answer = await api("/deployments", { query });
-      } catch (err) {
-        if (current(mine)) flash(err.message);
-        return;
-      }
-      if (!current(mine) || !newest()) return;
+      const answer = await api("/deployments", { query });
+      if (!newest()) return;
       body.replaceChildren(
         table(
           ["Name", "Group", "Status", "Image", "Replicas", "Endpoint", "Updated"],
@@ -392,7 +411,7 @@
       body,
     );
     await refresh();
-    every(5000, refresh);
+    every(mine, 5000, refresh);
   }
 
   function imageLink(group, image) {
@@ -473,15 +492,15 @@
     );
     // The headline and the card follow the deployment (deploying → deployed, replicas);
     // the tab below keeps what the user typed.
-    every(5000, async () => {
-      const fresh = await api(`/deployments/${enc(name)}`).catch(() => null);
-      if (!fresh || !current(mine) || JSON.stringify(fresh) === JSON.stringify(d)) return;
+    every(mine, 5000, newestOnly(mine, async (newest) => {
+      const fresh = await api(`/deployments/${enc(name)}`);
+      if (!newest() || JSON.stringify(fresh) === JSON.stringify(d)) return;
       d = fresh;
       const [newTop, newFacts] = [headline(), card()];
       top.replaceWith(newTop);
       facts.replaceWith(newFacts);
       [top, facts] = [newTop, newFacts];
-    });
+    }));
     const panels = {
       instances, history, logs, monitoring, apiTest, async: asyncRequests, batch: batchJobs, keys,
       readme: deploymentReadme, settings,
@@ -491,9 +510,9 @@
   }
 
   async function instances(mine, d, panel) {
-    const refresh = async () => {
+    const refresh = newestOnly(mine, async (newest) => {
       const answer = await api(`/deployments/${enc(d.name)}/instances`);
-      if (!current(mine)) return;
+      if (!newest()) return;
       panel.replaceChildren(
         h("p", { class: "muted" }, "The last 200 instances, newest first."),
         table(
@@ -512,9 +531,9 @@
           "No instance yet.",
         ),
       );
-    };
+    });
     await refresh();
-    every(5000, () => refresh().catch(() => {}));
+    every(mine, 5000, refresh);
   }
 
   async function history(mine, d, panel) {
@@ -548,10 +567,10 @@
       h("option", { value: n, selected: n === "2000" || undefined }, `last ${n}`)));
     const out = h("pre", { class: "block", id: "log-lines" }, "Loading…");
     let text = "";
-    const refresh = newestOnly(async (newest) => {
+    const refresh = newestOnly(mine, async (newest) => {
       const query = { instance: instance.value, grep: grep.value, limit: limit.value };
       const answer = await api(`/deployments/${enc(d.name)}/logs`, { query });
-      if (!current(mine) || !newest()) return;
+      if (!newest()) return;
       text = answer.lines.map((l) => `${when(l.at)}  ${l.instance}  ${l.text}`).join("\n");
       out.textContent = text || "No lines.";
       // What is shown, for whoever waits for a filter to apply.
@@ -576,10 +595,10 @@
     const span = h("select", { id: "metrics-window" }, WINDOWS.map(([label, minutes]) =>
       h("option", { value: minutes }, `last ${label}`)));
     const body = h("div", {});
-    const refresh = newestOnly(async (newest) => {
+    const refresh = newestOnly(mine, async (newest) => {
       const since = new Date(Date.now() - Number(span.value) * 60000).toISOString();
       const m = await api(`/deployments/${enc(d.name)}/metrics`, { query: { since } });
-      if (!current(mine) || !newest()) return;
+      if (!newest()) return;
       const t = m.total;
       const pct = (x) => `${(100 * x).toFixed(1)}%`;
       const tile = (label, value, id) =>
@@ -612,7 +631,7 @@
     span.addEventListener("change", refresh);
     panel.replaceChildren(h("div", { class: "toolbar" }, span, h("button", { onclick: refresh }, "Refresh")), body);
     await refresh();
-    every(10000, () => refresh().catch(() => {}));
+    every(mine, 10000, refresh);
   }
 
   /** A line chart of `series` (points over time); a NaN value leaves a gap. */
@@ -708,7 +727,10 @@
       update();
     });
     asyncBox.addEventListener("change", update);
+    let sent = 0;
     const send = async () => {
+      const mark = ++sent;
+      const newest = () => mark === sent && current(mine);
       const [, method, path] = selected();
       const asyncOn = asyncBox.checked && method !== "GET";
       result.replaceChildren(h("p", { class: "muted" }, "Sending…"));
@@ -725,13 +747,13 @@
         result.replaceChildren(h("p", { class: "flash" }, `The request did not get through: ${err.message}`));
         return;
       }
-      if (!current(mine)) return;
+      if (!newest()) return;
       const out = (id, answer) => [
         h("p", {}, h("strong", { id: `${id}-status` }, `HTTP ${answer.status}`), ` · ${answer.ms.toFixed(0)} ms`),
         h("pre", { class: "block", id: `${id}-body` }, pretty(answer.text)),
       ];
       result.replaceChildren(...out("api-answer", answer));
-      if (answer.status === 202 && asyncOn) await follow(mine, d, answer, result, out);
+      if (answer.status === 202 && asyncOn) await follow(newest, d, answer, result, out);
     };
     panel.replaceChildren(
       h("div", { class: "card" },
@@ -750,7 +772,7 @@
   }
 
   /** Polls an async request until it ends, then shows its result. */
-  async function follow(mine, d, accepted, result, out) {
+  async function follow(newest, d, accepted, result, out) {
     let id;
     try {
       id = JSON.parse(accepted.text).request_id;
@@ -760,30 +782,34 @@
     const status = h("p", { id: "api-async-status" }, "Request ", h("code", {}, id), " ", badge("queued"));
     result.append(status);
     const deadline = Date.now() + 5 * 60 * 1000;
-    while (current(mine) && Date.now() < deadline) {
+    // Until it ends (anything but queued or running), this send is superseded, or 5 min.
+    while (newest()) {
       let answer;
-      try {
-        answer = await call("GET", `/deployments/${enc(d.name)}/async/${enc(id)}`);
-      } catch (err) {
-        result.append(h("p", { class: "flash" }, `Following ${id} stopped: ${err.message}`));
-        return;
-      }
       let doc = {};
       try {
+        answer = await call("GET", `/deployments/${enc(d.name)}/async/${enc(id)}`);
         doc = JSON.parse(answer.text);
-      } catch (_) {
-        /* shown below as text */
+      } catch (err) {
+        if (newest()) result.append(h("p", { class: "flash" }, `Following ${id} stopped: ${err.message}`));
+        return;
       }
+      if (!newest()) return;
       status.replaceChildren("Request ", h("code", {}, id), " ", badge(doc.status || `HTTP ${answer.status}`));
+      if (answer.status < 400 && ["queued", "running"].includes(doc.status)) {
+        if (Date.now() > deadline) {
+          result.append(h("p", { class: "muted" }, `Still ${doc.status} after 5 minutes; see the Async tab later.`));
+          return;
+        }
+        await new Promise((resolve) => setTimeout(resolve, 500));
+        continue;
+      }
       if (doc.status === "completed" && doc.result_url) {
-        result.append(...out("api-async-result", await call("GET", doc.result_url)));
-        return;
-      }
-      if (answer.status >= 400 || ["failed", "cancelled"].includes(doc.status)) {
+        const got = await call("GET", doc.result_url).catch((err) => ({ status: 0, text: err.message, ms: 0 }));
+        if (newest()) result.append(...out("api-async-result", got));
+      } else {
         result.append(h("pre", { class: "block" }, pretty(answer.text)));
-        return;
       }
-      await new Promise((resolve) => setTimeout(resolve, 500));
+      return;
     }
   }
 
@@ -829,11 +855,19 @@
       throw err;
     });
     if (!current(mine)) return;
+    const rendered = () => {
+      if (!answer.markdown) return h("p", { class: "muted" }, `This ${what} has no readme yet.`);
+      try {
+        return markdown(answer.markdown);
+      } catch (_) {
+        // Whatever the renderer cannot take is shown as the text it is; Edit stays.
+        return h("pre", { class: "block" }, answer.markdown);
+      }
+    };
     const view = () => panel.replaceChildren(
       h("div", { class: "toolbar" }, h("button", { id: "readme-edit", onclick: edit }, "Edit"),
         answer.updated_by ? h("span", { class: "muted" }, `Updated ${when(answer.updated_at)} by ${answer.updated_by}`) : ""),
-      h("div", { class: "card", id: "readme" },
-        answer.markdown ? markdown(answer.markdown) : h("p", { class: "muted" }, `This ${what} has no readme yet.`)),
+      h("div", { class: "card", id: "readme" }, rendered()),
     );
     const edit = () => {
       const area = h("textarea", { id: "readme-text", class: "tall" }, answer.markdown);
@@ -861,8 +895,12 @@
     h("label", { class: "form-row" }, h("span", { class: "label" }, label), input,
       hint ? h("span", { class: "hint" }, hint) : "");
 
-  const options = (values, chosen) =>
-    values.map(([value, label]) => h("option", { value, selected: value === chosen || undefined }, label));
+  /** Options of a select; a chosen value the list lacks (an image or type since removed
+   * from the catalog) is added, so that an untouched select keeps it. */
+  const options = (values, chosen) => {
+    const all = chosen && !values.some(([value]) => value === chosen) ? [[chosen, chosen], ...values] : values;
+    return all.map(([value, label]) => h("option", { value, selected: value === chosen || undefined }, label));
+  };
 
   /** Lines of `key=value` as an object; a line without `=` is refused with its number. */
   function parseMetadata(text) {
@@ -908,12 +946,14 @@
     const group = h("select", { id: "new-group" }, options(groups.map((g) => [g, g])));
     const image = h("select", { id: "new-image" });
     const type = h("select", { id: "new-type" });
-    const fill = async () => {
+    if (!current(mine)) return;
+    // Switching groups quickly: only the last group's catalog fills the lists.
+    const fill = newestOnly(mine, async (newest) => {
       const { images, types } = await catalog(group.value);
-      if (!current(mine)) return;
+      if (!newest()) return;
       image.replaceChildren(...options(images));
       type.replaceChildren(...options(types));
-    };
+    });
     group.addEventListener("change", fill);
     const name = h("input", { type: "text", id: "new-name", placeholder: "iris-prod", autocomplete: "off" });
     const min = h("input", { type: "number", id: "new-min", value: "1", min: "0" });
@@ -1064,10 +1104,10 @@
     const list = h("div", { id: "async-list" });
     const shown = h("div", { id: "async-shown" });
     const base = `/deployments/${enc(d.name)}/async`;
-    const refresh = newestOnly(async (newest) => {
+    const refresh = newestOnly(mine, async (newest) => {
       const query = status.value ? `?status=${enc(status.value)}` : "";
       const answer = await plane("GET", base + query);
-      if (!current(mine) || !newest()) return;
+      if (!newest()) return;
       list.replaceChildren(table(
         ["Request", "Status", "Attempts", "Caller", "Created", "Finished", ""],
         answer.requests.map((r) => [
@@ -1088,9 +1128,13 @@
       ));
     });
     const result = async (r) => {
-      const answer = await call("GET", r.result_url);
-      shown.replaceChildren(h("h2", {}, `Result of ${r.request_id}`),
-        h("pre", { class: "block", id: "async-result" }, pretty(answer.text)));
+      try {
+        const answer = await call("GET", r.result_url);
+        shown.replaceChildren(h("h2", {}, `Result of ${r.request_id}`),
+          h("pre", { class: "block", id: "async-result" }, pretty(answer.text)));
+      } catch (err) {
+        flash(err.message);
+      }
     };
     const cancel = async (r) => {
       try {
@@ -1106,7 +1150,7 @@
         h("span", { class: "muted" }, "Requests and results are kept 3 days.")),
       list, shown);
     await refresh();
-    every(5000, () => refresh().catch(() => {}));
+    every(mine, 5000, refresh);
   }
 
   async function batchJobs(mine, d, panel) {
@@ -1115,9 +1159,9 @@
     const output = h("input", { type: "text", id: "batch-output", size: 40, placeholder: "s3://bucket/out/" });
     const start = h("button", { class: "primary", id: "batch-start", type: "submit" }, "Start");
     const list = h("div", { id: "batch-list" });
-    const refresh = newestOnly(async (newest) => {
+    const refresh = newestOnly(mine, async (newest) => {
       const answer = await plane("GET", base);
-      if (!current(mine) || !newest()) return;
+      if (!newest()) return;
       list.replaceChildren(table(
         ["Job", "Status", "Progress", "Input", "Output", "Created", ""],
         answer.jobs.map((j) => [
@@ -1158,7 +1202,7 @@
       list,
     );
     await refresh();
-    every(5000, () => refresh().catch(() => {}));
+    every(mine, 5000, refresh);
   }
 
   // --- quotas -------------------------------------------------------------------------
@@ -1293,7 +1337,7 @@
     /\*\*([^*]+)\*\*|__([^_]+)__/.source, // 3, 4: strong
     /\*([^*\s][^*]*)\*|\b_([^_\s][^_]*)_\b/.source, // 5, 6: emphasis
     /~~([^~]+)~~/.source, // 7: strikethrough
-    /!?\[([^\]]+)\]\(([^)\s]+)(?:\s+"[^"]*")?\)/.source, // 8, 9: link (an image becomes a link)
+    /!?\[([^[\]]+)\]\(([^()\s]+)(?:\s+"[^"]*")?\)/.source, // 8, 9: link (an image becomes a link)
     /(https?:\/\/[^\s<]*[^\s<.,:;"')\]])/.source, // 10: bare URL
   ].join("|"), "g");
 
@@ -1315,16 +1359,26 @@
   }
 
   function link(url, children) {
-    // Only web, mail and relative links; javascript: and data: URLs stay text.
-    const safe = /^(https?:|mailto:)/i.test(url) || !/^[a-z][a-z0-9+.-]*:/i.test(url);
+    // Only web and mail links (relative ones resolve to this origin); javascript:, data:
+    // and the rest stay text. The URL is judged as the browser will read it: parsed,
+    // after it has dropped control characters and spaces a regex would not see.
+    let protocol = "";
+    try {
+      protocol = new URL(url, location.href).protocol;
+    } catch (_) {
+      protocol = "";
+    }
+    const safe = ["http:", "https:", "mailto:"].includes(protocol);
     return safe ? h("a", { href: url, rel: "noopener noreferrer", target: "_blank" }, children) : h("span", {}, children);
   }
 
   const LIST_ITEM = /^\s*([-*+]|\d+[.)])\s+/;
-  const TABLE_RULE = /^\s*\|?\s*:?-{3,}:?\s*(\|\s*:?-{3,}:?\s*)*\|?\s*$/;
+  // Tested on trimmed lines; every repetition starts with "|", so matching is linear.
+  const TABLE_RULE = /^\|?\s*:?-+:?\s*(\|\s*:?-+:?\s*)*\|?$/;
+  const MAX_QUOTE_DEPTH = 8;
   const BLOCK_START = /^(#{1,6}\s|```|~~~|\s*>)/;
 
-  function markdown(source) {
+  function markdown(source, depth = 0) {
     const root = h("div", { class: "readme" });
     const lines = source.replace(/\r\n?/g, "\n").split("\n");
     const cells = (row) => row.trim().replace(/^\|/, "").replace(/\|$/, "").split("|").map((c) => c.trim());
@@ -1340,8 +1394,10 @@
         while (i < lines.length && !lines[i].startsWith(m[1])) code.push(lines[i++]);
         i += 1;
         root.append(h("pre", {}, h("code", {}, code.join("\n"))));
-      } else if ((m = line.match(/^(#{1,6})\s+(.*?)\s*#*\s*$/))) {
-        root.append(h(`h${m[1].length}`, {}, inline(m[2])));
+      } else if ((m = line.match(/^(#{1,6})[ \t]+(.*)$/))) {
+        // A closing run of #s goes when a space precedes it ("# Using C#" keeps its #).
+        const text = m[2].trimEnd().replace(/[ \t]#+$/, "").trimEnd();
+        root.append(h(`h${m[1].length}`, {}, inline(text)));
         i += 1;
       } else if (/^\s*([-*_])(\s*\1){2,}\s*$/.test(line)) {
         root.append(h("hr"));
@@ -1349,7 +1405,12 @@
       } else if (/^\s*>/.test(line)) {
         const quoted = [];
         while (i < lines.length && /^\s*>/.test(lines[i])) quoted.push(lines[i++].replace(/^\s*>\s?/, ""));
-        root.append(h("blockquote", {}, [...markdown(quoted.join("\n")).childNodes]));
+        // Nested quotes beyond a few levels stay text (a pathological readme cannot
+        // exhaust the stack).
+        const inner = depth < MAX_QUOTE_DEPTH
+          ? [...markdown(quoted.join("\n"), depth + 1).childNodes]
+          : h("p", {}, quoted.join(" "));
+        root.append(h("blockquote", {}, inner));
       } else if (LIST_ITEM.test(line)) {
         const list = h(/^\s*\d/.test(line) ? "ol" : "ul");
         while (i < lines.length && LIST_ITEM.test(lines[i])) {
@@ -1363,7 +1424,7 @@
           list.append(append(li, inline(item)));
         }
         root.append(list);
-      } else if (line.includes("|") && i + 1 < lines.length && TABLE_RULE.test(lines[i + 1])) {
+      } else if (line.includes("|") && i + 1 < lines.length && TABLE_RULE.test(lines[i + 1].trim())) {
         const head = cells(line);
         i += 2;
         const rows = [];
