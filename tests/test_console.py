@@ -360,6 +360,25 @@ async def test_a_user_works_with_their_deployment_in_the_console(
     assert await page.locator("[data-quota]").count() == 0
     assert "web-b" not in (await page.locator("main").text_content() or "")
 
+    # Stop from the card; then, while the Logs tab follows, it starts again (by the CLI)
+    # and the new instance's lines appear without a reload.
+    await page.goto(f"{base}/console/#/deployments/iris-web")
+    await page.click("#action-stop")
+    await expect(page.locator("#flash")).to_contain_text("Stop: done")
+    await expect(page.locator("h1 [data-status]")).to_have_text("stopped")
+    await expect(page.locator("#action-start")).to_be_visible()
+    await page.click("[data-tab=logs]")
+    await expect(page.locator("#log-lines")).to_contain_text(instance)
+    await page.check("#log-follow")
+    sy(home, "deploy", "start", "iris-web", token=cleo)
+    await page.wait_for_function(
+        """old => document.getElementById("log-lines").textContent.split("\\n")
+            .some(line => line.includes("loaded") && !line.includes(old))""",
+        arg=instance,
+        timeout=90_000,
+    )
+    await expect(page.locator("h1 [data-status]")).to_have_text("deployed", timeout=60_000)
+
     assert await page.title() == "Shipyard console"
     assert errors == []
 

@@ -565,28 +565,59 @@
     const grep = h("input", { type: "search", id: "log-grep", placeholder: "Only lines containing…" });
     const limit = h("select", { id: "log-limit" }, ["200", "2000", "10000"].map((n) =>
       h("option", { value: n, selected: n === "2000" || undefined }, `last ${n}`)));
+    const follow = h("input", { type: "checkbox", id: "log-follow" });
     const out = h("pre", { class: "block", id: "log-lines" }, "Loading…");
+    let lines = [];
     let text = "";
-    const refresh = newestOnly(mine, async (newest) => {
-      const query = { instance: instance.value, grep: grep.value, limit: limit.value };
-      const answer = await api(`/deployments/${enc(d.name)}/logs`, { query });
-      if (!newest()) return;
-      text = answer.lines.map((l) => `${when(l.at)}  ${l.instance}  ${l.text}`).join("\n");
+    let loading = false;
+    const key = (l) => `${l.instance}|${l.offset}|${l.at}`;
+    const render = () => {
+      text = lines.map((l) => `${when(l.at)}  ${l.instance}  ${l.text}`).join("\n");
       out.textContent = text || "No lines.";
-      // What is shown, for whoever waits for a filter to apply.
-      out.dataset.shown = `${query.instance}|${query.grep}`;
+    };
+    const refresh = newestOnly(mine, async (newest) => {
+      loading = true;
+      try {
+        const query = { instance: instance.value, grep: grep.value, limit: limit.value };
+        const answer = await api(`/deployments/${enc(d.name)}/logs`, { query });
+        if (!newest()) return;
+        lines = answer.lines;
+        render();
+        // What is shown, for whoever waits for a filter to apply.
+        out.dataset.shown = `${query.instance}|${query.grep}`;
+      } finally {
+        loading = false;
+      }
+    });
+    // Following: the lines since the newest shown, appended (the facade does not stream,
+    // so this asks every 2 s); a full refresh in flight or a changed filter skips a turn.
+    const more = newestOnly(mine, async (newest) => {
+      if (!follow.checked || loading) return;
+      const query = { instance: instance.value, grep: grep.value, limit: limit.value };
+      const since = lines.length ? lines[lines.length - 1].at : undefined;
+      const answer = await api(`/deployments/${enc(d.name)}/logs`, { query: { ...query, since } });
+      const same = query.instance === instance.value && query.grep === grep.value;
+      if (!newest() || loading || !same) return;
+      const known = new Set(lines.map(key));
+      const fresh = answer.lines.filter((l) => !known.has(key(l)));
+      if (!fresh.length) return;
+      lines = [...lines, ...fresh].slice(-Number(limit.value));
+      render();
+      out.scrollTop = out.scrollHeight;
     });
     for (const input of [instance, limit]) input.addEventListener("change", refresh);
     grep.addEventListener("change", refresh);
     grep.addEventListener("search", refresh);
     panel.replaceChildren(
       h("div", { class: "toolbar" }, instance, grep, limit,
+        h("label", {}, follow, " Follow"),
         h("button", { onclick: refresh }, "Refresh"),
         h("button", { id: "copy-logs", onclick: (e) => copy(text, e.target) }, "Copy"),
         h("button", { onclick: () => download(`${d.name}-${instance.value || "all"}.log`, text) }, "Download")),
       out,
     );
     await refresh();
+    every(mine, 2000, more);
   }
 
   const WINDOWS = [["1h", 60], ["6h", 360], ["24h", 1440], ["3d", 4320]];
