@@ -351,6 +351,18 @@ async def test_a_user_works_with_their_deployment_in_the_console(
     await expect(page.locator("#flash")).to_contain_text("iris-form is deleted")
     await expect(page.locator("#deployments")).not_to_contain_text("iris-form")
     await expect(page.locator("#deployments")).to_contain_text("iris-web")
+    # A deleted deployment keeps its card, metadata, monitoring and readme.
+    await page.check("#include-deleted")
+    gone = page.locator("#deployments tr", has=page.locator("[data-deployment=iris-form]"))
+    await expect(gone.locator("[data-status]")).to_have_text("deleted")
+    await expect(gone).to_contain_text("team=shop")
+    await gone.locator("[data-deployment=iris-form]").click()
+    await expect(page.locator("h1 [data-status]")).to_have_text("deleted")
+    assert await page.locator("[data-tab=settings], [data-tab=api], #action-start").count() == 0
+    await page.click("[data-tab=monitoring]")
+    await expect(page.locator("#m-requests")).to_have_text("0")
+    await page.click("[data-tab=readme]")
+    await expect(page.locator("#readme")).to_contain_text("has no readme yet")
 
     # Her group's quota and what uses it; setting quotas is for admins.
     await page.click("[data-nav=quotas]")

@@ -358,7 +358,10 @@
         table(
           ["Name", "Group", "Status", "Image", "Replicas", "Endpoint", "Updated"],
           answer.deployments.map((d) => [
-            h("a", { href: `#/deployments/${enc(d.name)}`, "data-deployment": d.name }, d.name),
+            h("div", {},
+              h("a", { href: `#/deployments/${enc(d.name)}`, "data-deployment": d.name }, d.name),
+              d.description ? h("div", { class: "muted small" }, d.description) : "",
+              h("div", {}, Object.entries(d.metadata || {}).map(([k, v]) => h("span", { class: "tag" }, `${k}=${v}`)))),
             d.group,
             badge(d.status),
             imageLink(d.group, d.image),
@@ -433,8 +436,25 @@
     ["settings", "Settings"],
   ];
 
+  /** A deployment; a deleted one (which GetDeployment no longer answers) from the list
+   * with deleted ones: its history, instances, logs, metrics and readme stay readable. */
+  async function findDeployment(name) {
+    try {
+      return await api(`/deployments/${enc(name)}`);
+    } catch (err) {
+      if (err.status !== 404) throw err;
+      const listed = await api("/deployments", { query: { search: name, include_deleted: true } });
+      const found = listed.deployments.find((x) => x.name === name && x.status === "deleted");
+      if (!found) throw err;
+      return found;
+    }
+  }
+
+  // What a deleted deployment still has.
+  const KEPT_TABS = ["instances", "history", "logs", "monitoring", "readme"];
+
   async function deploymentCard(mine, name, tab) {
-    let d = await api(`/deployments/${enc(name)}`);
+    let d = await findDeployment(name);
     if (!current(mine)) return;
     const base = `#/deployments/${enc(name)}`;
     const action = (label, verb, enabled) =>
@@ -486,14 +506,15 @@
     show(
       top,
       facts,
-      h("div", { class: "tabs" }, TABS.map(([key, label]) =>
-        h("a", { href: `${base}/${key}`, class: key === tab ? "active" : "", "data-tab": key }, label))),
+      h("div", { class: "tabs" }, TABS.filter(([key]) => d.status !== "deleted" || KEPT_TABS.includes(key))
+        .map(([key, label]) =>
+          h("a", { href: `${base}/${key}`, class: key === tab ? "active" : "", "data-tab": key }, label))),
       panel,
     );
     // The headline and the card follow the deployment (deploying → deployed, replicas);
     // the tab below keeps what the user typed.
     every(mine, 5000, newestOnly(mine, async (newest) => {
-      const fresh = await api(`/deployments/${enc(name)}`);
+      const fresh = await findDeployment(name);
       if (!newest() || JSON.stringify(fresh) === JSON.stringify(d)) return;
       d = fresh;
       const [newTop, newFacts] = [headline(), card()];
