@@ -34,6 +34,7 @@ Send **four** measurements; see `predict()`.
 
 - [x] trained
 - [ ] retrained
+  - with more data
 
 | field | unit |
 |---|---|
@@ -299,6 +300,7 @@ async def test_a_user_works_with_their_deployment_in_the_console(
     await expect(readme.locator("strong")).to_have_text("four")
     await expect(readme.locator("td").first).to_have_text("sepal")
     assert await readme.locator("input[type=checkbox]:checked").count() == 1
+    await expect(readme.locator("ul ul li")).to_have_text("with more data")
     await expect(readme).to_contain_text("<script>document.title='pwned'</script>")
     assert await readme.locator("a").evaluate_all("links => links.map(a => a.href)") == [
         "https://example.org/iris"

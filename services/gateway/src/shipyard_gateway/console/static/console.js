@@ -706,6 +706,18 @@
       return t;
     };
     root.append(label(top > 0 ? String(+top.toPrecision(3)) : "0", y(top) + 3), label("0", bottom));
+    // The time axis: where the series starts and ends (UTC, as everywhere here).
+    const clock = (ts) => (ts ? ts.slice(11, 16) : "");
+    if (series.length) {
+      for (const [text, tx, anchor] of [
+        [clock(series[0].start), left, "start"],
+        [`${clock(series[series.length - 1].end)} UTC`, W - 4, "end"],
+      ]) {
+        const t = svg("text", { x: tx, y: H - 3, "text-anchor": anchor });
+        t.textContent = text;
+        root.append(t);
+      }
+    }
     let drawn = 0;
     for (const [name, color, get] of lines) {
       // Consecutive finite points form one polyline; gaps split it.
@@ -1430,6 +1442,44 @@
   const MAX_QUOTE_DEPTH = 8;
   const BLOCK_START = /^(#{1,6}\s|```|~~~|\s*>)/;
 
+  const ITEM = /^(\s*)([-*+]|\d+[.)])\s+(.*)$/;
+  const indentOf = (line) => line.length - line.trimStart().length;
+
+  /** The list starting at lines[i], its deeper-indented items as nested lists (at most
+   * MAX_QUOTE_DEPTH deep); returns it and the index of the first line after it. */
+  function listAt(lines, i, depth) {
+    const first = lines[i].match(ITEM);
+    const indent = first[1].length;
+    const list = h(/\d/.test(first[2]) ? "ol" : "ul");
+    let li = null;
+    while (i < lines.length) {
+      const m = lines[i].match(ITEM);
+      if (!m) {
+        // A line indented past the marker continues the item's text.
+        if (!li || !lines[i].trim() || indentOf(lines[i]) <= indent) break;
+        append(li, [" ", inline(lines[i].trim())]);
+        i += 1;
+      } else if (m[1].length < indent) {
+        break;
+      } else if (m[1].length > indent && li && depth < MAX_QUOTE_DEPTH) {
+        const [nested, next] = listAt(lines, i, depth + 1);
+        li.append(nested);
+        i = next;
+      } else {
+        li = h("li");
+        let text = m[3];
+        const task = text.match(/^\[( |x|X)\]\s+/);
+        if (task) {
+          li.append(h("input", { type: "checkbox", disabled: true, checked: task[1] !== " " }), " ");
+          text = text.slice(task[0].length);
+        }
+        list.append(append(li, inline(text)));
+        i += 1;
+      }
+    }
+    return [list, i];
+  }
+
   function markdown(source, depth = 0) {
     const root = h("div", { class: "readme" });
     const lines = source.replace(/\r\n?/g, "\n").split("\n");
@@ -1464,18 +1514,9 @@
           : h("p", {}, quoted.join(" "));
         root.append(h("blockquote", {}, inner));
       } else if (LIST_ITEM.test(line)) {
-        const list = h(/^\s*\d/.test(line) ? "ol" : "ul");
-        while (i < lines.length && LIST_ITEM.test(lines[i])) {
-          let item = lines[i++].replace(LIST_ITEM, "");
-          const task = item.match(/^\[( |x|X)\]\s+/);
-          const li = h("li");
-          if (task) {
-            li.append(h("input", { type: "checkbox", disabled: true, checked: task[1] !== " " }), " ");
-            item = item.slice(task[0].length);
-          }
-          list.append(append(li, inline(item)));
-        }
+        const [list, next] = listAt(lines, i, 0);
         root.append(list);
+        i = next;
       } else if (line.includes("|") && i + 1 < lines.length && TABLE_RULE.test(lines[i + 1].trim())) {
         const head = cells(line);
         i += 2;
