@@ -16,6 +16,7 @@ from shipyard_asyncinference.adapters.gateway import ANSWERED_BY, GatewayRunner
 from shipyard_asyncinference.domain import AsyncRequest
 from shipyard_runtime import batchwire
 from shipyard_testing import wait_for
+from shipyard_testing.web import serve_app
 
 from .conftest import INTERNAL, Stack, auth
 
@@ -118,15 +119,8 @@ async def old_model_server() -> AsyncIterator[tuple[str, list[str]]]:
 
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
+    async with serve_app(app) as port:
         yield f"127.0.0.1:{port}", seen
-    finally:
-        await runner.cleanup()
 
 
 async def test_a_model_server_without_the_batch_route_gets_them_one_by_one(
@@ -170,26 +164,22 @@ async def test_the_runner_goes_one_by_one_against_a_gateway_without_the_runs_rou
 
     app = web.Application()
     app.router.add_post("/deployments/{d}/async/{ref}/run", run_one)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    client = GatewayRunner(f"http://127.0.0.1:{port}", INTERNAL, 10.0)
-    try:
-        requests = []
-        for tag in ("a", "b"):
-            agg = AsyncRequest(f"{tag * 32}")
-            agg.deployment, agg.model_path, agg.content_type = "d", "/predict", "application/json"
-            requests.append((agg, json.dumps({"tag": tag}).encode()))
-        outcomes = await client.run_batch(requests)
-        assert [json.loads(o.body) for o in outcomes if o.ok] == [
-            {"ran": {"tag": "a"}},
-            {"ran": {"tag": "b"}},
-        ]
-        assert sorted(seen) == ["a" * 32, "b" * 32]
-        again = await client.run_batch(requests[:1])
-        assert again[0].ok and len(seen) == 3
-    finally:
-        await client.close()
-        await runner.cleanup()
+    async with serve_app(app) as port:
+        client = GatewayRunner(f"http://127.0.0.1:{port}", INTERNAL, 10.0)
+        try:
+            requests = []
+            for tag in ("a", "b"):
+                agg = AsyncRequest(f"{tag * 32}")
+                agg.deployment, agg.model_path = "d", "/predict"
+                agg.content_type = "application/json"
+                requests.append((agg, json.dumps({"tag": tag}).encode()))
+            outcomes = await client.run_batch(requests)
+            assert [json.loads(o.body) for o in outcomes if o.ok] == [
+                {"ran": {"tag": "a"}},
+                {"ran": {"tag": "b"}},
+            ]
+            assert sorted(seen) == ["a" * 32, "b" * 32]
+            again = await client.run_batch(requests[:1])
+            assert again[0].ok and len(seen) == 3
+        finally:
+            await client.close()

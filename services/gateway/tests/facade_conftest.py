@@ -47,6 +47,7 @@ from shipyard_core.grpckit.server import ServiceHost
 from shipyard_gateway.facade import API_PREFIX, AddressesLike, FacadeAddresses, mount_facade
 from shipyard_gateway.facade.routes import BACKENDS
 from shipyard_testing import StaticAuthenticator, wait_for
+from shipyard_testing.web import serve_app
 
 INTERNAL = "internal-secret"
 
@@ -72,15 +73,8 @@ async def serve_facade(addresses: AddressesLike, **options: Any) -> AsyncIterato
     base URL (``http://127.0.0.1:PORT/api/v1``)."""
     root = web.Application()
     mount_facade(root, addresses, **options)
-    runner = web.AppRunner(root, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        port = runner.addresses[0][1]
+    async with serve_app(root, access_log=None) as port:
         yield f"http://127.0.0.1:{port}{API_PREFIX}"
-    finally:
-        await runner.cleanup()
 
 
 # --- checking answers against the document -------------------------------------------------

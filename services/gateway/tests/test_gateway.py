@@ -20,6 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from shipyard_gateway.load import LOAD_SUBJECT
 from shipyard_gateway.main import GatewayHost
 from shipyard_testing import wait_for
+from shipyard_testing.web import serve_app
 
 from .conftest import (
     INTERNAL_TOKEN,
@@ -170,15 +171,8 @@ async def echo() -> AsyncIterator[tuple[str, list[dict[str, str]]]]:
 
     app = web.Application()
     app.router.add_post("/predict", handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    try:
+    async with serve_app(app) as port:
         yield f"127.0.0.1:{port}", seen
-    finally:
-        await runner.cleanup()
 
 
 async def test_headers_sent_upstream(
